@@ -1,0 +1,96 @@
+"""Write a random-weight MoE checkpoint with a real (small) tokenizer, the way Hugging Face saves one.
+
+Used by README's quick start (before a trained model is bundled) and by the benchmarks to get
+Mixtral-shaped checkpoints of a chosen size. The tokenizer is a byte-level BPE trained in a few
+seconds on Python standard-library sources, with a chat template.
+
+    python bench/make_checkpoint.py /tmp/moe-tiny
+    python bench/make_checkpoint.py /tmp/mixtral-1g --hidden 1024 --ffn 3584 --layers 6 --experts 8 --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from pathlib import Path
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+
+
+def train_tokenizer(out: Path, vocab_size: int) -> None:
+    """Byte-level BPE on stdlib sources, saved so AutoTokenizer loads it from `out` alone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:60]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train(files, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+                                   pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
+    fast.save_pretrained(out)
+
+
+def build_model(args):
+    import torch
+    import transformers as tf
+
+    common = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, num_experts_per_tok=args.top_k,
+                  max_position_embeddings=args.context, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  tie_word_embeddings=False)
+    if args.family == "mixtral":
+        cfg = tf.MixtralConfig(num_local_experts=args.experts, intermediate_size=args.ffn, **common)
+        cls = tf.MixtralForCausalLM
+    else:
+        config_cls, cls = {"qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
+                           "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
+                           "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM)}[args.family]
+        extra = {"moe_intermediate_size": args.ffn} if args.family != "olmoe" else {}
+        cfg = config_cls(num_experts=args.experts, intermediate_size=args.ffn, **extra, **common)
+    torch.manual_seed(args.seed)
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    return model.to(getattr(torch, args.dtype))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--family", default="mixtral", choices=["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--ffn", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--shard-size", default="5GB", help="max shard size for save_pretrained")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    args = p.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()) and not args.force:
+        print(f"{args.out} exists and is not empty; pass --force to overwrite", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(args.out, args.vocab)
+    build_model(args).save_pretrained(args.out, max_shard_size=args.shard_size)
+    print(f"wrote {args.family} checkpoint to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

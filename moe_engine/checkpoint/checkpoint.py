@@ -1,0 +1,120 @@
+"""A Hugging Face MoE checkpoint directory: config -> spec, tensors validated up front, read lazily.
+
+Everything that can be checked without reading tensor data is checked in the constructor:
+config.json, the architecture, the safetensors index and headers, and that every tensor the
+decoder needs is present with the right shape. Experts are read one at a time, straight
+into a packed buffer, from byte ranges known up front (`expert_infos`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..model.experts import ExpertLayout
+from ..model.spec import ModelSpec
+from .families import family_for
+from .families.base import torch_dtype
+from .safetensors_index import SafetensorsIndex, TensorInfo
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({e}); fix or re-download the file") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def load_config(model_dir: Path):
+    """config.json -> (family, transformers config). Errors name the file and the fix."""
+    path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model directory {model_dir} does not exist or is not a directory")
+    if not path.is_file():
+        raise CheckpointError(f"no config.json in {model_dir}: MODEL_DIR must be a Hugging Face checkpoint "
+                              f"directory (config.json + *.safetensors)")
+    raw = read_json(path, "config")
+    family = family_for(raw.get("architectures"), raw.get("model_type"), str(path))
+    from transformers import AutoConfig   # configs only: transformers parses and fills defaults
+    try:
+        cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:   # transformers raises many kinds; surface it as one clear line
+        raise CheckpointError(f"{path}: transformers cannot parse this config ({type(e).__name__}: {e})") from None
+    return family, cfg
+
+
+class Checkpoint:
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir).expanduser().resolve()
+        self.family, self.config = load_config(self.model_dir)
+        self.spec: ModelSpec = self.family.build_spec(self.config)
+        gen_path = self.model_dir / "generation_config.json"
+        self.generation_config: dict = read_json(gen_path, "generation config") if gen_path.is_file() else {}
+        self.index = SafetensorsIndex(self.model_dir)
+        self.layout = ExpertLayout(self.spec.hidden_size, self.spec.moe.intermediate_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.spec.dtype) if self.spec.dtype in ("float32", "float16", "bfloat16") else torch.float32
+
+    # ---- validation --------------------------------------------------------------------------
+    def validate(self, non_expert_shapes: dict[str, tuple[int, ...]]) -> None:
+        """Check every needed tensor exists with the expected shape; name the first one that does not."""
+        for generic, shape in non_expert_shapes.items():
+            self._check(self.family.checkpoint_name(generic), shape)
+        d, i = self.spec.hidden_size, self.spec.moe.intermediate_size
+        for layer in self.spec.moe_layers:
+            for e in range(self.spec.moe.num_experts):
+                for name, shape in zip(self.family.expert_tensor_names(layer, e), ((i, d), (i, d), (d, i))):
+                    self._check(name, shape)
+
+    def _check(self, name: str, shape: tuple[int, ...]) -> None:
+        if name not in self.index:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint in {self.model_dir} "
+                                  f"(expected shape {list(shape)} for a {self.family.name} model as config.json "
+                                  f"describes it); the checkpoint and config.json do not match")
+        found = self.index.info(name)
+        if tuple(found.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name} in {Path(found.path).name} has shape {list(found.shape)}, "
+                                  f"expected {list(shape)} from config.json; the checkpoint and config.json "
+                                  f"do not match")
+
+    # ---- reading -----------------------------------------------------------------------------
+    def read(self, generic: str, dtype: torch.dtype) -> torch.Tensor:
+        """One non-expert tensor by its generic decoder name, converted to `dtype`."""
+        return self.index.read(self.family.checkpoint_name(generic)).to(dtype)
+
+    def expert_infos(self, layer: int, expert: int) -> tuple[TensorInfo, TensorInfo, TensorInfo]:
+        """Byte ranges (file, offset, nbytes) of the gate, up and down tensors of one expert."""
+        return tuple(self.index.info(n) for n in self.family.expert_tensor_names(layer, expert))
+
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert on disk (all three tensors)."""
+        layer = self.spec.moe_layers[0]
+        return sum(info.nbytes for info in self.expert_infos(layer, 0))
+
+    def read_expert(self, layer: int, expert: int, dtype: torch.dtype, out: torch.Tensor | None = None):
+        """Packed [3 I D] buffer of one expert in `dtype` (written into `out` when given)."""
+        if out is None:
+            out = torch.empty(self.layout.numel, dtype=dtype)
+        offset = 0
+        for info in self.expert_infos(layer, expert):
+            n = info.nbytes // info.dtype.itemsize
+            dst = out[offset:offset + n]
+            if info.dtype == dtype:
+                self.index.read(info.name, out=dst.view(info.shape))
+            else:
+                dst.copy_(self.index.read(info.name).flatten())
+            offset += n
+        return out
+
+    def close(self) -> None:
+        self.index.close()

@@ -1,0 +1,84 @@
+"""`moe-engine` command line. The only place flags are parsed; every value is passed on explicitly."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import MoeEngineError
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
+                   help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), float32, float16 or bfloat16")
+    p.add_argument("--gpu-mem", default=None, help="budget of the compute tier, e.g. 8G")
+    p.add_argument("--cpu-mem", default=None, help="budget of the host tier, e.g. 32G")
+    p.add_argument("--predictor", default="gate-lookahead", help="expert predictor name or pkg.module:Class")
+    p.add_argument("--quant", default=None, help="expert quantization: none")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars while loading")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default: model's "
+                   "generation_config.json, else 256)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-engine", description="Run Mixture-of-Experts models whose experts "
+                                     "do not fit in fast memory.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    _add_load_flags(gen)
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    _add_sampling_flags(gen)
+    return parser
+
+
+def cmd_generate(args) -> int:
+    from .runtime.load import load
+    eng = load(args.model_dir, device=args.device, dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
+               predictor=args.predictor, quant=args.quant, progress=not args.no_progress)
+    try:
+        start = time.perf_counter()
+        pieces = eng.stream(args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            stop=args.stop)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        elapsed = time.perf_counter() - start
+        lat = eng.stats()["latency"]
+        n = eng.timings.decode_tokens + (1 if eng.timings.steps else 0)
+        print(f"[moe-engine] {eng.timings.prompt_tokens} prompt tokens, {n} generated in {elapsed:.2f}s "
+              f"(prefill {lat['prefill_tokens_per_s']:.1f} tok/s, decode {lat['decode_tokens_per_s']:.1f} tok/s, "
+              f"ttft {lat['ttft_s'] * 1000:.0f} ms)", file=sys.stderr)
+    finally:
+        eng.close()
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MoeEngineError as e:
+        print(f"moe-engine: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

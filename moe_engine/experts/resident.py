@@ -1,0 +1,46 @@
+"""The simplest expert provider: every routed expert resident on the compute device.
+
+Experts of one layer are stored stacked `[E, P]` (E experts, P = 3 I D packed elements), so
+each row is one packed expert. Lookups are counted (all are hits) so stats are real numbers.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+class ResidentExperts:
+    def __init__(self, checkpoint, dtype: torch.dtype, device: torch.device, progress: bool = True):
+        spec = checkpoint.spec
+        self.num_layers = spec.num_layers
+        self.num_experts = spec.moe.num_experts
+        self.expert_nbytes = checkpoint.layout.nbytes(dtype)
+        self.weights: dict[int, torch.Tensor] = {}
+        self.lookups = [0] * spec.num_layers
+        total = len(spec.moe_layers) * spec.moe.num_experts
+        with tqdm(total=total, desc="loading experts", unit="expert", disable=not progress, leave=False) as bar:
+            for layer in spec.moe_layers:
+                stack = torch.empty(self.num_experts, checkpoint.layout.numel, dtype=dtype)   # [E, P]
+                for e in range(self.num_experts):
+                    checkpoint.read_expert(layer, e, dtype, out=stack[e])
+                    bar.update()
+                self.weights[layer] = stack.to(device)
+
+    @property
+    def capacity_experts(self) -> int:
+        return len(self.weights) * self.num_experts
+
+    def prepare(self, layer: int, experts: Sequence[int]) -> None:
+        """Everything is resident: nothing to start."""
+
+    def get(self, layer: int, expert: int) -> torch.Tensor:
+        self.lookups[layer] += 1
+        return self.weights[layer][expert]
+
+    def observe(self, layer: int, router_input, experts, weights) -> None:
+        """No predictor to feed in the all-resident provider."""
+
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self.weights.values())

@@ -1,0 +1,98 @@
+"""The generic MoE decoder every family maps onto. Imports torch only.
+
+    ids -> embed -> [ norm -> attention -> + -> norm -> (MoE | dense MLP) -> + ] x L -> norm -> lm_head
+
+Token-id core: no tokenizer, no sampling, no cache policy. The KV cache is passed in (see
+attention.py for its interface, plus `begin(token_mask) -> start` and `valid` [B, S] used
+here to build masks). Padding tokens (token_mask False) attend nowhere useful and are not
+routed to experts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention, RMSNorm
+from .moe import GatedMlp, MoeBlock
+from .rope import Rotary
+from .spec import LayerSpec, ModelSpec
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, layer: int, spec: ModelSpec, lspec: LayerSpec):
+        super().__init__()
+        self.sliding_window = lspec.sliding_window
+        self.attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.attn = Attention(layer, spec)
+        self.ffn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        if lspec.moe:
+            self.moe = MoeBlock(layer, spec.hidden_size, spec.moe, spec.hidden_act)
+        else:
+            self.mlp = GatedMlp(spec.hidden_size, lspec.dense_intermediate_size, spec.hidden_act)
+
+    def forward(self, x, cos, sin, kv_cache, mask, token_mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, mask)
+        h = self.ffn_norm(x)
+        if not hasattr(self, "moe"):
+            out = self.mlp(h)
+        elif token_mask.all():
+            out = self.moe(h.flatten(0, 1)).view_as(h)
+        else:
+            out = torch.zeros_like(h)
+            out[token_mask] = self.moe(h[token_mask])      # real tokens only: [N, D]
+        return x + out
+
+
+class Decoder(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(i, spec, ls) for i, ls in enumerate(spec.layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.tie_weights()
+        self.rotary: Rotary | None = None     # built by init_rotary on the real device (not under meta)
+
+    def tie_weights(self) -> None:
+        if self.spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def init_rotary(self, device) -> None:
+        self.rotary = Rotary(self.spec.rope, device=device)
+
+    def set_expert_provider(self, provider) -> None:
+        for layer in self.layers:
+            if hasattr(layer, "moe"):
+                layer.moe.provider = provider
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache,
+                token_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """input_ids, positions [B, T]; token_mask [B, T] bool -> logits float32 [B, T or 1, V]."""
+        t = input_ids.shape[1]
+        start = kv_cache.begin(token_mask)
+        x = self.embed(input_ids)                                                # [B, T, D]
+        cos, sin = self.rotary.cos_sin(positions, x.dtype, seq_len=int(positions.max()) + 1)
+        masks = {w: attention_mask(kv_cache.valid, start, t, w) for w in {l.sliding_window for l in self.layers}}
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_cache, masks[layer.sliding_window], token_mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
+
+
+def attention_mask(valid: torch.Tensor, start: int, t: int, window: int | None) -> torch.Tensor:
+    """valid [B, S] (cached + new slots) -> bool [B, 1, T, S]; query t sits at slot start + t.
+
+    A key is visible if it is valid, not in the future and (with a window) fewer than `window`
+    slots back. Each query also sees its own slot, so padding rows never have an empty softmax.
+    """
+    s = valid.shape[1]
+    q_slot = torch.arange(start, start + t, device=valid.device)[:, None]    # [T, 1]
+    k_slot = torch.arange(s, device=valid.device)[None, :]                   # [1, S]
+    allowed = k_slot <= q_slot
+    if window:
+        allowed &= (q_slot - k_slot) < window
+    mask = valid[:, None, :] & allowed[None]                                 # [B, T, S]
+    mask |= (k_slot == q_slot)[None]
+    return mask[:, None]

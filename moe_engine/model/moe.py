@@ -1,0 +1,86 @@
+"""The MoE feed-forward block.
+
+    [Router] -> [Dispatch: sort tokens by expert] -> [Experts via provider] -> [Combine: weighted sum]
+       (+ shared expert, optionally gated by sigmoid, added on top)
+
+Routing (softmax in float32, top-k, optional renormalization) is done here; the expert
+weights come from an ExpertProvider. Tokens that are padding are not routed at all.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .experts import ACTIVATIONS, ExpertLayout, ExpertProvider, expert_ffn
+from .spec import MoeSpec
+
+
+class GatedMlp(nn.Module):
+    """Dense SwiGLU MLP (dense layers and the shared expert). Weights: gate/up [I, D], down [D, I]."""
+
+    def __init__(self, hidden: int, inter: int, act: str):
+        super().__init__()
+        self.gate = nn.Linear(hidden, inter, bias=False)
+        self.up = nn.Linear(hidden, inter, bias=False)
+        self.down = nn.Linear(inter, hidden, bias=False)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] -> (weights [N, K] float32, expert ids [N, K] int64)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class MoeBlock(nn.Module):
+    """Routed experts of one layer (through `provider`), plus an optional shared expert."""
+
+    def __init__(self, layer: int, hidden: int, spec: MoeSpec, act: str):
+        super().__init__()
+        self.layer = layer
+        self.spec = spec
+        self.act = act
+        self.layout = ExpertLayout(hidden, spec.intermediate_size)
+        self.router = nn.Linear(hidden, spec.num_experts, bias=False)
+        self.shared = GatedMlp(hidden, spec.shared_intermediate_size, act) if spec.shared_intermediate_size else None
+        self.shared_gate = nn.Linear(hidden, 1, bias=False) if spec.shared_expert_gate else None
+        self.provider: ExpertProvider | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, D] (real tokens only) -> [N, D]."""
+        weights, ids = route(self.router(x), self.spec.top_k, self.spec.norm_topk_prob)   # [N, K] each
+        self.provider.observe(self.layer, x, ids, weights)
+        out = self._routed(x, weights, ids)
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
+        return out
+
+    def _routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        n, k = ids.shape
+        flat = ids.flatten()                                           # [N*K]
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
+        token_of = order // k                                          # token index of each sorted slot
+        weight_of = weights.flatten()[order]                           # [N*K] float32
+        used = [e for e, c in enumerate(counts) if c]
+        self.provider.prepare(self.layer, used)
+        out = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, count in enumerate(counts):
+            if not count:
+                continue
+            tok = token_of[start:start + count]
+            y = expert_ffn(x[tok], self.provider.get(self.layer, e), self.layout, self.act)   # [c, D]
+            out.index_add_(0, tok, y.float() * weight_of[start:start + count, None])
+            start += count
+        return out.to(x.dtype)

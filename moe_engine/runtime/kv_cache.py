@@ -1,0 +1,59 @@
+"""KV cache for a batch of sequences that advance together (left-padded prompts).
+
+Slots are shared across the batch; `valid` [B, S] says which slots hold real tokens of each
+row (False for padding and for steps of rows that already finished). Storage grows by
+doubling, so a caller that knows the final length passes it as `capacity` and never copies.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
+                 capacity: int, dtype: torch.dtype, device: torch.device):
+        self.shape = (batch, num_kv_heads, capacity, head_dim)    # [B, Hkv, S_cap, Dh]
+        self.k = [torch.empty(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.length = 0       # slots filled
+        self.start = 0        # first slot of the current step
+
+    @property
+    def capacity(self) -> int:
+        return self._valid.shape[1]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self._valid[:, : self.length]                       # [B, S]
+
+    def begin(self, token_mask: torch.Tensor) -> int:
+        """Reserve slots for this step's tokens [B, T]; returns the first slot."""
+        t = token_mask.shape[1]
+        if self.length + t > self.capacity:
+            self._grow(max(2 * self.capacity, self.length + t))
+        self.start = self.length
+        self._valid[:, self.start:self.start + t] = token_mask
+        self.length += t
+        return self.start
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, Dh] at the current step's slots; return [B, Hkv, S, Dh] views."""
+        end = self.start + k.shape[2]
+        self.k[layer][:, :, self.start:end] = k
+        self.v[layer][:, :, self.start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def _grow(self, capacity: int) -> None:
+        def grown(buf: torch.Tensor) -> torch.Tensor:
+            new = buf.new_empty(*buf.shape[:2], capacity, buf.shape[3])
+            new[:, :, : self.length] = buf[:, :, : self.length]
+            return new
+        self.k = [grown(b) for b in self.k]
+        self.v = [grown(b) for b in self.v]
+        valid = self._valid.new_zeros(self._valid.shape[0], capacity)
+        valid[:, : self.length] = self._valid[:, : self.length]
+        self._valid = valid
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.k + self.v)

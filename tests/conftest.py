@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random checkpoints written by transformers, one per (family, shape) case."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+transformers_logging = tf.utils.logging
+transformers_logging.set_verbosity_error()
+transformers_logging.disable_progress_bar()
+
+BASE = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+
+# name -> (config class, model class, config kwargs, save kwargs)
+CASES = {
+    "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM,
+                dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2), {}),
+    "mixtral-mha-window-sharded-bf16": (
+        tf.MixtralConfig, tf.MixtralForCausalLM,
+        dict(intermediate_size=40, num_local_experts=6, num_experts_per_tok=3, num_key_value_heads=4,
+             sliding_window=5, head_dim=16), dict(max_shard_size="30KB", dtype="bfloat16")),
+    "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM,
+                  dict(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                       num_experts=8, num_experts_per_tok=2, norm_topk_prob=False), {}),
+    "qwen2_moe-sparse-step-window": (
+        tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM,
+        dict(num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+             num_experts=6, num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=[3],
+             use_sliding_window=True, sliding_window=6, max_window_layers=2, tie_word_embeddings=True), {}),
+    "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
+                  dict(intermediate_size=64, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                       norm_topk_prob=True, head_dim=12), {}),
+    "qwen3_moe-mlp-only-yarn-sharded": (
+        tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
+        dict(intermediate_size=64, moe_intermediate_size=24, num_experts=5, num_experts_per_tok=2,
+             norm_topk_prob=False, mlp_only_layers=[1], attention_bias=True,
+             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                              "original_max_position_embeddings": 64}),
+        dict(max_shard_size="40KB")),
+    "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM,
+              dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2), {}),
+    "olmoe-clip-fp16": (tf.OlmoeConfig, tf.OlmoeForCausalLM,
+                        dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2, clip_qkv=0.5,
+                             norm_topk_prob=True, num_key_value_heads=4), dict(dtype="float16")),
+}
+
+
+def write_checkpoint(path: Path, case: str, seed: int = 0) -> Path:
+    """Save a random model of `case` (optionally sharded / in half precision) to `path`."""
+    config_cls, model_cls, cfg_kw, save_kw = CASES[case]
+    cfg = config_cls(**{**BASE, **cfg_kw})
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():   # spread router logits so that top-k choices are not near-ties
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and p.shape[0] > 1:
+                p.normal_(0, 0.5)
+    save_kw = dict(save_kw)
+    dtype = save_kw.pop("dtype", None)
+    if dtype:
+        model = model.to(getattr(torch, dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(path, **save_kw)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """checkpoint_dir(case) -> directory with that case's checkpoint (written once per session)."""
+    made: dict[str, Path] = {}
+
+    def get(case: str) -> Path:
+        if case not in made:
+            made[case] = write_checkpoint(tmp_path_factory.mktemp(case), case)
+        return made[case]
+    return get
+
+
+def load_hf(path: Path):
+    """The transformers model of a checkpoint in float32 (the reference)."""
+    config = tf.AutoConfig.from_pretrained(path)
+    cls = getattr(tf, config.architectures[0])
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
