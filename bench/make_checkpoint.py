@@ -81,12 +81,14 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", default="5GB", help="max shard size for save_pretrained")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    p.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer (token-id benchmarks)")
     args = p.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()) and not args.force:
         print(f"{args.out} exists and is not empty; pass --force to overwrite", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(args.out, args.vocab)
+    if not args.no_tokenizer:
+        train_tokenizer(args.out, args.vocab)
     build_model(args).save_pretrained(args.out, max_shard_size=args.shard_size)
     print(f"wrote {args.family} checkpoint to {args.out}")
     return 0

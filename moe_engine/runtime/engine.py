@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from ..errors import ConfigError, PromptTooLongError, TokenizerError
+from .detokenize import IncrementalText
 from .generation import Timings, generate_tokens
 from .sampling import Sampler, resolve_sampling
 from .stats import build_stats
@@ -168,21 +169,20 @@ class Engine:
         max_new, eos, stop = kw.pop("max_new_tokens", None), kw.pop("eos_token_id", None), kw.pop("stop", None)
         if kw:
             raise ConfigError(f"stream() got unknown arguments: {', '.join(sorted(kw))}")
-        ids: list[int] = []
+        text = IncrementalText(self.decode)
         sent = 0
-        hold = max((len(s) for s in (self._stop_list(stop))), default=1) - 1
+        hold = max((len(s) for s in self._stop_list(stop)), default=1) - 1   # could be a stop string's start
         for step in self._steps(rows, max_new, eos, stop, gen_kw):
-            ids.append(step[0])
-            text = self._stopper.trim(0, self.decode(ids))
-            if self._stopper.finished(0):
-                hold = 0
-            ready = len(text) - hold if not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
+            text.push(step[0])
+            done = self._stopper.finished(0)
+            visible = self._stopper.trim(0, text.text) if done else text.text
+            ready = len(visible) if done else len(visible) - hold
             if ready > sent:
-                yield text[sent:ready]
+                yield visible[sent:ready]
                 sent = ready
-        text = self._stopper.trim(0, self.decode(ids)) if ids else ""
-        if len(text) > sent:
-            yield text[sent:]
+        final = self._stopper.trim(0, self.decode(text.ids))   # flush held-back and partial text
+        if len(final) > sent:
+            yield final[sent:]
 
     @staticmethod
     def _stop_list(stop) -> list[str]:

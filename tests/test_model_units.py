@@ -1,0 +1,127 @@
+"""Pieces of the decoder against slow, obvious twins: MoE dispatch, masks, KV cache, packed experts."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_engine.checkpoint import Checkpoint
+from moe_engine.model.decoder import attention_mask
+from moe_engine.model.experts import ExpertLayout, expert_ffn
+from moe_engine.model.moe import MoeBlock
+from moe_engine.model.spec import MoeSpec
+from moe_engine.runtime.kv_cache import KVCache
+
+
+class DictProvider:
+    """Experts from a dict; records the calls the MoE block makes."""
+
+    def __init__(self, experts):
+        self.experts, self.prepared, self.got = experts, [], []
+
+    def prepare(self, layer, experts):
+        self.prepared.append(list(experts))
+
+    def get(self, layer, expert):
+        self.got.append(expert)
+        return self.experts[expert]
+
+    def observe(self, layer, router_input, experts, weights):
+        self.observed = (experts.clone(), weights.clone())
+
+
+def naive_moe(x, router_w, experts, layout, top_k, normalize):
+    """Token by token, expert by expert: the definition of the routed MoE output."""
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        probs = torch.softmax(x[n] @ router_w.T, dim=-1)
+        w, ids = probs.topk(top_k)
+        if normalize:
+            w = w / w.sum()
+        for weight, e in zip(w, ids.tolist()):
+            gate, up = layout.gate_up(experts[e]).split(layout.intermediate_size)
+            h = F.silu(gate @ x[n]) * (up @ x[n])
+            out[n] += weight * (layout.down(experts[e]) @ h)
+    return out
+
+
+@pytest.mark.parametrize("n,e,k,d,i,normalize", [
+    (1, 4, 1, 8, 12, True), (1, 8, 2, 16, 8, False), (7, 4, 2, 8, 12, True),
+    (33, 16, 4, 16, 24, False), (64, 6, 6, 8, 4, True),
+])
+def test_moe_dispatch_matches_naive(n, e, k, d, i, normalize):
+    torch.manual_seed(n * 100 + e)
+    layout = ExpertLayout(d, i)
+    experts = {j: torch.randn(layout.numel) * 0.3 for j in range(e)}
+    block = MoeBlock(0, d, MoeSpec(num_experts=e, top_k=k, intermediate_size=i, norm_topk_prob=normalize), "silu")
+    torch.nn.init.normal_(block.router.weight, std=1.0)
+    block.provider = DictProvider(experts)
+    x = torch.randn(n, d)
+    with torch.no_grad():
+        got = block(x)
+        ref = naive_moe(x, block.router.weight, experts, layout, k, normalize)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+    used = sorted(set(block.provider.observed[0].flatten().tolist()))
+    assert block.provider.prepared == [used]           # every used expert announced once, before any get
+    assert block.provider.got == used                   # and fetched exactly once
+
+
+def test_expert_layout_pack_roundtrip_and_ffn():
+    layout = ExpertLayout(6, 10)
+    gate, up, down = torch.randn(10, 6), torch.randn(10, 6), torch.randn(6, 10)
+    packed = layout.pack(gate, up, down)
+    assert packed.shape == (layout.numel,) and packed.is_contiguous()
+    assert torch.equal(layout.gate_up(packed), torch.cat([gate, up]))
+    assert torch.equal(layout.down(packed), down)
+    x = torch.randn(3, 6)
+    ref = (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    assert torch.allclose(expert_ffn(x, packed, layout), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 1, 3])
+def test_attention_mask_matches_definition(window):
+    valid = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 1], [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    start, t = 5, 3
+    mask = attention_mask(valid, start, t, window)
+    assert mask.shape == (2, 1, t, 8)
+    for b in range(2):
+        for q in range(t):
+            qs = start + q
+            for s in range(8):
+                expect = bool(valid[b, s]) and s <= qs and (window is None or qs - s < window)
+                expect = expect or s == qs
+                assert bool(mask[b, 0, q, s]) == expect, (b, q, s)
+
+
+def test_kv_cache_grows_and_keeps_contents():
+    cache = KVCache(num_layers=2, batch=2, num_kv_heads=1, head_dim=3, capacity=2, dtype=torch.float32,
+                    device=torch.device("cpu"))
+    written = []
+    for step in range(5):
+        t = 2 if step == 0 else 1
+        mask = torch.ones(2, t, dtype=torch.bool)
+        mask[1, 0] = step != 3
+        start = cache.begin(mask)
+        k = torch.randn(2, 1, t, 3)
+        written.append(k)
+        k_all, v_all = cache.update(0, k, k + 1)
+        assert start == sum(w.shape[2] for w in written[:-1])
+        assert torch.equal(k_all, torch.cat(written, dim=2)) and torch.equal(v_all, k_all + 1)
+    assert cache.capacity >= 6 and cache.valid.shape == (2, 6)
+    assert cache.valid[1].tolist() == [True, True, True, True, False, True]
+
+
+def test_expert_byte_ranges_hold_the_packed_expert(checkpoint_dir):
+    """Reading the three byte ranges by hand gives the packed expert (what the offload tiers rely on)."""
+    ckpt = Checkpoint(checkpoint_dir("mixtral-mha-window-sharded-bf16"))
+    layer, expert = 1, 4
+    raw = b""
+    for info in ckpt.expert_infos(layer, expert):
+        with open(info.path, "rb") as f:
+            f.seek(info.offset)
+            raw += f.read(info.nbytes)
+    by_hand = torch.frombuffer(bytearray(raw), dtype=torch.bfloat16)
+    assert torch.equal(ckpt.read_expert(layer, expert, torch.bfloat16), by_hand)
+    assert torch.equal(ckpt.read_expert(layer, expert, torch.float32), by_hand.float())
+    assert ckpt.expert_nbytes() == len(raw)
+    ckpt.close()
