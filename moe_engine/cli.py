@@ -59,8 +59,8 @@ def cmd_generate(args) -> int:
         lat = eng.stats()["latency"]
         n = eng.timings.decode_tokens + (1 if eng.timings.steps else 0)
         print(f"[moe-engine] {eng.timings.prompt_tokens} prompt tokens, {n} generated in {elapsed:.2f}s "
-              f"(prefill {lat['prefill_tokens_per_s']:.1f} tok/s, decode {lat['decode_tokens_per_s']:.1f} tok/s, "
-              f"ttft {lat['ttft_s'] * 1000:.0f} ms)", file=sys.stderr)
+              f"(prefill {lat['prefill_tokens_per_s']:.1f} tokens/s, "
+              f"decode {lat['decode_tokens_per_s']:.1f} tokens/s, ttft {lat['ttft_s'] * 1000:.0f} ms)", file=sys.stderr)
     finally:
         eng.close()
     return 0

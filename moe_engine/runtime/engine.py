@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import ConfigError, PromptTooLongError, TokenizerError
+from ..errors import ConfigError, MoeEngineError, PromptTooLongError, TokenizerError
 from .detokenize import IncrementalText
 from .generation import Timings, generate_tokens
 from .sampling import Sampler, resolve_sampling
@@ -103,24 +103,27 @@ class Engine:
                     stopper=StopChecker(eos, stop, decode, len(rows)), pad_id=self._pad_id(eos_token_id))
 
     def _steps(self, rows, max_new_tokens, eos_token_id, stop, kw) -> Iterator[list[int | None]]:
+        """Check the arguments now (not at the first step), then return the step iterator."""
         prep = self._prepare(rows, max_new_tokens, eos_token_id, stop, kw)
         self.timings = Timings()
         self._stopper = prep["stopper"]
-        yield from generate_tokens(self.decoder, rows, device=self.device, timings=self.timings, **prep)
+        return generate_tokens(self.decoder, rows, device=self.device, timings=self.timings, **prep)
 
     def generate(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, do_sample: bool | None = None,
                  stop=None, eos_token_id=None, seed: int | None = None, streamer=None,
                  attention_mask: torch.Tensor | None = None, chat: bool = False):
         """str -> str; list[str] -> list[str] (continuations); LongTensor [B, T] -> prompt + new ids."""
+        self._check_open()
         kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, do_sample=do_sample, seed=seed)
         rows, kind = self._rows(prompt, attention_mask, chat)
         if streamer is not None and len(rows) != 1:
             raise ConfigError(f"streamer works with a single prompt, got a batch of {len(rows)}")
         new: list[list[int]] = [[] for _ in rows]
+        steps = self._steps(rows, max_new_tokens, eos_token_id, stop, kw)
         if streamer is not None:
             streamer.put(torch.tensor([rows[0]]))
-        for step in self._steps(rows, max_new_tokens, eos_token_id, stop, kw):
+        for step in steps:
             for i, tok in enumerate(step):
                 if tok is not None:
                     new[i].append(tok)
@@ -161,6 +164,7 @@ class Engine:
 
     def stream(self, prompt: str, **kw) -> Iterator[str]:
         """Yield text pieces as they are generated (single str prompt); stop strings are never emitted."""
+        self._check_open()
         if not isinstance(prompt, str):
             raise ConfigError("stream() takes a single str prompt")
         chat = kw.pop("chat", False)
@@ -193,6 +197,7 @@ class Engine:
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One full forward: LongTensor [B, T] -> float32 [B, T, V]. With a mask, padding may sit on either side."""
         from .kv_cache import KVCache
+        self._check_open()
         ids = input_ids.to(self.device)
         b, t = ids.shape
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(self.device).bool()
@@ -201,6 +206,7 @@ class Engine:
         return self.decoder(ids, positions, cache, mask).cpu()
 
     def stats(self) -> dict:
+        self._check_open()
         host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self.device.type == "cuda":
             device_peak = torch.cuda.max_memory_allocated(self.device)
@@ -210,6 +216,12 @@ class Engine:
                            self.cpu_mem, host_peak)
 
     def close(self) -> None:
+        """Release weights and file handles; later calls raise MoeEngineError. Closing twice is harmless."""
         self.checkpoint.close()
         self.provider = None
         self.decoder = None
+
+    def _check_open(self) -> None:
+        if self.decoder is None:
+            raise MoeEngineError(f"this Engine ({self.checkpoint.model_dir}) is closed; "
+                                 f"call moe_engine.load() again to use the model")

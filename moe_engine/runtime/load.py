@@ -34,7 +34,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None) -> torch.dtype | None:
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ConfigError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
@@ -70,11 +70,12 @@ def load(model_dir: str | Path | None = None, device: str = "auto", dtype: str =
         raise ConfigError(f"quant={quant!r}: quantization is not available in this build; use quant=None")
     gpu_bytes, cpu_bytes = parse_size(gpu_mem, "gpu_mem"), parse_size(cpu_mem, "cpu_mem")
     dev = resolve_device(device)
+    dt = resolve_dtype(dtype, None)   # None for "auto": the checkpoint's dtype, known once config.json is read
     if seed is not None:
         torch.manual_seed(seed)
     ckpt = Checkpoint(model_dir)
     try:
-        dt = resolve_dtype(dtype, ckpt.dtype)
+        dt = dt or ckpt.dtype
         tokenizer = load_tokenizer(ckpt.model_dir)
         decoder = build_decoder(ckpt, dt, dev, progress)
         provider = ResidentExperts(ckpt, dt, dev, progress)
