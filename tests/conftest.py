@@ -86,3 +86,19 @@ def load_hf(path: Path):
     config = tf.AutoConfig.from_pretrained(path)
     cls = getattr(tf, config.architectures[0])
     return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    """A tiny Mixtral checkpoint with a trained tokenizer and chat template (see tokenized.py)."""
+    from tokenized import tokenized_checkpoint
+    return tokenized_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def eng(tok_dir):
+    """float32 Engine on tok_dir, closed after the module."""
+    import moe_engine
+    engine = moe_engine.load(tok_dir, device="cpu", dtype="float32", progress=False)
+    yield engine
+    engine.close()

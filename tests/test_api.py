@@ -11,23 +11,11 @@ import torch
 from transformers import TextIteratorStreamer
 
 import moe_engine
-from tokenized import copy_checkpoint, tokenized_checkpoint
+from tokenized import copy_checkpoint
 
 PROMPTS = ["def fibonacci(n):", "Hello world", "class A:", "return x", "print('hi')", "for i in range(10):",
            "Once upon a time", "The quick brown fox", "import os"]
 GREEDY = dict(do_sample=False)
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory):
-    return tokenized_checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def eng(tok_dir):
-    engine = moe_engine.load(tok_dir, device="cpu", dtype="float32", progress=False)
-    yield engine
-    engine.close()
 
 
 def new_ids(eng, prompt: str, **kw) -> list[int]:

@@ -16,7 +16,7 @@ from conftest import BASE
 from moe_engine import (CheckpointError, ConfigError, MoeEngineError, PromptTooLongError, TokenizerError,
                         UnsupportedArchitectureError)
 from moe_engine.cli import main
-from tokenized import CONTEXT, copy_checkpoint, tokenized_checkpoint
+from tokenized import CONTEXT, copy_checkpoint
 
 SUPPORTED = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 EXPERT = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
@@ -68,11 +68,6 @@ def bare(checkpoint_dir):
     eng = load(checkpoint_dir("mixtral"), dtype="float32")
     yield eng
     eng.close()
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory):
-    return tokenized_checkpoint(tmp_path_factory)
 
 
 class Recorder:

@@ -9,24 +9,10 @@ import subprocess
 import pytest
 import torch
 
-import moe_engine
 from moe_engine.cli import main
-from tokenized import tokenized_checkpoint
 
 PROMPT = "def fibonacci(n):"
 SUMMARY = re.compile(r"(\d+) prompt tokens, (\d+) generated .*tokens/s")
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory):
-    return tokenized_checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def eng(tok_dir):
-    engine = moe_engine.load(tok_dir, device="cpu", dtype="float32", progress=False)
-    yield engine
-    engine.close()
 
 
 def generate_cli(capsys, tok_dir, *flags: str) -> tuple[int, str, str]:

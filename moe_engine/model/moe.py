@@ -9,7 +9,6 @@ weights come from an ExpertProvider. Tokens that are padding are not routed at a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .experts import ACTIVATIONS, ExpertLayout, ExpertProvider, expert_ffn
