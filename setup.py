@@ -12,6 +12,7 @@ setup(
     packages=find_packages(include=["moe_engine", "moe_engine.*", "predictors", "predictors.*",
                                     "scheduling", "scheduling.*"]),
     include_package_data=True,
+    package_data={"moe_engine": ["models/tiny-moe/*"]},   # the bundled default model
     install_requires=[
         "torch>=2.4",          # install torch==2.13.0 first on CPU-only machines (see README)
         "transformers>=4.56",

@@ -10,7 +10,8 @@ from .errors import MoeEngineError
 
 def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
-                   help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+                   help="Hugging Face checkpoint directory (config.json + *.safetensors); "
+                   "default: the bundled tiny-moe model")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), float32, float16 or bfloat16")
     p.add_argument("--gpu-mem", default=None, help="budget of the compute tier, e.g. 8G")

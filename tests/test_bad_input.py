@@ -303,8 +303,11 @@ def test_cli_missing_directory(tmp_path, capsys):
     assert_cli_error(capsys, [str(missing), "--prompt", "hi", "--no-progress"], str(missing))
 
 
-def test_cli_missing_model_dir_argument(capsys):
-    assert_cli_error(capsys, ["--prompt", "hi", "--no-progress"], "model")
+def test_cli_without_model_dir_and_no_bundled_model(capsys, monkeypatch, tmp_path):
+    """No MODEL_DIR means the bundled model; if an install lost it, say so instead of failing deep inside."""
+    import moe_engine.runtime.load as load_module
+    monkeypatch.setattr(load_module, "DEFAULT_MODEL_DIR", tmp_path / "tiny-moe")
+    assert_cli_error(capsys, ["--prompt", "hi", "--no-progress"], "bundled", "MODEL_DIR")
 
 
 def test_cli_unsupported_architecture(mixtral_copy, capsys):

@@ -17,6 +17,7 @@ log = logging.getLogger("moe_engine")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 PREDICTORS = ("gate-lookahead",)   # all experts are resident in this build: predictions steer nothing yet
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny-moe"   # bundled (package data)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -60,10 +61,12 @@ def load_tokenizer(model_dir: Path):
 def load(model_dir: str | Path | None = None, device: str = "auto", dtype: str = "auto",
          gpu_mem=None, cpu_mem=None, predictor: str = "gate-lookahead", quant=None, seed: int | None = None,
          progress: bool = True) -> Engine:
-    """Load a Hugging Face MoE checkpoint directory and return an Engine (see ARCHITECTURE.md)."""
+    """Load a Hugging Face MoE checkpoint directory (None: the bundled tiny-moe) and return an Engine."""
     if model_dir is None:
-        raise ConfigError("no model directory given and this build bundles no default model yet; "
-                          "pass model_dir (a Hugging Face checkpoint directory)")
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise ConfigError(f"no model directory given and the bundled default model is missing from "
+                              f"{DEFAULT_MODEL_DIR} (a broken install?); reinstall moe-engine or pass MODEL_DIR")
+        model_dir = DEFAULT_MODEL_DIR
     if predictor not in PREDICTORS:
         raise ConfigError(f"predictor={predictor!r} is unknown; available: {', '.join(PREDICTORS)}")
     if quant not in (None, "none"):
