@@ -24,14 +24,11 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def decode_rate(gen, new_tokens: int, repeats: int) -> float:
-    """Median tokens/s of decode only: (N - 1) tokens over time(N) - time(1)."""
-    rates = []
-    for _ in range(repeats):
-        t1 = timed(lambda: gen(1))
-        tn = timed(lambda: gen(new_tokens))
-        rates.append((new_tokens - 1) / (tn - t1))
-    return statistics.median(rates)
+def decode_rate(gen, new_tokens: int) -> float:
+    """Tokens/s of decode only: (N - 1) tokens over time(N) - time(1)."""
+    t1 = timed(lambda: gen(1))
+    tn = timed(lambda: gen(new_tokens))
+    return (new_tokens - 1) / (tn - t1)
 
 
 def main(argv=None) -> int:
@@ -67,8 +64,8 @@ def main(argv=None) -> int:
     expert_bytes = eng.provider.nbytes()
     rate_hf, rate_engine = [], []
     for _ in range(args.repeats):   # interleave so drift affects both alike
-        rate_hf.append(decode_rate(run_hf, args.new_tokens, 1))
-        rate_engine.append(decode_rate(run_engine, args.new_tokens, 1))
+        rate_hf.append(decode_rate(run_hf, args.new_tokens))
+        rate_engine.append(decode_rate(run_engine, args.new_tokens))
     result = {
         "model_dir": args.model_dir, "dtype": args.dtype, "threads": args.threads,
         "expert_bytes": expert_bytes, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,

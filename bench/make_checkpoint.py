@@ -15,26 +15,14 @@ import os
 import sys
 from pathlib import Path
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+sys.path.insert(0, str(Path(__file__).parent))
+from train_tiny_moe import train_tokenizer as train_bpe  # noqa: E402
 
 
-def train_tokenizer(out: Path, vocab_size: int) -> None:
-    """Byte-level BPE on stdlib sources, saved so AutoTokenizer loads it from `out` alone."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+def train_tokenizer(out: Path, vocab_size: int, max_length: int = 4096) -> None:
+    """Byte-level BPE on the first 60 stdlib sources (a few seconds), with a chat template."""
     files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:60]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train(files, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
-    fast.save_pretrained(out)
+    train_bpe([Path(f) for f in files], vocab_size, out, max_length)
 
 
 def build_model(args):
@@ -88,7 +76,7 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.no_tokenizer:
-        train_tokenizer(args.out, args.vocab)
+        train_tokenizer(args.out, args.vocab, args.context)
     build_model(args).save_pretrained(args.out, max_shard_size=args.shard_size)
     print(f"wrote {args.family} checkpoint to {args.out}")
     return 0

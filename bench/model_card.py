@@ -39,7 +39,7 @@ class RecordingProvider:
         self.records.setdefault(layer, []).append((router_input.float().clone(), experts.clone()))
 
 
-def heldout_windows(eng, held: torch.Tensor, seq: int, max_tokens: int):
+def heldout_windows(held: torch.Tensor, seq: int, max_tokens: int):
     """Yield (ids [1, seq+1]) consecutive windows of the held-out stream."""
     n = min(len(held) - 1, max_tokens) // seq
     for i in range(n):
@@ -50,7 +50,7 @@ def perplexity_and_routing(eng, held, seq, max_tokens):
     rec = RecordingProvider(eng.provider)
     eng.decoder.set_expert_provider(rec)
     nll, count = 0.0, 0
-    for x in heldout_windows(eng, held, seq, max_tokens):
+    for x in heldout_windows(held, seq, max_tokens):
         logits = eng.logits(x[:, :-1])[0]
         nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
         count += seq

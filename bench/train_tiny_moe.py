@@ -41,7 +41,8 @@ def read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def train_tokenizer(files: list[Path], vocab_size: int, out: Path):
+def train_tokenizer(files: list[Path], vocab_size: int, out: Path, max_length: int = 1024):
+    """Byte-level BPE on `files`, saved with a chat template so AutoTokenizer loads it from `out` alone."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,7 +53,7 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator((read_text(p) for p in files), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   pad_token="<|pad|>", chat_template=CHAT_TEMPLATE, model_max_length=1024)
+                                   pad_token="<|pad|>", chat_template=CHAT_TEMPLATE, model_max_length=max_length)
     fast.save_pretrained(out)
     return fast
 

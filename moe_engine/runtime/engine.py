@@ -16,7 +16,7 @@ from .detokenize import IncrementalText
 from .generation import Timings, generate_tokens
 from .sampling import Sampler, resolve_sampling
 from .stats import build_stats
-from .stopping import StopChecker, normalize_eos
+from .stopping import StopChecker, normalize_eos, normalize_stop
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -175,7 +175,7 @@ class Engine:
             raise ConfigError(f"stream() got unknown arguments: {', '.join(sorted(kw))}")
         text = IncrementalText(self.decode)
         sent = 0
-        hold = max((len(s) for s in self._stop_list(stop)), default=1) - 1   # could be a stop string's start
+        hold = max((len(s) for s in normalize_stop(stop)), default=1) - 1   # could be a stop string's start
         for step in self._steps(rows, max_new, eos, stop, gen_kw):
             text.push(step[0])
             done = self._stopper.finished(0)
@@ -187,10 +187,6 @@ class Engine:
         final = self._stopper.trim(0, self.decode(text.ids))   # flush held-back and partial text
         if len(final) > sent:
             yield final[sent:]
-
-    @staticmethod
-    def _stop_list(stop) -> list[str]:
-        return [stop] if isinstance(stop, str) else list(stop or [])
 
     # ---- logits, stats -----------------------------------------------------------------------
     @torch.inference_mode()
