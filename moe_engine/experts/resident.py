@@ -5,7 +5,7 @@ each row is one packed expert. Lookups are counted (all are hits) so stats are r
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
