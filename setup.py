@@ -1,18 +1,111 @@
-"""moe-engine packaging. The C++/CUDA extension (csrc/) arrives with the offloading work and will be
-optional: the install must never fail for lack of a compiler or CUDA toolkit."""
-from setuptools import find_packages, setup
+"""moe-engine packaging.
+
+Builds the optional IO extension moe_engine._C from csrc/*.cpp with plain pybind11 (no torch linkage).
+CUDA parts (pinned buffers, async host-to-device copies, events) are compiled in only when a CUDA
+toolkit is found (CUDA_HOME / CUDA_PATH / nvcc / /usr/local/cuda with cuda_runtime.h and cudart).
+The install never fails because of the extension: a missing compiler, pybind11 or CUDA prints one
+warning and moe_engine/_ops.py falls back to torch. Environment switches:
+  MOE_ENGINE_NO_EXT=1   skip the extension entirely
+  MOE_ENGINE_NO_CUDA=1  build the extension without its CUDA parts
+"""
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+CUDA_LIB_SUBDIRS = ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
+                    os.path.join("targets", "sbsa-linux", "lib"))
+
+
+def _cuda_home():
+    """The first CUDA toolkit root that has cuda_runtime.h and a cudart library, else None."""
+    if os.environ.get("MOE_ENGINE_NO_CUDA") == "1":
+        return None
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for root in filter(None, candidates):
+        if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")) and _cudart_dir(root):
+            return root
+    return None
+
+
+def _cudart_dir(root):
+    for sub in CUDA_LIB_SUBDIRS:
+        d = os.path.join(root, sub)
+        if glob.glob(os.path.join(d, "libcudart_static.a")) or glob.glob(os.path.join(d, "libcudart.so*")):
+            return d
+    return None
+
+
+def _extension():
+    """The moe_engine._C Extension, with CUDA flags when a toolkit is found."""
+    kw = {"sources": sorted(glob.glob("csrc/*.cpp")), "depends": sorted(glob.glob("csrc/*.h")), "language": "c++",
+          "extra_compile_args": ["-std=c++17", "-O3", "-g0", "-fvisibility=hidden", "-pthread"],
+          "extra_link_args": ["-pthread"], "define_macros": [], "include_dirs": [], "library_dirs": [], "libraries": []}
+    root = _cuda_home()
+    if root:
+        libdir = _cudart_dir(root)
+        kw["define_macros"].append(("MOE_WITH_CUDA", "1"))
+        kw["include_dirs"].append(os.path.join(root, "include"))
+        kw["library_dirs"].append(libdir)
+        if os.path.exists(os.path.join(libdir, "libcudart_static.a")):   # no runtime library path to find
+            kw["libraries"] += ["cudart_static", "dl", "rt"]
+        else:
+            kw["libraries"].append("cudart")
+            kw["runtime_library_dirs"] = [libdir]
+    return Extension("moe_engine._C", **kw)
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that turns any failure to build moe_engine._C into one warning."""
+
+    def run(self):
+        try:
+            import pybind11
+        except ImportError as e:
+            self._skip(f"pybind11 is not importable ({e})")
+            return
+        for ext in self.extensions:
+            ext.include_dirs.insert(0, pybind11.get_include())
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1   # one compiler process per source file
+        try:
+            super().run()
+        except Exception as e:  # noqa: BLE001 - compiler/headers missing, link error: never fail the install
+            self._skip(f"{type(e).__name__}: {e}")
+
+    def _skip(self, why):
+        self.extensions = []
+        sys.stderr.write(f"\nWARNING: moe_engine._C (the C++ IO extension) was not built: {why}\n"
+                         "         moe-engine will use its slower torch fallback. Install a C++17 compiler and\n"
+                         "         pybind11, then reinstall with `pip install -v -e .` to see the build log.\n\n")
+
+    def get_outputs(self):
+        return super().get_outputs() if self.extensions else []
+
+
+ext_modules = [] if os.environ.get("MOE_ENGINE_NO_EXT") == "1" else [_extension()]
 
 setup(
     name="moe-engine",
     version="0.1.0",
     description="Inference engine for Mixture-of-Experts models that do not fit in fast memory",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["moe_engine", "moe_engine.*", "predictors", "predictors.*",
                                     "scheduling", "scheduling.*"]),
     include_package_data=True,
     package_data={"moe_engine": ["models/tiny-moe/*"]},   # the bundled default model
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         "torch>=2.4",          # install torch==2.13.0 first on CPU-only machines (see README)
         "transformers>=4.56",

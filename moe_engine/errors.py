@@ -23,3 +23,7 @@ class TokenizerError(MoeEngineError, ValueError):
 
 class PromptTooLongError(MoeEngineError, ValueError):
     """A prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+class ExpertReadError(MoeEngineError):
+    """Reading expert bytes from a file failed; the message names the file, offset, bytes expected and got."""

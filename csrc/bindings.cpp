@@ -1,0 +1,98 @@
+// The one Python module moe_engine._C: aligned/pinned buffers, the threaded direct-IO reader and,
+// when built with CUDA, host-to-device copies and events. Pointers and stream handles cross the
+// boundary as Python ints; only moe_engine/_ops.py imports this module.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "aligned_buffer.h"
+#include "common.h"
+#include "cuda_ops.h"
+#include "direct_reader.h"
+
+namespace py = pybind11;
+using moe::AlignedBuffer;
+using moe::DirectReader;
+
+namespace {
+
+bool has_cuda() {
+#ifdef MOE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+void bind_buffer(py::module_& m) {
+  py::class_<AlignedBuffer>(m, "AlignedBuffer", py::buffer_protocol(),
+                            "nbytes of writable memory at an address that is a multiple of alignment; "
+                            "page-locked when pinned. torch.frombuffer(buf, dtype=torch.uint8) wraps it.")
+      .def(py::init<size_t, size_t, bool>(), py::arg("nbytes"), py::arg("alignment") = moe::kIoAlignment,
+           py::arg("pinned") = false)
+      .def_buffer([](AlignedBuffer& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.nbytes())}, {static_cast<py::ssize_t>(1)},
+                               /*readonly=*/false);
+      })
+      .def_property_readonly("address", &AlignedBuffer::address)
+      .def_property_readonly("nbytes", &AlignedBuffer::nbytes)
+      .def_property_readonly("alignment", &AlignedBuffer::alignment)
+      .def_property_readonly("pinned", &AlignedBuffer::pinned);
+}
+
+void bind_reader(py::module_& m) {
+  py::class_<DirectReader>(m, "DirectReader",
+                           "Threaded reader of file byte ranges into caller memory (O_DIRECT with aligned "
+                           "bounce buffers). The caller keeps destinations alive until wait() returns.")
+      .def(py::init<int, bool, size_t>(), py::arg("num_threads") = 4, py::arg("direct") = true,
+           py::arg("chunk_bytes") = size_t(4) << 20)
+      .def(
+          "submit",
+          [](DirectReader& r, const std::vector<moe::RangeTuple>& ranges) {
+            py::gil_scoped_release release;  // ranges were converted from Python before this point
+            return r.submit(ranges);
+          },
+          py::arg("ranges"),
+          "ranges: list of (path, file_offset, nbytes, dest_ptr, dest_nbytes_available). Returns a ticket.")
+      .def("wait", &DirectReader::wait, py::arg("ticket"), py::call_guard<py::gil_scoped_release>(),
+           "Blocks until the ticket's reads ran; raises ReadError if any failed. A ticket is waited once.")
+      .def("done", &DirectReader::done, py::arg("ticket"))
+      .def("close", &DirectReader::close, py::call_guard<py::gil_scoped_release>())
+      .def("buffered_paths", &DirectReader::buffered_paths)
+      .def_property_readonly("bytes_disk_read", &DirectReader::bytes_disk_read)
+      .def_property_readonly("bytes_delivered", &DirectReader::bytes_delivered)
+      .def_property_readonly("num_threads", &DirectReader::num_threads)
+      .def_property_readonly("direct", &DirectReader::direct)
+      .def_property_readonly("chunk_bytes", &DirectReader::chunk_bytes);
+}
+
+#ifdef MOE_WITH_CUDA
+void bind_cuda(py::module_& m) {
+  m.def("cuda_device_count", &moe::cuda_device_count);
+  m.def("register_pinned", &moe::register_pinned, py::arg("ptr"), py::arg("nbytes"));
+  m.def("unregister_pinned", &moe::unregister_pinned, py::arg("ptr"));
+  m.def("copy_h2d_async", &moe::copy_h2d_async, py::arg("src_ptr"), py::arg("dst_ptr"), py::arg("nbytes"),
+        py::arg("stream_handle"), py::call_guard<py::gil_scoped_release>());
+  py::class_<moe::CudaEvent>(m, "CudaEvent", "A CUDA event without timing, created on the current device.")
+      .def(py::init<>())
+      .def("record", &moe::CudaEvent::record, py::arg("stream_handle"))
+      .def("query", &moe::CudaEvent::query)
+      .def("synchronize", &moe::CudaEvent::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("wait_on", &moe::CudaEvent::wait_on, py::arg("stream_handle"))
+      .def_property_readonly("handle", &moe::CudaEvent::handle);
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "moe-engine IO extension: aligned/pinned buffers, threaded direct-IO reads, async H2D copies";
+  py::register_exception<moe::ReadError>(m, "ReadError", PyExc_OSError);
+  m.def("has_cuda", &has_cuda, "True when built with CUDA (a device may still be absent at run time).");
+  m.attr("IO_ALIGNMENT") = moe::kIoAlignment;
+  bind_buffer(m);
+  bind_reader(m);
+#ifdef MOE_WITH_CUDA
+  bind_cuda(m);
+#endif
+}
