@@ -29,8 +29,8 @@ class RecordingProvider:
         self.inner = inner
         self.records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def prepare(self, layer, experts):
-        self.inner.prepare(layer, experts)
+    def prepare(self, layer, experts, counts=None):
+        return self.inner.prepare(layer, experts, counts)
 
     def get(self, layer, expert):
         return self.inner.get(layer, expert)

@@ -16,7 +16,13 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), float32, float16 or bfloat16")
     p.add_argument("--gpu-mem", default=None, help="budget of the compute tier, e.g. 8G")
     p.add_argument("--cpu-mem", default=None, help="budget of the host tier, e.g. 32G")
-    p.add_argument("--predictor", default="gate-lookahead", help="expert predictor name or pkg.module:Class")
+    p.add_argument("--predictor", default="gate-lookahead", help="expert predictor for prefetching: "
+                   "gate-lookahead, or none")
+    p.add_argument("--policy", default=None, help="expert-cache eviction policy (default: the engine's default; "
+                   "lru, lfu)")
+    p.add_argument("--max-kv-tokens", type=int, default=None, help="KV cache reserve counted in --gpu-mem "
+                   "(default: min(context, 4096) tokens)")
+    p.add_argument("--io-threads", type=int, default=2, help="expert loader threads")
     p.add_argument("--quant", default=None, help="expert quantization: none")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars while loading")
 
@@ -46,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     from .runtime.load import load
     eng = load(args.model_dir, device=args.device, dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
-               predictor=args.predictor, quant=args.quant, progress=not args.no_progress)
+               predictor=args.predictor, quant=args.quant, progress=not args.no_progress, policy=args.policy,
+               max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads)
     try:
         start = time.perf_counter()
         pieces = eng.stream(args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
@@ -62,6 +69,12 @@ def cmd_generate(args) -> int:
         print(f"[moe-engine] {eng.timings.prompt_tokens} prompt tokens, {n} generated in {elapsed:.2f}s "
               f"(prefill {lat['prefill_tokens_per_s']:.1f} tokens/s, "
               f"decode {lat['decode_tokens_per_s']:.1f} tokens/s, ttft {lat['ttft_s'] * 1000:.0f} ms)", file=sys.stderr)
+        if eng.plan is not None:
+            st = eng.stats()
+            print(f"[moe-engine] expert cache hit rate {st['cache']['hit_rate']:.1%} (Belady "
+                  f"{st['optimal']['belady_hit_rate']:.1%}), {st['io']['loads']} loads, "
+                  f"{st['io']['bytes_disk_read'] / 2**20:.0f} MiB read, stalled {st['io']['stall_seconds']:.2f}s",
+                  file=sys.stderr)
     finally:
         eng.close()
     return 0

@@ -19,8 +19,9 @@ class DictProvider:
     def __init__(self, experts):
         self.experts, self.prepared, self.got = experts, [], []
 
-    def prepare(self, layer, experts):
+    def prepare(self, layer, experts, counts=None):
         self.prepared.append(list(experts))
+        return [(e, False) for e in reversed(list(experts))]   # any order must give the same output
 
     def get(self, layer, expert):
         self.got.append(expert)
@@ -63,7 +64,7 @@ def test_moe_dispatch_matches_naive(n, e, k, d, i, normalize):
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
     used = sorted(set(block.provider.observed[0].flatten().tolist()))
     assert block.provider.prepared == [used]           # every used expert announced once, before any get
-    assert block.provider.got == used                   # and fetched exactly once
+    assert block.provider.got == used[::-1]             # fetched exactly once, in the order prepare gave
 
 
 def test_expert_layout_pack_roundtrip_and_ffn():

@@ -64,6 +64,27 @@ class LFU:
 
 
 POLICIES = {"lru": LRU, "lfu": LFU}
+DEFAULT_POLICY = "lru"
+
+
+def layer_quotas(total_slots: int, weights: Sequence[float], min_slots: int, max_slots: int) -> list[int]:
+    """Split `total_slots` over layers in proportion to `weights` (largest remainder), each in [min, max]."""
+    n = len(weights)
+    quotas = [min(min_slots, max_slots)] * n
+    spare = total_slots - sum(quotas)
+    w = np.maximum(np.asarray(weights, dtype=float), 1e-9)
+    while spare > 0:
+        room = [i for i in range(n) if quotas[i] < max_slots]
+        if not room:
+            break
+        share = w[room] / w[room].sum() * spare
+        add = np.minimum(np.floor(share).astype(int), [max_slots - quotas[i] for i in room])
+        if add.sum() == 0:          # the remainder: one slot each to the largest fractions
+            add[np.argsort(-(share - np.floor(share)), kind="stable")[:spare]] = 1
+        for i, a in zip(room, add):
+            quotas[i] += int(a)
+        spare = total_slots - sum(quotas)
+    return quotas
 
 
 def make_policy(name: str) -> EvictionPolicy:

@@ -32,8 +32,9 @@ class ResidentExperts:
     def capacity_experts(self) -> int:
         return len(self.weights) * self.num_experts
 
-    def prepare(self, layer: int, experts: Sequence[int]) -> None:
-        """Everything is resident: nothing to start."""
+    def prepare(self, layer: int, experts: Sequence[int], counts=None) -> list[tuple[int, bool]]:
+        """Everything is resident: nothing to start; compute in id order on the device."""
+        return [(e, False) for e in experts]
 
     def get(self, layer: int, expert: int) -> torch.Tensor:
         self.lookups[layer] += 1

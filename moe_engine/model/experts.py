@@ -10,8 +10,9 @@ defines the protocol only; implementations live in moe_engine/experts/.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -71,13 +72,16 @@ def expert_ffn(x: torch.Tensor, packed: torch.Tensor, layout: ExpertLayout, act:
 class ExpertProvider(Protocol):
     """What the MoE block needs from whoever holds the routed experts.
 
-    `prepare` announces every expert a layer is about to use (so loads can start together);
-    `get` returns one expert's packed buffer on the compute device, waiting for exactly it.
-    `observe` reports the routing decision (for prediction and statistics); it must not
-    change what the block computes.
+    `prepare` announces every expert a layer is about to use and how many tokens each gets (so
+    loads can start together) and returns the compute order as (expert, on_host) pairs: on_host
+    experts are computed where their bytes are, on the host CPU (hybrid execution); `get`
+    returns one expert's packed buffer (on the compute device, or on the host for on_host
+    experts), waiting for exactly it. `observe` reports the routing decision (for prediction
+    and statistics); it must not change what the block computes.
     """
 
-    def prepare(self, layer: int, experts: Sequence[int]) -> None: ...
+    def prepare(self, layer: int, experts: Sequence[int],
+                counts: Sequence[int] | None = None) -> list[tuple[int, bool]]: ...
 
     def get(self, layer: int, expert: int) -> torch.Tensor: ...
 

@@ -51,10 +51,13 @@ class MoeBlock(nn.Module):
         self.shared = GatedMlp(hidden, spec.shared_intermediate_size, act) if spec.shared_intermediate_size else None
         self.shared_gate = nn.Linear(hidden, 1, bias=False) if spec.shared_expert_gate else None
         self.provider: ExpertProvider | None = None
+        self.routing_hook = None   # benchmarks only: (layer, weights, ids) -> (weights, ids) replays recorded routing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] (real tokens only) -> [N, D]."""
         weights, ids = route(self.router(x), self.spec.top_k, self.spec.norm_topk_prob)   # [N, K] each
+        if self.routing_hook is not None:    # changes the model's outputs: never set outside benchmarks
+            weights, ids = self.routing_hook(self.layer, weights, ids)
         self.provider.observe(self.layer, x, ids, weights)
         out = self._routed(x, weights, ids)
         if self.shared is not None:
@@ -69,17 +72,20 @@ class MoeBlock(nn.Module):
         flat = ids.flatten()                                           # [N*K]
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
         token_of = order // k                                          # token index of each sorted slot
         weight_of = weights.flatten()[order]                           # [N*K] float32
         used = [e for e, c in enumerate(counts) if c]
-        self.provider.prepare(self.layer, used)
+        plan = self.provider.prepare(self.layer, used, [counts[e] for e in used])   # [(expert, on_host)]
+        x_host = x.cpu() if any(on_host for _, on_host in plan) else None   # before device work is queued
         out = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
-        start = 0
-        for e, count in enumerate(counts):
-            if not count:
-                continue
-            tok = token_of[start:start + count]
-            y = expert_ffn(x[tok], self.provider.get(self.layer, e), self.layout, self.act)   # [c, D]
-            out.index_add_(0, tok, y.float() * weight_of[start:start + count, None])
-            start += count
+        for e, on_host in sorted(plan, key=lambda p: p[1]):           # device experts first, host ones overlap
+            sel = slice(starts[e], starts[e + 1])
+            tok = token_of[sel]
+            packed = self.provider.get(self.layer, e)
+            xe = x_host[tok.cpu()] if on_host else x[tok]
+            y = expert_ffn(xe, packed, self.layout, self.act).to(x.device)    # [c, D]
+            out.index_add_(0, tok, y.float() * weight_of[sel, None])
         return out.to(x.dtype)

@@ -28,3 +28,36 @@ def build_decoder(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, pr
             params[name].copy_(ckpt.read(name, dtype))
     decoder.init_rotary(device)
     return decoder.eval()
+
+
+def non_expert_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
+    """Bytes of every non-expert weight in `dtype` (tied embeddings counted once), without reading any."""
+    with torch.device("meta"):
+        decoder = Decoder(ckpt.spec)
+    skip = {"lm_head.weight"} if ckpt.spec.tie_word_embeddings else set()
+    return sum(t.numel() for n, t in decoder.state_dict().items() if n not in skip) * dtype.itemsize
+
+
+def routers(decoder: Decoder) -> dict[int, torch.Tensor]:
+    """Router weights [E, D] of every MoE layer, for predictors."""
+    return {i: layer.moe.router.weight for i, layer in enumerate(decoder.layers) if getattr(layer, "moe", None)}
+
+
+def build_provider(ckpt: Checkpoint, decoder: Decoder, plan, dtype: torch.dtype, device: torch.device,
+                   policy: str, predictor, prefetch: bool, io_threads: int, progress: bool):
+    """All experts resident when no budget limits them; else the offloading cache over the plan's slots."""
+    from ..experts import OffloadedExperts, ResidentExperts
+    from ..experts.policies import make_policy
+    if plan is None or (plan.all_resident and device.type == "cpu"):
+        return ResidentExperts(ckpt, dtype, device, progress)
+    host = cost = None
+    if device.type != "cpu":
+        from ..experts.costmodel import calibrate
+        from ..experts.host import HostTier
+        host = HostTier(ckpt, plan, dtype, device, io_threads, pinned=True, progress=progress)
+        cost = calibrate(ckpt.layout, dtype, device)
+    if predictor is not None:
+        moe = ckpt.spec.moe
+        predictor.bind(routers(decoder), moe.top_k, moe.num_experts)
+    return OffloadedExperts(ckpt, plan, dtype, device, make_policy(policy), predictor if prefetch else None,
+                            io_threads=io_threads, host=host, cost_model=cost)

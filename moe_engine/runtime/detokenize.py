@@ -6,7 +6,7 @@ the new text only once it no longer ends in a replacement character (as TGI and 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class IncrementalText:

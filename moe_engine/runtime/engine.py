@@ -7,7 +7,7 @@ transformers-style conventions of the public API (see ARCHITECTURE.md).
 from __future__ import annotations
 
 import resource
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -23,7 +23,7 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 class Engine:
     def __init__(self, checkpoint, decoder, provider, tokenizer, device: torch.device, dtype: torch.dtype,
-                 gpu_mem: int | None = None, cpu_mem: int | None = None):
+                 gpu_mem: int | None = None, cpu_mem: int | None = None, plan=None):
         self.checkpoint = checkpoint
         self.spec = decoder.spec
         self.decoder = decoder
@@ -31,6 +31,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device, self.dtype = device, dtype
         self.gpu_mem, self.cpu_mem = gpu_mem, cpu_mem
+        self.plan = plan                      # experts.plan.Placement when a budget is set, else None
         self.generation_config = dict(checkpoint.generation_config)
         self.timings = Timings()
         self._kv_peak = 0
@@ -95,12 +96,24 @@ class Engine:
             max_new_tokens = self.generation_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid: use an integer >= 0")
+        self._check_kv_reserve(rows, max_new_tokens)
         eos = normalize_eos(self._eos_value(eos_token_id))
         params = resolve_sampling(self.generation_config, **kw)
         decode = self.decode if self.tokenizer is not None else None
         return dict(max_new_tokens=[min(max_new_tokens, self.max_context - len(r)) for r in rows],
                     sampler=Sampler(params, len(rows), self.device),
                     stopper=StopChecker(eos, stop, decode, len(rows)), pad_id=self._pad_id(eos_token_id))
+
+    def _check_kv_reserve(self, rows: list[list[int]], max_new_tokens: int) -> None:
+        """Under a budget the KV cache may not outgrow its reserve (B x (longest prompt + new tokens))."""
+        if self.plan is None:
+            return
+        need = len(rows) * min(max(len(r) for r in rows) + max_new_tokens, self.max_context)
+        if need > self.plan.kv_tokens:
+            raise ConfigError(f"this request needs KV cache for {need} tokens ({len(rows)} prompts x up to "
+                              f"{need // len(rows)} tokens) but the budget reserves {self.plan.kv_tokens} "
+                              f"(max_kv_tokens); use fewer or shorter prompts, fewer max_new_tokens, or load with "
+                              f"a larger max_kv_tokens and --gpu-mem")
 
     def _steps(self, rows, max_new_tokens, eos_token_id, stop, kw) -> Iterator[list[int | None]]:
         """Check the arguments now (not at the first step), then return the step iterator."""
@@ -206,13 +219,17 @@ class Engine:
         host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self.device.type == "cuda":
             device_peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            device_peak = sum(p.numel() * p.element_size() for p in self.decoder.parameters()) + self.provider.nbytes()
+        else:   # allocator accounting of the compute tier: weights, KV reserve, expert slots, IO buffers
+            weights = sum(p.numel() * p.element_size() for p in self.decoder.parameters())
+            kv = self.plan.kv_bytes if self.plan else 0
+            device_peak = weights + kv + self.provider.nbytes()
         return build_stats(self.timings, self.provider, self.spec.num_layers, self.gpu_mem, device_peak,
                            self.cpu_mem, host_peak)
 
     def close(self) -> None:
-        """Release weights and file handles; later calls raise MoeEngineError. Closing twice is harmless."""
+        """Release weights, loader threads and file handles; later calls raise MoeEngineError. Idempotent."""
+        if self.provider is not None and hasattr(self.provider, "close"):
+            self.provider.close()
         self.checkpoint.close()
         self.provider = None
         self.decoder = None

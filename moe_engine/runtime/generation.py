@@ -7,8 +7,8 @@ StopChecker) or at their token limit.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 

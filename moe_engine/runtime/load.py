@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -9,14 +10,13 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import parse_size
 from ..errors import ConfigError, MoeEngineError
-from ..experts import ResidentExperts
-from .build import build_decoder
+from ..experts.plan import make_plan
+from .build import build_decoder, build_provider, non_expert_bytes
 from .engine import Engine
 
 log = logging.getLogger("moe_engine")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-PREDICTORS = ("gate-lookahead",)   # all experts are resident in this build: predictions steer nothing yet
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny-moe"   # bundled (package data)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -58,20 +58,43 @@ def load_tokenizer(model_dir: Path):
         raise MoeEngineError(f"tokenizer files in {model_dir} could not be loaded ({type(e).__name__}: {e})") from None
 
 
+def make_predictor(name: str | None):
+    """A fresh predictor by registered name (None: no prefetching)."""
+    from predictors import BUILTIN
+    if name is None or name == "none":
+        return None
+    if name not in BUILTIN:
+        raise ConfigError(f"predictor={name!r} is unknown; available: {', '.join(sorted(BUILTIN))}, none")
+    return BUILTIN[name]()
+
+
 def load(model_dir: str | Path | None = None, device: str = "auto", dtype: str = "auto",
-         gpu_mem=None, cpu_mem=None, predictor: str = "gate-lookahead", quant=None, seed: int | None = None,
-         progress: bool = True) -> Engine:
-    """Load a Hugging Face MoE checkpoint directory (None: the bundled tiny-moe) and return an Engine."""
+         gpu_mem=None, cpu_mem=None, predictor: str | None = "gate-lookahead", quant=None, seed: int | None = None,
+         progress: bool = True, policy: str | None = None, max_kv_tokens: int | None = None, io_threads: int = 2,
+         prefetch: bool = True) -> Engine:
+    """Load a Hugging Face MoE checkpoint directory (None: the bundled tiny-moe) and return an Engine.
+
+    gpu_mem / cpu_mem ("8G" or bytes) bound the compute tier and the host tier; with neither, every
+    expert is resident. policy: expert-cache eviction (None: the default policy; lru, lfu); max_kv_tokens: the KV
+    reserve counted against gpu_mem (default: min(context, 4096) tokens).
+    """
     if model_dir is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
             raise ConfigError(f"no model directory given and the bundled default model is missing from "
                               f"{DEFAULT_MODEL_DIR} (a broken install?); reinstall moe-engine or pass MODEL_DIR")
         model_dir = DEFAULT_MODEL_DIR
-    if predictor not in PREDICTORS:
-        raise ConfigError(f"predictor={predictor!r} is unknown; available: {', '.join(PREDICTORS)}")
+    pred = make_predictor(predictor)
+    from ..experts.policies import DEFAULT_POLICY, make_policy
+    policy = policy or DEFAULT_POLICY
+    make_policy(policy)                      # a bad name fails before any work
     if quant not in (None, "none"):
         raise ConfigError(f"quant={quant!r}: quantization is not available in this build; use quant=None")
     gpu_bytes, cpu_bytes = parse_size(gpu_mem, "gpu_mem"), parse_size(cpu_mem, "cpu_mem")
+    if max_kv_tokens is not None and (isinstance(max_kv_tokens, bool) or not isinstance(max_kv_tokens, int)
+                                      or max_kv_tokens < 1):
+        raise ConfigError(f"max_kv_tokens={max_kv_tokens!r} is invalid: use a positive integer")
+    if isinstance(io_threads, bool) or not isinstance(io_threads, int) or not 1 <= io_threads <= 64:
+        raise ConfigError(f"io_threads={io_threads!r} is invalid: use an integer from 1 to 64")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, None)   # None for "auto": the checkpoint's dtype, known once config.json is read
     if seed is not None:
@@ -79,10 +102,17 @@ def load(model_dir: str | Path | None = None, device: str = "auto", dtype: str =
     ckpt = Checkpoint(model_dir)
     try:
         dt = dt or ckpt.dtype
+        plan = None
+        if gpu_bytes is not None or cpu_bytes is not None:
+            staging = 0 if ckpt.dtype == dt else io_threads
+            plan = make_plan(ckpt.spec, dev, dt, non_expert_bytes(ckpt, dt), gpu_bytes, cpu_bytes,
+                             max_kv_tokens, io_threads, staging)
+            if progress:
+                print(plan.describe(), file=sys.stderr)
         tokenizer = load_tokenizer(ckpt.model_dir)
         decoder = build_decoder(ckpt, dt, dev, progress)
-        provider = ResidentExperts(ckpt, dt, dev, progress)
+        provider = build_provider(ckpt, decoder, plan, dt, dev, policy, pred, prefetch, io_threads, progress)
     except BaseException:
         ckpt.close()
         raise
-    return Engine(ckpt, decoder, provider, tokenizer, dev, dt, gpu_bytes, cpu_bytes)
+    return Engine(ckpt, decoder, provider, tokenizer, dev, dt, gpu_bytes, cpu_bytes, plan)

@@ -228,8 +228,8 @@ class Sampler:
 
 
 __all__ = [
-    "SamplingParams",
     "Sampler",
+    "SamplingParams",
     "apply_temperature",
     "apply_top_k",
     "apply_top_p",

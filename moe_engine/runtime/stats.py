@@ -8,8 +8,7 @@ def _rate(n: float, seconds: float) -> float:
     return n / seconds if seconds > 0 else 0.0
 
 
-def build_stats(timings: Timings, provider, num_layers: int, device_budget: int | None, device_peak: int,
-                host_budget: int | None, host_peak: int) -> dict:
+def resident_sections(provider, num_layers: int) -> dict:
     """All experts resident: every lookup is a hit and nothing is loaded after start-up."""
     lookups = sum(provider.lookups)
     per_layer = [1.0 if provider.lookups[i] else 0.0 for i in range(num_layers)]
@@ -20,10 +19,22 @@ def build_stats(timings: Timings, provider, num_layers: int, device_budget: int 
         "prefetch": {"issued": 0, "used": 0, "wasted": 0, "precision": 0.0, "recall": 0.0},
         "io": {"loads": 0, "bytes_loaded": 0, "bytes_disk_read": 0, "bytes_host_to_device": 0,
                "stall_seconds": 0.0},
+        "optimal": {"belady_loads": 0, "belady_hit_rate": 1.0 if lookups else 0.0},
+    }
+
+
+def build_stats(timings: Timings, provider, num_layers: int, device_budget: int | None, device_peak: int,
+                host_budget: int | None, host_peak: int) -> dict:
+    """The provider's cache / prefetch / io / optimal sections plus memory and latency."""
+    sections = provider.stats() if hasattr(provider, "stats") else resident_sections(provider, num_layers)
+    return {
+        "cache": sections["cache"],
+        "prefetch": sections["prefetch"],
+        "io": sections["io"],
         "memory": {"device_budget_bytes": device_budget or 0, "device_peak_bytes": device_peak,
                    "host_budget_bytes": host_budget or 0, "host_peak_bytes": host_peak},
         "latency": {"prefill_tokens_per_s": _rate(timings.prompt_tokens, timings.prefill_s),
                     "decode_tokens_per_s": _rate(timings.decode_tokens, timings.decode_s),
                     "ttft_s": timings.ttft_s, "tpot_s": _rate(timings.decode_s, max(timings.steps - 1, 0))},
-        "optimal": {"belady_loads": 0, "belady_hit_rate": 1.0 if lookups else 0.0},
+        "optimal": sections["optimal"],
     }

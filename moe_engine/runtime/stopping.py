@@ -8,7 +8,7 @@ length limit; the engine does that.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from moe_engine.errors import ConfigError
 

@@ -1,0 +1,276 @@
+"""The offloading expert provider: a fixed set of compute-tier slots fed by a prefetching loader.
+
+    MoE block --prepare(layer, experts)--> slot table lookup (policy) --misses--> demand jobs (priority 0)
+              <--order (resident first)--   predictor scores of layer+1.. --> prefetch jobs (priority d)
+    MoE block --get(layer, e)-->  wait on exactly e's job event  --> packed view of e's slot
+
+Bookkeeping (which expert is where, who gets evicted) is the id-level SlotTable and its
+policy; the bytes move in `work` functions run by the Loader's threads: disk -> slot with the
+direct-IO reader (CPU compute), or disk -> host RAM -> device copy (GPU compute, host.py).
+A failed or short read never marks an expert ready: its slot is dropped and the request that
+needed it gets an ExpertReadError.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .. import _ops
+from ..errors import ExpertReadError
+from .loader import DEMAND, FAILED, QUEUED, RUNNING, Loader, LoadJob
+from .plan import Placement
+from .table import SlotTable
+from .tracker import CacheCounters
+
+
+class OffloadedExperts:
+    def __init__(self, checkpoint, plan: Placement, dtype: torch.dtype, device: torch.device, policy,
+                 predictor=None, prefetch_depth: int = 1, prefetch_threshold: float = 0.5,
+                 io_threads: int = 2, host=None, cost_model=None):
+        self.ckpt, self.plan, self.dtype, self.device = checkpoint, plan, dtype, device
+        self.num_layers, self.num_experts = len(plan.quotas), plan.num_experts
+        self.expert_bytes, self.slot_bytes = plan.expert_bytes, plan.slot_bytes
+        self.table = SlotTable(plan.quotas, plan.num_experts, policy)
+        self.storage = self._alloc(self.table.capacity * self.slot_bytes)       # [slots * slot_bytes] uint8
+        self.predictor, self.prefetch_depth, self.prefetch_threshold = predictor, prefetch_depth, prefetch_threshold
+        self.host = host                                  # host RAM tier (GPU compute), or None
+        self.cost_model = cost_model                      # hybrid execution of misses (GPU + host tier), or None
+        self._on_host: set[int] = set()                   # experts of this layer pass computed on the host
+        self._last_slot: int | None = None                # device slot the last get() handed to compute
+        self.reader = _ops.DirectReader(num_threads=io_threads) if host is None else None
+        self.same_dtype = all(i.dtype == dtype for i in checkpoint.expert_infos(checkpoint.spec.moe_layers[0], 0))
+        self.staging = [] if self.same_dtype or host is not None else \
+            [_ops.alloc_aligned(plan.slot_bytes) for _ in range(io_threads)]
+        self.jobs: dict[tuple[int, int], LoadJob] = {}    # loads not yet consumed by compute
+        self.counters = CacheCounters(self.num_layers)
+        self.step, self._layer = 0, -1
+        self._needed: list[int] = []                      # experts of the current layer pass, not yet computed
+        self._deferred: list[int] = []                    # misses waiting for a slot (more experts than slots)
+        self._predictions: dict[int, torch.Tensor] = {}
+        self.loader = Loader(self._work, num_workers=io_threads)
+
+    def _alloc(self, nbytes: int) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return _ops.alloc_aligned(max(nbytes, 1))
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+
+    # ---- the ExpertProvider protocol ------------------------------------------------------
+    @property
+    def capacity_experts(self) -> int:
+        return self.table.capacity
+
+    def observe(self, layer: int, router_input: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        if self.predictor is None:
+            return
+        self.predictor.observe(layer, router_input, experts, weights)
+        self._predictions = self.predictor.predict(layer, self.prefetch_depth)
+
+    def prepare(self, layer: int, experts: Sequence[int], counts: Sequence[int] | None = None) -> list[tuple[int, bool]]:
+        """Look the layer's experts up, start their loads, then prefetch; returns (expert, on_host) in compute order."""
+        self._note_last_use()
+        if layer <= self._layer:
+            self.step += 1
+        self._layer = layer
+        experts = list(experts)
+        tokens = dict(zip(experts, counts or [1] * len(experts)))
+        self._needed, self._deferred = list(experts), []
+        self._cancel_stale(layer, experts)
+        self._drop_failed(layer)
+        missing = self.table.lookup(layer, experts, self.step)
+        self.counters.accessed(layer, self.step, experts)
+        for e in experts:
+            if e not in missing:
+                self._hit(layer, e)
+        self._on_host = {e for e in missing if self._compute_on_host(layer, e, tokens[e])}
+        for e in missing:
+            if e not in self._on_host and not self._demand(layer, e):
+                self._deferred.append(e)
+        self._prefetch(layer)
+        ready = [e for e in experts if e not in missing and (layer, e) not in self.jobs]
+        loading = [e for e in experts if e not in missing and (layer, e) in self.jobs]
+        demand = [e for e in missing if e not in self._deferred and e not in self._on_host]
+        return [(e, False) for e in ready + loading + demand + self._deferred] + [(e, True) for e in self._on_host]
+
+    def _compute_on_host(self, layer: int, e: int, tokens: int) -> bool:
+        """Hybrid execution: only with a host tier holding every expert (never evicted under the CPU)."""
+        if self.cost_model is None or self.host is None or not self.host.holds_all:
+            return False
+        return self.cost_model.compute_on_host(tokens, self.ckpt.layout, self.expert_bytes)
+
+    def _note_last_use(self) -> None:
+        if self._last_slot is not None and self.host is not None:
+            self.host.note_use(self._last_slot)
+        self._last_slot = None
+
+    def get(self, layer: int, expert: int) -> torch.Tensor:
+        """Packed [3 I D] view of the expert's slot, once its load (if any) has finished."""
+        self._note_last_use()
+        if expert in self._on_host:
+            return self.host.host_view(layer, expert)
+        self._drain_deferred(layer, expert)
+        job = self.jobs.get((layer, expert))
+        if job is not None:
+            self._wait(job)
+            del self.jobs[(layer, expert)]
+            if job.state == FAILED:
+                self.table.remove(layer, expert)
+                raise ExpertReadError(f"loading expert {expert} of layer {layer} failed: {job.error}") from None
+            if self.host is not None:
+                self.host.wait_device(job)
+        if expert in self._needed:
+            self._needed.remove(expert)
+        slot = self._last_slot = self.table.slot_of[layer][expert]
+        return self.storage[slot * self.slot_bytes: slot * self.slot_bytes + self.expert_bytes].view(self.dtype)
+
+    # ---- lookups, loads, prefetches -------------------------------------------------------------
+    def _hit(self, layer: int, e: int) -> None:
+        self.counters.prefetch_hit(layer, e)
+        job = self.jobs.get((layer, e))
+        if job is not None and job.state == QUEUED:
+            self.loader.promote(job)
+
+    def _protected(self, layer: int) -> set[int]:
+        return self._inflight(layer) | set(self._needed)
+
+    def _demand(self, layer: int, e: int) -> bool:
+        placed = self.table.place(layer, e, self.step, protected=self._protected(layer))
+        if placed is None:
+            return False
+        self._evicted(layer, placed[1])
+        self._submit(layer, e, placed[0], DEMAND)
+        return True
+
+    def _drain_deferred(self, layer: int, expert: int) -> None:
+        """More experts than slots: place waiting misses as computed experts free their slots."""
+        while self._deferred:
+            e = self._deferred[0]
+            placed = self.table.place(layer, e, self.step, protected=self._protected(layer) - {e})
+            if placed is None:
+                if e == expert:
+                    raise RuntimeError(f"no slot free for expert {e} of layer {layer} (quota "
+                                       f"{self.table.quotas[layer]}); the cache bookkeeping is inconsistent")
+                return
+            self._deferred.pop(0)
+            self._evicted(layer, placed[1])
+            self._submit(layer, e, placed[0], DEMAND)
+
+    def _submit(self, layer: int, e: int, slot: int, priority: int) -> None:
+        job = LoadJob(layer, e, slot, priority, prefetch=priority != DEMAND)
+        self.jobs[(layer, e)] = job
+        self.counters.issued(layer, e, job.prefetch)
+        self.loader.submit(job)
+
+    def _evicted(self, layer: int, e: int | None) -> None:
+        if e is not None:
+            self.jobs.pop((layer, e), None)          # a finished load nobody used
+            self.counters.evicted(layer, e)
+
+    def _prefetch(self, layer: int) -> None:
+        """Load the experts the predictor expects in the next layers, nearest layer first."""
+        for distance, (target, probs) in enumerate(sorted(self._predictions.items()), start=1):
+            if target <= layer or not self.table.quotas[target]:
+                continue
+            scores = summed_scores(probs)                                        # [E] expected tokens
+            k = min(self.table.quotas[target], probs.shape[-1])
+            topk = torch.topk(probs, min(self.ckpt.spec.moe.top_k, probs.shape[-1]), dim=-1).indices.unique().tolist()
+            wanted = sorted((e for e in topk if scores[e] >= self.prefetch_threshold), key=lambda e: -scores[e])[:k]
+            for e in wanted:
+                if self.table.contains(target, e):
+                    continue
+                keep = self._inflight(target) | set(wanted)
+                placed = self.table.place(target, e, self.step, protected=keep, scores=scores)
+                if placed is None:
+                    break
+                self._evicted(target, placed[1])
+                self._submit(target, e, placed[0], distance)
+        self._predictions = {}
+
+    def _inflight(self, layer: int) -> set[int]:
+        """Experts of `layer` whose slot a loader thread may still write: never evicted."""
+        return {e for (lay, e), j in self.jobs.items() if lay == layer and j.state in (QUEUED, RUNNING)}
+
+    def _cancel_stale(self, layer: int, needed: Sequence[int]) -> None:
+        """Queued prefetches for this layer that it does not need now are stale: drop them."""
+        for (lay, e), job in list(self.jobs.items()):
+            if lay == layer and e not in needed and job.prefetch and self.loader.cancel(job):
+                del self.jobs[(lay, e)]
+                self.table.remove(lay, e)
+                self.counters.cancelled(lay, e)
+
+    def _drop_failed(self, layer: int) -> None:
+        """Loads that failed earlier (e.g. a prefetch) leave no resident expert behind: they load again."""
+        for (lay, e), job in list(self.jobs.items()):
+            if lay == layer and job.state == FAILED:
+                del self.jobs[(lay, e)]
+                self.table.remove(lay, e)
+                self.counters.cancelled(lay, e)
+
+    def _wait(self, job: LoadJob) -> None:
+        if job.state in (QUEUED, RUNNING):
+            t0 = time.perf_counter()
+            job.done.wait()
+            self.counters.stall(time.perf_counter() - t0)
+
+    # ---- the bytes: run on loader threads -------------------------------------------------------
+    def _work(self, job: LoadJob, worker: int) -> None:
+        if self.host is not None:
+            disk_before = self.host.bytes_disk_read
+            self.host.load_to_device(job, self.storage, self.slot_bytes)
+            h2d = self.expert_bytes if self.device.type == "cuda" else 0
+            self.counters.loaded(job.layer, self.expert_bytes, self.host.bytes_disk_read - disk_before, h2d)
+            return
+        dest = self.storage[job.slot * self.slot_bytes: job.slot * self.slot_bytes + self.expert_bytes]
+        before = self.reader.bytes_disk_read
+        read_expert_bytes(self.ckpt, self.reader, job.layer, job.expert, dest, self.dtype,
+                          None if self.same_dtype else self.staging[worker])
+        self.counters.loaded(job.layer, self.expert_bytes, self.reader.bytes_disk_read - before, 0)
+
+    # ---- stats and shutdown ---------------------------------------------------------------------
+    def nbytes(self) -> int:
+        return self.storage.numel() + sum(s.numel() for s in self.staging)
+
+    def stats(self) -> dict:
+        return self.counters.sections(self.table, self.expert_bytes)
+
+    def close(self) -> None:
+        self.loader.close()
+        if self.reader is not None:
+            self.reader.close()
+        if self.host is not None:
+            self.host.close()
+
+
+def read_expert_bytes(ckpt, reader, layer: int, expert: int, dest: torch.Tensor, dtype: torch.dtype,
+                      staging: torch.Tensor | None = None) -> None:
+    """Read one expert's gate, up and down tensors from disk into `dest` (uint8), packed, in `dtype`.
+
+    When the checkpoint stores another dtype, the raw bytes go to `staging` first and are
+    converted into `dest`. Sizes are checked: a checkpoint that does not match the plan fails.
+    """
+    infos = ckpt.expert_infos(layer, expert)
+    raw = sum(i.nbytes for i in infos)
+    same = all(i.dtype == dtype for i in infos)
+    if same and raw != dest.numel():
+        raise ExpertReadError(f"expert {expert} of layer {layer} has {raw} bytes in {infos[0].path}, "
+                              f"expected {dest.numel()}; the checkpoint does not match config.json")
+    target = dest if same else (staging if staging is not None and staging.numel() >= raw
+                                else torch.empty(raw, dtype=torch.uint8))
+    ranges, offset = [], 0
+    for info in infos:
+        ranges.append(_ops.ReadRange(info.path, info.offset, info.nbytes, target, offset))
+        offset += info.nbytes
+    reader.read(ranges)
+    if not same:
+        out, src, pos = dest.view(dtype), 0, 0
+        for info in infos:
+            n = info.nbytes // info.dtype.itemsize
+            out[pos:pos + n].copy_(target[src:src + info.nbytes].view(info.dtype))
+            pos, src = pos + n, src + info.nbytes
+
+
+def summed_scores(probs: torch.Tensor) -> np.ndarray:
+    """Predictor scores [N, E] -> expected tokens per expert [E]."""
+    return probs.sum(0).cpu().numpy()

@@ -1,0 +1,107 @@
+"""Counters of one cache: lookups, loads, prefetch outcomes, stalls, and the routing log for Belady.
+
+Loader threads report finished loads here, so updates take a lock. `sections` renders the
+cache / prefetch / io / optimal parts of the stats schema (ARCHITECTURE.md).
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Sequence
+
+
+class CacheCounters:
+    def __init__(self, num_layers: int):
+        self._lock = threading.Lock()
+        self.num_layers = num_layers
+        self.prefetch_issued = self.prefetch_used = self.prefetch_wasted = 0
+        self.demand_loads = 0
+        self.loads = self.bytes_loaded = self.bytes_disk = self.bytes_h2d = 0
+        self.stall_seconds = 0.0
+        self._unused: set[tuple[int, int]] = set()            # prefetched, not yet needed
+        self.log: list[list[list[int]]] = [[] for _ in range(num_layers)]   # layer -> steps -> experts
+
+    def accessed(self, layer: int, step: int, experts) -> None:
+        self.log[layer].append(sorted(experts))
+
+    def issued(self, layer: int, e: int, prefetch: bool) -> None:
+        if prefetch:
+            self.prefetch_issued += 1
+            self._unused.add((layer, e))
+        else:
+            self.demand_loads += 1
+
+    def prefetch_hit(self, layer: int, e: int) -> None:
+        if (layer, e) in self._unused:
+            self._unused.discard((layer, e))
+            self.prefetch_used += 1
+
+    def evicted(self, layer: int, e: int) -> None:
+        if (layer, e) in self._unused:
+            self._unused.discard((layer, e))
+            self.prefetch_wasted += 1
+
+    def cancelled(self, layer: int, e: int) -> None:
+        self.evicted(layer, e)
+
+    def loaded(self, layer: int, nbytes: int, disk_bytes: int, h2d_bytes: int) -> None:
+        with self._lock:
+            self.loads += 1
+            self.bytes_loaded += nbytes
+            self.bytes_disk += disk_bytes
+            self.bytes_h2d += h2d_bytes
+
+    def stall(self, seconds: float) -> None:
+        self.stall_seconds += seconds
+
+    def sections(self, table, expert_bytes: int) -> dict:
+        hits, misses = sum(table.hits), sum(table.misses)
+        per_layer = [h / (h + m) if h + m else 0.0 for h, m in zip(table.hits, table.misses)]
+        issued, used = self.prefetch_issued, self.prefetch_used
+        belady = sum(belady_loads(self.log[i], table.quotas[i]) for i in range(self.num_layers) if self.log[i])
+        lookups = hits + misses
+        return {
+            "cache": {"hits": hits, "misses": misses, "hit_rate": hits / lookups if lookups else 0.0,
+                      "per_layer_hit_rate": per_layer, "evictions": table.evictions,
+                      "capacity_experts": table.capacity, "resident_experts": table.resident},
+            "prefetch": {"issued": issued, "used": used, "wasted": self.prefetch_wasted,
+                         "precision": used / issued if issued else 0.0,
+                         "recall": used / (used + misses) if used + misses else 0.0},
+            "io": {"loads": self.loads, "bytes_loaded": self.bytes_loaded, "bytes_disk_read": self.bytes_disk,
+                   "bytes_host_to_device": self.bytes_h2d, "stall_seconds": self.stall_seconds},
+            "optimal": {"belady_loads": belady, "belady_hit_rate": 1 - belady / lookups if lookups else 0.0},
+        }
+
+
+def belady_loads(steps: Sequence[Sequence[int]], capacity: int) -> int:
+    """Belady's minimum loads for one layer's recorded steps (each a list of experts used at once).
+
+    A step's experts are never evicted for each other, except when a recorded step (a prefill)
+    needs more experts than the layer has slots: then, as the cache does, an expert already
+    computed this step may be evicted for one still to come. Victim: the evictable resident whose next use is farthest.
+    """
+    if capacity <= 0:
+        return sum(len(s) for s in steps)
+    uses: dict[int, list[int]] = {}
+    for t, need in enumerate(steps):
+        for e in need:
+            uses.setdefault(e, []).append(t)
+
+    def next_use(e: int, t: int) -> int:
+        u = uses[e]
+        i = bisect.bisect_right(u, t)
+        return u[i] if i < len(u) else len(steps)
+
+    resident: set[int] = set()
+    loads = 0
+    for t, need in enumerate(steps):
+        for i, e in enumerate(need):
+            if e in resident:
+                continue
+            loads += 1
+            if len(resident) >= capacity:
+                to_come = set(need) if len(need) <= capacity else set(need[i:])
+                victims = [r for r in resident if r not in to_come]
+                resident.remove(max(victims, key=lambda r: (next_use(r, t), r)))
+            resident.add(e)
+    return loads
