@@ -21,7 +21,7 @@ import torch
 from .. import _ops
 from ..errors import ExpertReadError
 from .loader import DEMAND, FAILED, QUEUED, RUNNING, Loader, LoadJob
-from .plan import Placement
+from .plan import ALIGN, Placement
 from .table import SlotTable
 from .tracker import CacheCounters
 
@@ -44,6 +44,7 @@ class OffloadedExperts:
         self.same_dtype = all(i.dtype == dtype for i in checkpoint.expert_infos(checkpoint.spec.moe_layers[0], 0))
         self.staging = [] if self.same_dtype or host is not None else \
             [_ops.alloc_aligned(plan.slot_bytes) for _ in range(io_threads)]
+        self.shift = [0] * self.table.capacity            # where in its slot each expert starts (see _work)
         self.jobs: dict[tuple[int, int], LoadJob] = {}    # loads not yet consumed by compute
         self.counters = CacheCounters(self.num_layers)
         self.step, self._layer = 0, -1
@@ -123,7 +124,8 @@ class OffloadedExperts:
         if expert in self._needed:
             self._needed.remove(expert)
         slot = self._last_slot = self.table.slot_of[layer][expert]
-        return self.storage[slot * self.slot_bytes: slot * self.slot_bytes + self.expert_bytes].view(self.dtype)
+        start = slot * self.slot_bytes + self.shift[slot]
+        return self.storage[start: start + self.expert_bytes].view(self.dtype)
 
     # ---- lookups, loads, prefetches -------------------------------------------------------------
     def _hit(self, layer: int, e: int) -> None:
@@ -144,18 +146,26 @@ class OffloadedExperts:
         return True
 
     def _drain_deferred(self, layer: int, expert: int) -> None:
-        """More experts than slots: place waiting misses as computed experts free their slots."""
+        """More misses than free slots: place waiting misses as slots free up (computed experts, finished loads)."""
         while self._deferred:
             e = self._deferred[0]
             placed = self.table.place(layer, e, self.step, protected=self._protected(layer) - {e})
             if placed is None:
-                if e == expert:
-                    raise RuntimeError(f"no slot free for expert {e} of layer {layer} (quota "
-                                       f"{self.table.quotas[layer]}); the cache bookkeeping is inconsistent")
-                return
+                if e != expert:
+                    return
+                self._wait_for_unneeded_load(layer)       # a stale prefetch still running holds the slot
+                continue
             self._deferred.pop(0)
             self._evicted(layer, placed[1])
             self._submit(layer, e, placed[0], DEMAND)
+
+    def _wait_for_unneeded_load(self, layer: int) -> None:
+        running = [j for (lay, e), j in self.jobs.items()
+                   if lay == layer and e not in self._needed and j.state in (QUEUED, RUNNING)]
+        if not running:
+            raise RuntimeError(f"no slot can be freed in layer {layer} (quota {self.table.quotas[layer]}); "
+                               f"the expert cache bookkeeping is inconsistent")
+        self._wait(running[0])
 
     def _submit(self, layer: int, e: int, slot: int, priority: int) -> None:
         job = LoadJob(layer, e, slot, priority, prefetch=priority != DEMAND)
@@ -217,23 +227,35 @@ class OffloadedExperts:
     # ---- the bytes: run on loader threads -------------------------------------------------------
     def _work(self, job: LoadJob, worker: int) -> None:
         if self.host is not None:
-            disk_before = self.host.bytes_disk_read
             self.host.load_to_device(job, self.storage, self.slot_bytes)
-            h2d = self.expert_bytes if self.device.type == "cuda" else 0
-            self.counters.loaded(job.layer, self.expert_bytes, self.host.bytes_disk_read - disk_before, h2d)
+            self.counters.loaded(job.layer, self.expert_bytes, self.expert_bytes if self.device.type == "cuda" else 0)
             return
-        dest = self.storage[job.slot * self.slot_bytes: job.slot * self.slot_bytes + self.expert_bytes]
-        before = self.reader.bytes_disk_read
+        start = job.slot * self.slot_bytes
+        shift = self._in_place_shift(job, start)
+        self.shift[job.slot] = shift
+        dest = self.storage[start + shift: start + shift + self.expert_bytes]
         read_expert_bytes(self.ckpt, self.reader, job.layer, job.expert, dest, self.dtype,
                           None if self.same_dtype else self.staging[worker])
-        self.counters.loaded(job.layer, self.expert_bytes, self.reader.bytes_disk_read - before, 0)
+        self.counters.loaded(job.layer, self.expert_bytes, 0)
+
+    def _in_place_shift(self, job: LoadJob, start: int) -> int:
+        """Offset within the slot that puts the expert at the same address modulo 4 KiB as its file bytes.
+
+        Direct IO then reads straight into the slot instead of through a bounce buffer (slots have
+        4 KiB of slack for this). 0 when the dtype is converted or the offset would misalign the dtype.
+        """
+        if not self.same_dtype or self.host is not None:
+            return 0
+        shift = (self.ckpt.expert_infos(job.layer, job.expert)[0].offset - start) % ALIGN
+        return shift if shift % self.dtype.itemsize == 0 else 0
 
     # ---- stats and shutdown ---------------------------------------------------------------------
     def nbytes(self) -> int:
         return self.storage.numel() + sum(s.numel() for s in self.staging)
 
     def stats(self) -> dict:
-        return self.counters.sections(self.table, self.expert_bytes)
+        disk = (self.host or self.reader).bytes_disk_read         # the reader's own count (threads overlap)
+        return self.counters.sections(self.table, disk)
 
     def close(self) -> None:
         self.loader.close()

@@ -41,7 +41,7 @@ class Placement:
     num_moe_layers: int
     num_experts: int                 # per MoE layer
     expert_bytes: int                # one packed expert in the compute dtype
-    slot_bytes: int                  # its slot stride (aligned)
+    slot_bytes: int                  # its slot stride (aligned, with 4 KiB slack for in-place direct IO)
     non_expert_bytes: int
     kv_tokens: int
     kv_bytes: int
@@ -100,7 +100,7 @@ def make_plan(spec: ModelSpec, device: torch.device, dtype: torch.dtype, non_exp
     moe = spec.moe
     n_layers = len(spec.moe_layers)
     expert_bytes = 3 * spec.hidden_size * moe.intermediate_size * dtype.itemsize
-    slot_bytes = round_up(expert_bytes)
+    slot_bytes = round_up(expert_bytes) + ALIGN
     kv_tokens = kv_tokens or min(spec.max_position_embeddings, DEFAULT_KV_TOKENS)
     kv_bytes = kv_tokens * kv_bytes_per_token(spec, dtype)
     workspace = WORKSPACE_TOKENS * spec.hidden_size * 4 * max(8, moe.top_k * 3)

@@ -16,7 +16,7 @@ class CacheCounters:
         self.num_layers = num_layers
         self.prefetch_issued = self.prefetch_used = self.prefetch_wasted = 0
         self.demand_loads = 0
-        self.loads = self.bytes_loaded = self.bytes_disk = self.bytes_h2d = 0
+        self.loads = self.bytes_loaded = self.bytes_h2d = 0
         self.stall_seconds = 0.0
         self._unused: set[tuple[int, int]] = set()            # prefetched, not yet needed
         self.log: list[list[list[int]]] = [[] for _ in range(num_layers)]   # layer -> steps -> experts
@@ -44,17 +44,16 @@ class CacheCounters:
     def cancelled(self, layer: int, e: int) -> None:
         self.evicted(layer, e)
 
-    def loaded(self, layer: int, nbytes: int, disk_bytes: int, h2d_bytes: int) -> None:
+    def loaded(self, layer: int, nbytes: int, h2d_bytes: int) -> None:
         with self._lock:
             self.loads += 1
             self.bytes_loaded += nbytes
-            self.bytes_disk += disk_bytes
             self.bytes_h2d += h2d_bytes
 
     def stall(self, seconds: float) -> None:
         self.stall_seconds += seconds
 
-    def sections(self, table, expert_bytes: int) -> dict:
+    def sections(self, table, bytes_disk_read: int) -> dict:
         hits, misses = sum(table.hits), sum(table.misses)
         per_layer = [h / (h + m) if h + m else 0.0 for h, m in zip(table.hits, table.misses)]
         issued, used = self.prefetch_issued, self.prefetch_used
@@ -67,7 +66,7 @@ class CacheCounters:
             "prefetch": {"issued": issued, "used": used, "wasted": self.prefetch_wasted,
                          "precision": used / issued if issued else 0.0,
                          "recall": used / (used + misses) if used + misses else 0.0},
-            "io": {"loads": self.loads, "bytes_loaded": self.bytes_loaded, "bytes_disk_read": self.bytes_disk,
+            "io": {"loads": self.loads, "bytes_loaded": self.bytes_loaded, "bytes_disk_read": bytes_disk_read,
                    "bytes_host_to_device": self.bytes_h2d, "stall_seconds": self.stall_seconds},
             "optimal": {"belady_loads": belady, "belady_hit_rate": 1 - belady / lookups if lookups else 0.0},
         }
