@@ -124,14 +124,18 @@ def test_hybrid_host_tier_path_gives_identical_outputs(reference):
     quotas = [2 if q else 0 for q in plan.quotas]
     plan = dataclasses.replace(plan, quotas=quotas, device_slots=sum(quotas), host_slots=plan.total_experts)
     decoder = build_decoder(ckpt, dt, dev, progress=False)
-    for host_compute in (True, False):
-        host = HostTier(ckpt, plan, dt, dev, pinned=False, progress=False)
+    for host_compute, host_slots in ((True, plan.total_experts), (False, plan.total_experts), (False, 24)):
+        host = HostTier(ckpt, dataclasses.replace(plan, host_slots=host_slots), dt, dev, pinned=False,
+                        progress=False)
         cost = CostModel(h2d_bytes_per_s=1.0 if host_compute else 1e30, cpu_flops_per_s=1e12)
         provider = OffloadedExperts(ckpt, plan, dt, dev, make_policy("lru"), host=host, cost_model=cost)
+        read_at_start = host.bytes_disk_read
         engine = moe_engine.Engine(ckpt, decoder, provider, None, dev, dt)
         assert torch.allclose(engine.logits(IDS), reference[0], atol=1e-5, rtol=0)
         stats = provider.stats()
         assert (stats["io"]["loads"] == 0) == host_compute     # host compute moves no expert
+        more_reads = stats["io"]["bytes_disk_read"] > read_at_start
+        assert more_reads == (host_slots < plan.total_experts)      # a full host tier never reads again
         provider.close()
     ckpt.close()
 
