@@ -197,3 +197,22 @@ def test_engine_belady_handles_steps_larger_than_the_cache():
     assert belady_loads([[0, 1, 2, 3]], 2) == 4
     assert belady_loads([[0, 1, 2, 3], [3]], 2) == 4          # the last computed stays
     assert belady_loads([[0, 1], [2, 3], [0, 1]], 2) == 6
+
+
+def test_plan_splits_the_budget_exactly():
+    ckpt = Checkpoint(DEFAULT_MODEL_DIR)
+    dev, dt = torch.device("cpu"), torch.float32
+    rest = non_expert_bytes(ckpt, dt)
+    full = make_plan(ckpt.spec, dev, dt, rest, None, None)
+    assert full.all_resident and full.device_slots == 96 and "all experts resident" in full.describe()
+    previous = 0
+    for extra in (0, 1, 5, 13, 40, 200):
+        budget = full.device_bytes - full.device_slots * full.slot_bytes + (12 + extra) * full.slot_bytes
+        plan = make_plan(ckpt.spec, dev, dt, rest, budget, None)
+        assert plan.device_slots == sum(plan.quotas) == min(12 + extra, 96)
+        assert plan.device_bytes <= budget and plan.device_slots >= previous
+        assert all(2 <= q <= 16 for q in plan.quotas)
+        previous = plan.device_slots
+    gpu = make_plan(ckpt.spec, torch.device("cuda"), dt, rest, budget, 10 * full.slot_bytes + (8 << 20) + 4096)
+    assert gpu.host_slots == 10 and "host tier (RAM): 10 experts" in gpu.describe()
+    ckpt.close()
