@@ -88,6 +88,9 @@ def layer_quotas(total_slots: int, weights: Sequence[float], min_slots: int, max
     Every layer of `moe_layers` (default: all) gets between `min_slots` (>= top_k) and `max_slots`
     (<= num_experts) slots; other layers (dense) get 0. Slots that bounds leave over go to the other
     layers in proportion to their weights. Raises ConfigError when the total cannot meet the bounds.
+    Weights are read as slots wanted. Raw per-layer miss rates over-feed the worst layers: on the
+    GPT-OSS dev traces at 16 of 32 slots they gave 31% more misses than uniform quotas (sqrt of the
+    miss rate: 5% fewer, but 1% more at 8 of 32); quotas from `quotas_from_curves` gave 11% fewer.
     """
     from ..errors import ConfigError
     w = np.asarray(weights, dtype=np.float64)                                  # [L]

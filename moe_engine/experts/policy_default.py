@@ -28,7 +28,9 @@ import numpy as np
 HALF_LIVES = (1.0, 4.0, 16.0, 64.0)       # steps
 HORIZON = 8                               # "used again within HORIZON steps" is the fitted event
 SCORE_FLOOR = 0.02
-# Fitted on gptoss20b_dev sequences 100..606 (bench/bench_policies.py --fit); order: features, bias.
+# Printed by bench/bench_policies.py --fit (dev split only): without scores on gptoss20b_dev sequences
+# 100-606; with scores on sequences 100-299, scores from a ContextScorer fitted on 300-606 (held out).
+# Order: the features above, then the bias.
 COEF_NO_SCORES = np.array([-0.5906, 0.2044, 0.3391, -0.1648, -0.1155, 0.5506, -0.0041, -0.0025])
 COEF_SCORES = np.array([-0.5373, 0.1757, 0.1988, -0.1524, -0.107, 0.491, -0.0179, 1.1741, 0.1974, 0.1569])
 
