@@ -1,0 +1,280 @@
+"""Disk-tier offloading benchmark: moe-engine vs transformers + accelerate disk offload, same memory limit.
+
+Every memory-limited run is a separate process started under ../shared/tools/in_memcg.sh, which
+limits the whole process memory (page cache included) and evicts the checkpoint from the page
+cache first, so "disk" reads are disk reads for both sides.
+
+    python bench/bench_offload.py all MODEL_DIR [--fractions 0.25 0.5] [--tokens 128] [--record]
+
+runs, for each expert-budget fraction: the engine (random routing), the engine with routing
+replayed from the real GPT-OSS traces (benchmark-only hook), and accelerate; plus, unlimited:
+the engine with every expert in RAM (the compute bound) and a cold direct-IO read of the
+checkpoint (the bandwidth). The bound of the issue is 1 / max(Belady loads per token x expert
+bytes / direct-IO bandwidth, all-in-RAM seconds per token). `one ...` is one measured run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MEMCG = ROOT.parent / "shared" / "tools" / "in_memcg.sh"
+TRACE = ROOT.parent / "shared" / "data" / "routing" / "gptoss20b_test.npz"
+RUNTIME_ALLOWANCE = 450 << 20     # python + torch + transformers + allocator slack, same for both sides
+
+
+def prompt_ids(n: int, vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(100, vocab, (1, n), generator=g)
+
+
+# ---- one measured run (in its own process) ------------------------------------------------------
+def trace_hook(decoder, path: Path, top_k: int, num_experts: int):
+    """Replay recorded routing: layer l takes trace layer l; expert ids folded onto this model's experts."""
+    import numpy as np
+    experts = np.load(path)["experts"]                                   # [T, L_trace, K_trace]
+    cursor = {}
+
+    def hook(layer, weights, ids):
+        n = ids.shape[0]
+        start = cursor.get(layer, 0)
+        cursor[layer] = start + n
+        rows = experts[np.arange(start, start + n) % len(experts), layer % experts.shape[1]]   # [N, K_trace]
+        out = torch.empty_like(ids)
+        for i, row in enumerate(rows):
+            picked = list(dict.fromkeys(int(e) % num_experts for e in row))[:top_k]
+            picked += [e for e in range(num_experts) if e not in picked][: top_k - len(picked)]
+            out[i] = torch.tensor(picked)
+        return weights, out
+    for layer in decoder.layers:
+        if getattr(layer, "moe", None) is not None:
+            layer.moe.routing_hook = hook
+
+
+def run_engine(args) -> dict:
+    import moe_engine
+    from moe_engine.experts.tracker import belady_loads
+    eng = moe_engine.load(args.model, gpu_mem=args.gpu_mem, policy=args.policy, progress=False,
+                          predictor=None if args.predictor == "none" else args.predictor)
+    if args.trace:
+        trace_hook(eng.decoder, Path(args.trace), eng.spec.moe.top_k, eng.spec.moe.num_experts)
+    ids = prompt_ids(args.prompt_len, eng.spec.vocab_size)
+    counters = getattr(eng.provider, "counters", None)
+    at_first_token = {}
+
+    class AfterPrefill:                       # a transformers-style streamer: notes the loads made by prefill
+        def put(self, value):
+            if "loads" not in at_first_token and len(at_first_token.setdefault("puts", [])) == 1 and counters:
+                at_first_token["loads"] = counters.loads
+            at_first_token.setdefault("puts", []).append(1)
+
+        def end(self):
+            pass
+    eng.generate(ids, max_new_tokens=args.tokens, eos_token_id=[], streamer=AfterPrefill())
+    stats = eng.stats()
+    out = {"mode": "engine", "decode_tokens_per_s": stats["latency"]["decode_tokens_per_s"],
+           "prefill_s": eng.timings.prefill_s, "stats": stats}
+    provider = eng.provider
+    if hasattr(provider, "counters"):       # Belady over decode steps only (step 0 is the prefill)
+        log, quotas = provider.counters.log, provider.table.quotas
+        out["belady_decode_loads"] = sum(belady_loads(log[i][1:], quotas[i]) for i in range(len(log)) if log[i])
+        out["decode_loads"] = counters.loads - at_first_token.get("loads", 0)
+        out["expert_bytes"] = provider.expert_bytes
+    eng.close()
+    return out
+
+
+def run_accelerate(args) -> dict:
+    from transformers import AutoModelForCausalLM
+    offload = Path(args.offload_folder)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.bfloat16, device_map="auto", offload_folder=str(offload),
+        max_memory={"cpu": args.weight_budget}, offload_state_dict=True)
+    ids = prompt_ids(args.prompt_len, model.config.vocab_size)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=1, do_sample=False, eos_token_id=None)
+        t1 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=args.tokens + 1, min_new_tokens=args.tokens + 1,
+                             do_sample=False, eos_token_id=None)
+        t2 = time.perf_counter()
+    n = out.shape[1] - ids.shape[1]
+    prefill = t1 - t0
+    return {"mode": "accelerate", "decode_tokens_per_s": (n - 1) / max(t2 - t1 - prefill, 1e-9),
+            "prefill_s": prefill, "new_tokens": n}
+
+
+def run_ram(args) -> dict:
+    import moe_engine
+    eng = moe_engine.load(args.model, progress=False)
+    ids = prompt_ids(args.prompt_len, eng.spec.vocab_size)
+    eng.generate(ids, max_new_tokens=8, eos_token_id=[])            # warm-up
+    eng.generate(ids, max_new_tokens=args.tokens, eos_token_id=[])
+    tps = eng.stats()["latency"]["decode_tokens_per_s"]
+    eng.close()
+    return {"mode": "ram", "decode_tokens_per_s": tps}
+
+
+def run_io(args) -> dict:
+    """Cold direct-IO read of the whole checkpoint with the engine's reader (after in_memcg's evict)."""
+    from moe_engine import _ops
+    files = sorted(Path(args.model).glob("*.safetensors"))
+    reader = _ops.DirectReader(num_threads=args.io_threads)
+    buf = _ops.alloc_aligned(64 << 20)
+    total, t0 = 0, time.perf_counter()
+    for f in files:
+        size = f.stat().st_size
+        for off in range(0, size, buf.numel()):
+            n = min(buf.numel(), size - off)
+            reader.read([_ops.ReadRange(str(f), off, n, buf)])
+            total += n
+    seconds = time.perf_counter() - t0
+    reader.close()
+    return {"mode": "io", "bytes": total, "seconds": seconds, "bytes_per_s": total / seconds,
+            "backend": "c" if _ops.HAS_C_EXT else "torch"}
+
+
+def one(args) -> None:
+    fn = {"engine": run_engine, "accelerate": run_accelerate, "ram": run_ram, "io": run_io}[args.mode]
+    print("RESULT " + json.dumps(fn(args)), flush=True)
+
+
+# ---- orchestration ------------------------------------------------------------------------------
+def launch(limit: int | None, model: str, argv: list[str], evict: list[str] = ()) -> dict:
+    cmd = [sys.executable, __file__, "one", "--model", model, *argv]
+    if limit is not None:
+        ev = [x for p in [model, *evict] for x in ("--evict", p)]
+        cmd = ["bash", str(MEMCG), str(limit), *ev, "--", *cmd]
+    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        return {"error": (proc.stderr or proc.stdout)[-2000:], "rc": proc.returncode}
+    out = json.loads(line[len("RESULT "):])
+    peak = [x for x in proc.stderr.splitlines() if x.startswith("peak bytes in group")]
+    if peak:
+        out["memcg_peak"] = int(peak[-1].split()[4])
+    out["limit"] = limit
+    return out
+
+
+def sizes(model: str) -> tuple[int, int, int]:
+    """(expert bytes total, non-expert bytes, expert bytes each) in the checkpoint dtype."""
+    from moe_engine.checkpoint import Checkpoint
+    from moe_engine.runtime.build import non_expert_bytes
+    ckpt = Checkpoint(model)
+    each = ckpt.expert_nbytes()
+    total = each * len(ckpt.spec.moe_layers) * ckpt.spec.moe.num_experts
+    rest = non_expert_bytes(ckpt, ckpt.dtype)
+    ckpt.close()
+    return total, rest, each
+
+
+def run_all(args) -> None:
+    from moe_engine.checkpoint import Checkpoint
+    from moe_engine.experts.plan import make_plan
+    experts_total, rest, each = sizes(args.model)
+    common = ["--tokens", str(args.tokens), "--prompt-len", str(args.prompt_len)]
+    io = launch(4 << 30, args.model, ["--mode", "io", "--io-threads", "2"])
+    ram = launch(None, args.model, ["--mode", "ram", *common])
+    rows = []
+    ckpt = Checkpoint(args.model)
+    full = make_plan(ckpt.spec, torch.device("cpu"), ckpt.dtype, rest, None, None)
+    for frac in args.fractions:
+        slots = round(full.total_experts * frac)                       # the same expert count for both sides
+        expert_budget = slots * each
+        gpu_mem = full.device_bytes - full.device_slots * full.slot_bytes + slots * full.slot_bytes
+        limit = gpu_mem + RUNTIME_ALLOWANCE
+        budget = ["--gpu-mem", str(gpu_mem), "--policy", args.policy, "--predictor", args.predictor]
+        row = {"fraction": frac, "gpu_mem": gpu_mem, "limit": limit, "weight_budget": rest + expert_budget}
+        row["engine"] = launch(limit, args.model, ["--mode", "engine", *budget, *common])
+        row["engine_trace"] = launch(limit, args.model, ["--mode", "engine", *budget, *common, "--trace", str(TRACE)])
+        if not args.skip_accelerate:
+            folder = Path(args.offload_root) / f"offload-{frac}"
+            row["accelerate"] = launch(limit, args.model, ["--mode", "accelerate", "--weight-budget",
+                                                           str(rest + expert_budget), "--offload-folder", str(folder),
+                                                           *common], evict=[str(folder)] if folder.exists() else [])
+        rows.append(row)
+    ckpt.close()
+    report = {"torch_threads": torch.get_num_threads(), "tokens": args.tokens, "date": datetime.date.today().isoformat(), "machine": f"{platform.node()} {os.cpu_count()} cpus",
+              "model": args.model, "expert_bytes_total": experts_total, "non_expert_bytes": rest,
+              "expert_bytes_each": each, "io": io, "ram": ram, "rows": rows}
+    print(json.dumps(report, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(table(report))
+
+
+def bound(row_run: dict, io_bps: float, ram_tps: float, tokens: int) -> float:
+    io_s = row_run["belady_decode_loads"] * row_run["expert_bytes"] / io_bps / tokens
+    return 1 / max(io_s, 1 / ram_tps)
+
+
+def table(rep: dict) -> str:
+    io_bps, ram_tps = rep["io"]["bytes_per_s"], rep["ram"]["decode_tokens_per_s"]
+    lines = ["| budget (experts) | limit | run | decode tok/s | loads/token | Belady loads/token | bound tok/s | "
+             "of bound | vs accelerate | memcg peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        acc = r.get("accelerate", {}).get("decode_tokens_per_s")
+        for name in ("engine", "engine_trace", "accelerate"):
+            run = r.get(name)
+            if not run or "error" in run:
+                lines.append(f"| {r['fraction']:.0%} | {r['limit'] / 2**30:.2f} GiB | {name} | error | | | | | | |")
+                continue
+            tps = run["decode_tokens_per_s"]
+            if name.startswith("engine"):
+                steps = run["decode_loads"]
+                tok = rep.get("tokens", 128)
+                b = bound(run, io_bps, ram_tps, tok)
+                extra = (f"{steps / tok:.2f} | {run['belady_decode_loads'] / tok:.2f} | {b:.2f} | {tps / b:.0%} | "
+                         f"{tps / acc:.2f}x" if acc else "")
+            else:
+                extra = " | | | | "
+            lines.append(f"| {r['fraction']:.0%} | {r['limit'] / 2**30:.2f} GiB | {name} | {tps:.2f} | {extra} | "
+                         f"{run.get('memcg_peak', 0) / 2**30:.2f} GiB |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("all")
+    a.add_argument("model")
+    a.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
+    a.add_argument("--policy", default="default")
+    a.add_argument("--predictor", default="gate-lookahead")
+    a.add_argument("--offload-root", default="/work/bench_data")
+    a.add_argument("--skip-accelerate", action="store_true")
+    a.add_argument("--json")
+    o = sub.add_parser("one")
+    o.add_argument("--model", required=True)
+    o.add_argument("--mode", choices=["engine", "accelerate", "ram", "io"], required=True)
+    o.add_argument("--gpu-mem", type=int)
+    o.add_argument("--policy", default="default")
+    o.add_argument("--predictor", default="gate-lookahead")
+    o.add_argument("--trace")
+    o.add_argument("--weight-budget", type=int)
+    o.add_argument("--offload-folder")
+    o.add_argument("--io-threads", type=int, default=2)
+    for q in (a, o):
+        q.add_argument("--tokens", type=int, default=128)
+        q.add_argument("--prompt-len", type=int, default=16)
+    args = p.parse_args(argv)
+    if args.cmd == "one":
+        one(args)
+    else:
+        run_all(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
