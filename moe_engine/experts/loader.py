@@ -89,7 +89,7 @@ class Loader:
             try:
                 self._work(job, worker)
                 job.state = DONE
-            except BaseException as e:       # handed to the thread that waits for this expert
+            except BaseException as e:  # noqa: BLE001 -- handed to the thread that waits for this expert
                 job.error, job.state = e, FAILED
             job.seconds = time.perf_counter() - t0
             job.done.set()

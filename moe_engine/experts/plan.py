@@ -67,8 +67,8 @@ class Placement:
     def describe(self) -> str:
         """The plan as printed at start: device, bytes and experts per tier, slots per layer."""
         e, total = self.expert_bytes, self.total_experts
-        lines = [f"placement plan ({self.device}; {total} experts of {format_size(e)} in "
-                 f"{self.num_moe_layers} MoE layers, {format_size(total * e)} in all)",
+        lines = [(f"placement plan ({self.device}; {total} experts of {format_size(e)} in "
+                  f"{self.num_moe_layers} MoE layers, {format_size(total * e)} in all)"),
                  f"  compute tier ({self.device}): non-expert weights {format_size(self.non_expert_bytes)}, "
                  f"KV reserve {format_size(self.kv_bytes)} ({self.kv_tokens} tokens), IO buffers "
                  f"{format_size(self.io_bytes)}, {self.device_slots} expert slots "
