@@ -20,6 +20,7 @@ from moe_engine.experts.loader import DEMAND, Loader, LoadJob
 from moe_engine.experts.plan import make_plan
 from moe_engine.experts.policies import make_policy
 from moe_engine.experts.tracker import belady_loads
+from moe_engine.profiling.belady import belady_slow
 from moe_engine.runtime.build import build_decoder, non_expert_bytes
 from moe_engine.runtime.load import DEFAULT_MODEL_DIR
 
@@ -166,22 +167,6 @@ def test_loader_failure_reaches_the_waiter():
     job = loader.submit(LoadJob(0, 1, 0, DEMAND))
     assert job.done.wait(5) and job.state == "failed" and "disk on fire" in str(job.error)
     loader.close()
-
-
-def belady_slow(steps, capacity):
-    """Readable twin: evict the resident (not needed now) whose next use is farthest."""
-    resident, loads = set(), 0
-    for t, need in enumerate(steps):
-        for e in need:
-            if e in resident:
-                continue
-            loads += 1
-            if len(resident) == capacity:
-                def next_use(x):
-                    return next((u for u in range(t + 1, len(steps)) if x in steps[u]), len(steps))
-                resident.remove(max(sorted(resident - set(need)), key=next_use))
-            resident.add(e)
-    return loads
 
 
 def test_engine_belady_matches_reference_on_top_k_steps():
