@@ -30,8 +30,7 @@ class OffloadedExperts:
     def __init__(self, checkpoint, plan: Placement, dtype: torch.dtype, device: torch.device, policy,
                  predictor=None, prefetch_depth: int = 1, prefetch_threshold: float = 0.5,
                  io_threads: int = 2, host=None, cost_model=None):
-        self.ckpt, self.plan, self.dtype, self.device = checkpoint, plan, dtype, device
-        self.num_layers, self.num_experts = len(plan.quotas), plan.num_experts
+        self.ckpt, self.dtype, self.device = checkpoint, dtype, device
         self.expert_bytes, self.slot_bytes = plan.expert_bytes, plan.slot_bytes
         self.table = SlotTable(plan.quotas, plan.num_experts, policy)
         self.storage = self._alloc(self.table.capacity * self.slot_bytes)       # [slots * slot_bytes] uint8
@@ -46,7 +45,7 @@ class OffloadedExperts:
             [_ops.alloc_aligned(plan.slot_bytes) for _ in range(io_threads)]
         self.shift = [0] * self.table.capacity            # where in its slot each expert starts (see _work)
         self.jobs: dict[tuple[int, int], LoadJob] = {}    # loads not yet consumed by compute
-        self.counters = CacheCounters(self.num_layers)
+        self.counters = CacheCounters(len(plan.quotas))
         self.step, self._layer = 0, -1
         self._needed: list[int] = []                      # experts of the current layer pass, not yet computed
         self._deferred: list[int] = []                    # misses waiting for a slot (more experts than slots)
@@ -206,17 +205,19 @@ class OffloadedExperts:
         """Queued prefetches for this layer that it does not need now are stale: drop them."""
         for (lay, e), job in list(self.jobs.items()):
             if lay == layer and e not in needed and job.prefetch and self.loader.cancel(job):
-                del self.jobs[(lay, e)]
-                self.table.remove(lay, e)
-                self.counters.cancelled(lay, e)
+                self._forget(lay, e)
 
     def _drop_failed(self, layer: int) -> None:
         """Loads that failed earlier (e.g. a prefetch) leave no resident expert behind: they load again."""
         for (lay, e), job in list(self.jobs.items()):
             if lay == layer and job.state == FAILED:
-                del self.jobs[(lay, e)]
-                self.table.remove(lay, e)
-                self.counters.cancelled(lay, e)
+                self._forget(lay, e)
+
+    def _forget(self, layer: int, e: int) -> None:
+        """A load that will never complete: its expert leaves the table and its slot is free again."""
+        del self.jobs[(layer, e)]
+        self.table.remove(layer, e)
+        self.counters.cancelled(layer, e)
 
     def _wait(self, job: LoadJob) -> None:
         if job.state in (QUEUED, RUNNING):

@@ -1,6 +1,8 @@
 """Build the decoder from a checkpoint: construct on the meta device, validate shapes, fill weights."""
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
@@ -34,8 +36,7 @@ def non_expert_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
     """Bytes of every non-expert weight in `dtype` (tied embeddings counted once), without reading any."""
     with torch.device("meta"):
         decoder = Decoder(ckpt.spec)
-    skip = {"lm_head.weight"} if ckpt.spec.tie_word_embeddings else set()
-    return sum(t.numel() for n, t in decoder.state_dict().items() if n not in skip) * dtype.itemsize
+    return sum(math.prod(shape) for shape in non_expert_shapes(decoder).values()) * dtype.itemsize
 
 
 def routers(decoder: Decoder) -> dict[int, torch.Tensor]:
