@@ -7,7 +7,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers
 from tokenizers.models import BPE
 
-out = Path(sys.argv[1]); N = 32000
+out = Path(sys.argv[1])
+N = 32000
 vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
 for b in range(256):
     vocab[f"<0x{b:02X}>"] = len(vocab)
@@ -15,18 +16,27 @@ chars = ["\u2581"] + [c for c in string.ascii_letters + string.digits + string.p
 for c in chars:
     vocab[c] = len(vocab)
 merges = []
+
+
 def add(a, b):
     t = a + b
-    if t in vocab or len(vocab) >= N: return
-    vocab[t] = len(vocab); merges.append((a, b))
+    if t in vocab or len(vocab) >= N:
+        return
+    vocab[t] = len(vocab)
+    merges.append((a, b))
+
+
 pairs = [a + b for a in chars for b in chars]
 for a in chars:
-    for b in chars: add(a, b)
+    for b in chars:
+        add(a, b)
 for p in pairs:
     for c in chars:
         add(p, c)
-        if len(vocab) >= N: break
-    if len(vocab) >= N: break
+        if len(vocab) >= N:
+            break
+    if len(vocab) >= N:
+        break
 assert len(vocab) == N, len(vocab)
 tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
 tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])

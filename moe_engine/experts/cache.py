@@ -12,6 +12,7 @@ needed it gets an ExpertReadError.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -28,13 +29,15 @@ from .tracker import CacheCounters
 
 class OffloadedExperts:
     def __init__(self, checkpoint, plan: Placement, dtype: torch.dtype, device: torch.device, policy,
-                 predictor=None, prefetch_depth: int = 1, prefetch_threshold: float = 0.5,
-                 io_threads: int = 2, host=None, cost_model=None):
+                 forecaster=None, prefetch_threshold: float = 0.5, io_threads: int = 2, host=None,
+                 cost_model=None, max_lookahead: int = 4):
         self.ckpt, self.dtype, self.device = checkpoint, dtype, device
         self.expert_bytes, self.slot_bytes = plan.expert_bytes, plan.slot_bytes
         self.table = SlotTable(plan.quotas, plan.num_experts, policy)
         self.storage = self._alloc(self.table.capacity * self.slot_bytes)       # [slots * slot_bytes] uint8
-        self.predictor, self.prefetch_depth, self.prefetch_threshold = predictor, prefetch_depth, prefetch_threshold
+        self.forecaster, self.prefetch_threshold = forecaster, prefetch_threshold   # runtime.forecast.Forecaster
+        self.io_threads, self.max_lookahead = io_threads, max_lookahead
+        self.timing = LookaheadClock()
         self.host = host                                  # host RAM tier (GPU compute), or None
         self.cost_model = cost_model                      # hybrid execution of misses (GPU + host tier), or None
         self._on_host: set[int] = set()                   # experts of this layer pass computed on the host
@@ -62,17 +65,34 @@ class OffloadedExperts:
     def capacity_experts(self) -> int:
         return self.table.capacity
 
+    def begin_step(self, token_ids: torch.Tensor, seq_ids: torch.Tensor) -> None:
+        if self.forecaster is not None:
+            self.forecaster.begin_step(token_ids, seq_ids)
+
     def observe(self, layer: int, router_input: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> None:
-        if self.predictor is None:
+        if self.forecaster is None:
             return
-        self.predictor.observe(layer, router_input, experts, weights)
-        self._predictions = self.predictor.predict(layer, self.prefetch_depth)
+        self.forecaster.depth = self.lookahead()
+        self._predictions = self.forecaster.routed(layer, router_input, experts, weights)
+
+    def lookahead(self) -> int:
+        """How many layers ahead to prefetch so loads finish just before they are needed.
+
+        A layer's loads take (loads per layer x time per load / IO threads); a layer computes in
+        `layer_s`. Prefetching d layers ahead hides the loads when d x layer_s covers their time.
+        """
+        t = self.timing
+        if t.load_s is None or t.layer_s is None:
+            return 1
+        need = max(t.loads_per_layer, 1.0) * t.load_s / self.io_threads
+        return max(1, min(self.max_lookahead, math.ceil(need / max(t.layer_s, 1e-6))))
 
     def prepare(self, layer: int, experts: Sequence[int], counts: Sequence[int] | None = None) -> list[tuple[int, bool]]:
         """Look the layer's experts up, start their loads, then prefetch; returns (expert, on_host) in compute order."""
         self._note_last_use()
         if layer <= self._layer:
             self.step += 1
+        self.timing.layer_start(layer <= self._layer, self.counters.stall_seconds)
         self._layer = layer
         experts = list(experts)
         tokens = dict(zip(experts, counts or [1] * len(experts)))
@@ -115,6 +135,7 @@ class OffloadedExperts:
         if job is not None:
             self._wait(job)
             del self.jobs[(layer, expert)]
+            self.timing.loaded(job.seconds)
             if job.state == FAILED:
                 self.table.remove(layer, expert)
                 raise ExpertReadError(f"loading expert {expert} of layer {layer} failed: {job.error}") from None
@@ -167,6 +188,7 @@ class OffloadedExperts:
         self._wait(running[0])
 
     def _submit(self, layer: int, e: int, slot: int, priority: int) -> None:
+        self.timing.issued()
         job = LoadJob(layer, e, slot, priority, prefetch=priority != DEMAND)
         self.jobs[(layer, e)] = job
         self.counters.issued(layer, e, job.prefetch)
@@ -256,7 +278,10 @@ class OffloadedExperts:
 
     def stats(self) -> dict:
         disk = (self.host or self.reader).bytes_disk_read         # the reader's own count (threads overlap)
-        return self.counters.sections(self.table, disk)
+        out = self.counters.sections(self.table, disk)
+        if self.forecaster is not None:
+            out["prediction"] = {**self.forecaster.stats(), **self.timing.stats()}
+        return out
 
     def close(self) -> None:
         self.loader.close()
@@ -292,6 +317,41 @@ def read_expert_bytes(ckpt, reader, layer: int, expert: int, dest: torch.Tensor,
             n = info.nbytes // info.dtype.itemsize
             out[pos:pos + n].copy_(target[src:src + info.nbytes].view(info.dtype))
             pos, src = pos + n, src + info.nbytes
+
+
+class LookaheadClock:
+    """Moving averages of load time, compute time per layer and loads per layer pass (for `lookahead`)."""
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        self.load_s: float | None = None          # one expert's load
+        self.layer_s: float | None = None         # one layer pass, stalls excluded
+        self.loads_per_layer = 0.0
+        self._t0: float | None = None
+        self._stall0 = 0.0
+        self._issued = 0
+
+    def _avg(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def layer_start(self, new_step: bool, stall_total: float) -> None:
+        now = time.perf_counter()
+        if self._t0 is not None and not new_step:     # the previous layer of this step just ended
+            self.layer_s = self._avg(self.layer_s, max(now - self._t0 - (stall_total - self._stall0), 0.0))
+        if self._t0 is not None:
+            self.loads_per_layer = self._avg(self.loads_per_layer, self._issued)
+        self._t0, self._stall0, self._issued = now, stall_total, 0
+
+    def issued(self) -> None:
+        self._issued += 1
+
+    def loaded(self, seconds: float) -> None:
+        if seconds > 0:
+            self.load_s = self._avg(self.load_s, seconds)
+
+    def stats(self) -> dict:
+        return {"load_seconds": self.load_s or 0.0, "layer_seconds": self.layer_s or 0.0,
+                "loads_per_layer": self.loads_per_layer}
 
 
 def summed_scores(probs: torch.Tensor) -> np.ndarray:

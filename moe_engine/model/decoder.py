@@ -53,6 +53,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.tie_weights()
         self.rotary: Rotary | None = None     # built by init_rotary on the real device (not under meta)
+        self.provider = None                  # the ExpertProvider, set by set_expert_provider
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
@@ -62,18 +63,26 @@ class Decoder(nn.Module):
         self.rotary = Rotary(self.spec.rope, device=device)
 
     def set_expert_provider(self, provider) -> None:
+        self.provider = provider
         for layer in self.layers:
             if hasattr(layer, "moe"):
                 layer.moe.provider = provider
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache,
-                token_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """input_ids, positions [B, T]; token_mask [B, T] bool -> logits float32 [B, T or 1, V]."""
-        t = input_ids.shape[1]
+                token_mask: torch.Tensor, last_only: bool = False, seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [B, T]; token_mask [B, T] bool -> logits float32 [B, T or 1, V].
+
+        seq_ids [B]: which sequence each row is (for the expert provider's predictor; row index if None).
+        """
+        b, t = input_ids.shape
+        begin = getattr(self.provider, "begin_step", None)
+        if begin is not None:     # real tokens in the order the MoE blocks see them
+            rows = seq_ids if seq_ids is not None else torch.arange(b, device=input_ids.device)
+            begin(input_ids[token_mask], rows.to(input_ids.device)[:, None].expand(b, t)[token_mask])
         start = kv_cache.begin(token_mask)
         x = self.embed(input_ids)                                                # [B, T, D]
         cos, sin = self.rotary.cos_sin(positions, x.dtype, seq_len=int(positions.max()) + 1)
-        masks = {w: attention_mask(kv_cache.valid, start, t, w) for w in {l.sliding_window for l in self.layers}}
+        masks = {w: attention_mask(kv_cache.valid, start, t, w) for w in {layer.sliding_window for layer in self.layers}}
         for layer in self.layers:
             x = layer(x, cos, sin, kv_cache, masks[layer.sliding_window], token_mask)
         if last_only:

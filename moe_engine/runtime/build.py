@@ -57,8 +57,11 @@ def build_provider(ckpt: Checkpoint, decoder: Decoder, plan, dtype: torch.dtype,
         from ..experts.host import HostTier
         host = HostTier(ckpt, plan, dtype, device, io_threads, pinned=True, progress=progress)
         cost = calibrate(ckpt.layout, dtype, device)
-    if predictor is not None:
+    forecaster = None
+    if predictor is not None and prefetch:
+        from .forecast import Forecaster
+        from .plugins import default_predictor
         moe = ckpt.spec.moe
-        predictor.bind(routers(decoder), moe.top_k, moe.num_experts)
-    return OffloadedExperts(ckpt, plan, dtype, device, make_policy(policy), predictor if prefetch else None,
+        forecaster = Forecaster(predictor, default_predictor, routers(decoder), moe.top_k, moe.num_experts)
+    return OffloadedExperts(ckpt, plan, dtype, device, make_policy(policy), forecaster,
                             io_threads=io_threads, host=host, cost_model=cost)

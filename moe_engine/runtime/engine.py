@@ -34,7 +34,7 @@ class Engine:
         self.plan = plan                      # experts.plan.Placement when a budget is set, else None
         self.generation_config = dict(checkpoint.generation_config)
         self.timings = Timings()
-        self._kv_peak = 0
+        self._next_seq = 0                    # sequence ids handed to the predictor, unique for this engine
         decoder.set_expert_provider(provider)
 
     # ---- ids and text ------------------------------------------------------------------------
@@ -120,7 +120,13 @@ class Engine:
         prep = self._prepare(rows, max_new_tokens, eos_token_id, stop, kw)
         self.timings = Timings()
         self._stopper = prep["stopper"]
-        return generate_tokens(self.decoder, rows, device=self.device, timings=self.timings, **prep)
+        return generate_tokens(self.decoder, rows, device=self.device, timings=self.timings,
+                               seq_ids=self._new_seq_ids(len(rows)), **prep)
+
+    def _new_seq_ids(self, n: int) -> torch.Tensor:
+        ids = torch.arange(self._next_seq, self._next_seq + n)
+        self._next_seq += n
+        return ids
 
     def generate(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, do_sample: bool | None = None,
@@ -212,7 +218,7 @@ class Engine:
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(self.device).bool()
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = KVCache(self.spec.num_layers, b, self.spec.num_kv_heads, self.spec.head_dim, t, self.dtype, self.device)
-        return self.decoder(ids, positions, cache, mask).cpu()
+        return self.decoder(ids, positions, cache, mask, seq_ids=self._new_seq_ids(b)).cpu()
 
     def stats(self) -> dict:
         self._check_open()

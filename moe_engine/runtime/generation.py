@@ -46,15 +46,16 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 @torch.inference_mode()
 def generate_tokens(decoder: Decoder, rows: list[list[int]], max_new_tokens: list[int], sampler: Sampler,
-                    stopper: StopChecker, pad_id: int, device, timings: Timings) -> Iterator[list[int | None]]:
-    """Yield, per step, the new token of each row (None once a row is done)."""
+                    stopper: StopChecker, pad_id: int, device, timings: Timings,
+                    seq_ids: torch.Tensor | None = None) -> Iterator[list[int | None]]:
+    """Yield, per step, the new token of each row (None once a row is done). seq_ids [B]: ids for predictors."""
     spec = decoder.spec
     t0 = time.perf_counter()
     ids, mask, positions = left_pad(rows, pad_id, device)
     b, t = ids.shape
     cache = KVCache(spec.num_layers, b, spec.num_kv_heads, spec.head_dim, t + max(max_new_tokens),
                     decoder.embed.weight.dtype, device)
-    logits = decoder(ids, positions, cache, mask, last_only=True)[:, 0]          # [B, V]
+    logits = decoder(ids, positions, cache, mask, last_only=True, seq_ids=seq_ids)[:, 0]          # [B, V]
     timings.prompt_tokens += int(mask.sum())
     active = [n > 0 for n in max_new_tokens]
     timings.finish_reasons = ["length"] * b
@@ -84,7 +85,7 @@ def generate_tokens(decoder: Decoder, rows: list[list[int]], max_new_tokens: lis
             break
         step_ids = torch.tensor([[tok if tok is not None else pad_id] for tok in step], device=device)
         step_mask = torch.tensor([[a] for a in active], device=device)
-        logits = decoder(step_ids, next_pos[:, None], cache, step_mask, last_only=True)[:, 0]
+        logits = decoder(step_ids, next_pos[:, None], cache, step_mask, last_only=True, seq_ids=seq_ids)[:, 0]
         next_pos = next_pos + 1
         timings.decode_tokens += sum(active)
     if not first:

@@ -13,6 +13,7 @@ from ..errors import ConfigError, MoeEngineError
 from ..experts.plan import make_plan
 from .build import build_decoder, build_provider, non_expert_bytes
 from .engine import Engine
+from .plugins import resolve_predictor
 
 log = logging.getLogger("moe_engine")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -58,32 +59,24 @@ def load_tokenizer(model_dir: Path):
         raise MoeEngineError(f"tokenizer files in {model_dir} could not be loaded ({type(e).__name__}: {e})") from None
 
 
-def make_predictor(name: str | None):
-    """A fresh predictor by registered name (None: no prefetching)."""
-    from predictors import BUILTIN
-    if name is None or name == "none":
-        return None
-    if name not in BUILTIN:
-        raise ConfigError(f"predictor={name!r} is unknown; available: {', '.join(sorted(BUILTIN))}, none")
-    return BUILTIN[name]()
-
-
 def load(model_dir: str | Path | None = None, device: str = "auto", dtype: str = "auto",
-         gpu_mem=None, cpu_mem=None, predictor: str | None = "gate-lookahead", quant=None, seed: int | None = None,
+         gpu_mem=None, cpu_mem=None, predictor="gate-lookahead", quant=None, seed: int | None = None,
          progress: bool = True, policy: str | None = None, max_kv_tokens: int | None = None, io_threads: int = 2,
          prefetch: bool = True) -> Engine:
     """Load a Hugging Face MoE checkpoint directory (None: the bundled tiny-moe) and return an Engine.
 
     gpu_mem / cpu_mem ("8G" or bytes) bound the compute tier and the host tier; with neither, every
     expert is resident. policy: expert-cache eviction (None: the default policy; lru, lfu); max_kv_tokens: the KV
-    reserve counted against gpu_mem (default: min(context, 4096) tokens).
+    reserve counted against gpu_mem (default: min(context, 4096) tokens). predictor: a registered name
+    ("gate-lookahead", "learned", "path", "oracle:TRACE.npz", a plug-in's), "pkg.module:Class", a predictor
+    object, or None; it only steers prefetching (see predictors/base.py).
     """
     if model_dir is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
             raise ConfigError(f"no model directory given and the bundled default model is missing from "
                               f"{DEFAULT_MODEL_DIR} (a broken install?); reinstall moe-engine or pass MODEL_DIR")
         model_dir = DEFAULT_MODEL_DIR
-    pred = make_predictor(predictor)
+    pred = resolve_predictor(predictor, model_dir)      # a bad name or an untrained predictor fails now
     from ..experts.policies import DEFAULT_POLICY, make_policy
     policy = policy or DEFAULT_POLICY
     make_policy(policy)                      # a bad name fails before any work
