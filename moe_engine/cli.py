@@ -17,7 +17,7 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-mem", default=None, help="budget of the compute tier, e.g. 8G")
     p.add_argument("--cpu-mem", default=None, help="budget of the host tier, e.g. 32G")
     p.add_argument("--predictor", default="gate-lookahead", help="expert predictor for prefetching: "
-                   "gate-lookahead, or none")
+                   "gate-lookahead, learned, path, oracle:TRACE.npz, a plug-in's name, pkg.module:Class, or none")
     p.add_argument("--policy", default=None, help="expert-cache eviction policy (default: the engine's default; "
                    "lru, lfu)")
     p.add_argument("--max-kv-tokens", type=int, default=None, help="KV cache reserve counted in --gpu-mem "
@@ -46,6 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     _add_sampling_flags(gen)
+
+    tr = sub.add_parser("trace", help="record the routing of prompts into a trace file (npz)")
+    _add_load_flags(tr)
+    tr.add_argument("--prompts", required=True, help="text file, one prompt per line, or .jsonl (a string or "
+                    "{\"prompt\": ...} per line)")
+    tr.add_argument("--out", required=True, help="trace file to write (.npz)")
+    tr.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated (greedy) per prompt")
+    tr.add_argument("--max-prompt-tokens", type=int, default=None, help="cut longer prompts to this many tokens")
+    tr.add_argument("--router-inputs", action="store_true", help="also store each MoE layer's router input "
+                    "(float16; needed to train the learned predictor)")
+    tr.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+    tp = sub.add_parser("train-predictor", help="train the learned or path predictor from a trace")
+    tp.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR", help="checkpoint directory "
+                    "(default: the bundled tiny-moe model)")
+    tp.add_argument("--trace", required=True, help="trace recorded by `moe-engine trace` (learned needs "
+                    "--router-inputs); path accepts any trace")
+    tp.add_argument("--kind", choices=("learned", "path"), default="learned", help="which predictor to train")
+    tp.add_argument("--depth", type=int, default=2, help="lookahead: how many later MoE layers to predict")
+    tp.add_argument("--epochs", type=int, default=None, help="training epochs (default: the predictor's)")
+    tp.add_argument("--seed", type=int, default=0, help="random seed")
+    tp.add_argument("--out", default=None, help="where to save (default: MODEL_DIR/predictor-KIND.pt, where "
+                    "--predictor KIND finds it)")
+    tp.add_argument("--force", action="store_true", help="overwrite an existing trained predictor")
+    tp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -80,7 +105,48 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate}
+def _free_path(path: str, force: bool, flag: str):
+    from pathlib import Path
+
+    from .errors import ConfigError
+    out = Path(path)
+    if out.exists() and not force:
+        raise ConfigError(f"{flag} {out} already exists; pass --force to overwrite it or choose another path")
+    if not out.parent.is_dir():
+        raise ConfigError(f"{flag} {out}: directory {out.parent} does not exist")
+    return out
+
+
+def cmd_trace(args) -> int:
+    from .profiling.trace import save_trace
+    from .runtime.load import load
+    from .runtime.trace import read_prompts, record_trace
+    out = _free_path(args.out, args.force, "--out")
+    prompts = read_prompts(args.prompts)
+    eng = load(args.model_dir, device=args.device, dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
+               predictor=args.predictor, quant=args.quant, progress=not args.no_progress, policy=args.policy,
+               max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads)
+    try:
+        ids = [eng.encode(p)[: args.max_prompt_tokens] for p in prompts]
+        trace = record_trace(eng, ids, args.max_new_tokens, args.router_inputs, not args.no_progress)
+    finally:
+        eng.close()
+    save_trace(out, trace)
+    print(f"[moe-engine] wrote {out}: {trace.num_sequences} sequences, {trace.num_steps} tokens, "
+          f"{trace.num_layers} MoE layers x top-{trace.top_k}", file=sys.stderr)
+    return 0
+
+
+def cmd_train_predictor(args) -> int:
+    from .runtime.train import train_predictor
+    out = train_predictor(args.model_dir, args.trace, args.kind, args.depth, args.epochs, args.seed, args.out,
+                          args.force, not args.no_progress)
+    print(f"[moe-engine] saved the {args.kind} predictor to {out}; use it with --predictor "
+          f"{args.kind if args.out is None else args.kind + ':' + str(out)}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "trace": cmd_trace, "train-predictor": cmd_train_predictor}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,13 @@
 """Expert-path predictors (torch/numpy only; never imports moe_engine).
 
 `ExpertPredictor` is the protocol (predictors/base.py); built-ins are registered by name in
-BUILTIN. The learned, path and oracle predictors and the plug-in routes land with the
-predictor issue.
+BUILTIN; plug-ins register under the entry point group `moe_engine.predictors` or are named
+as "pkg.module:Class" (resolution: moe_engine/runtime/plugins.py). `evaluate` measures recall.
 """
 from .base import ExpertPredictor
 from .gate_lookahead import GateLookahead
+from .oracle import OraclePredictor
 
-BUILTIN = {"gate-lookahead": GateLookahead}
+BUILTIN = {"gate-lookahead": GateLookahead, "oracle": OraclePredictor}
 
-__all__ = ["BUILTIN", "ExpertPredictor", "GateLookahead"]
+__all__ = ["BUILTIN", "ExpertPredictor", "GateLookahead", "OraclePredictor"]

@@ -98,6 +98,8 @@ def belady_loads(steps: Sequence[Sequence[int]], capacity: int) -> int:
     resident: set[int] = set()
     loads = 0
     for t, need in enumerate(steps):
+        if len(need) > capacity:      # as the cache computes them: resident experts first, then the misses
+            need = [e for e in need if e in resident] + [e for e in need if e not in resident]
         for i, e in enumerate(need):
             if e in resident:
                 continue

@@ -16,7 +16,10 @@ from collections.abc import Callable
 
 import torch
 
+from predictors.base import PredictorUnavailable
 from predictors.evaluate import RecallMeter
+
+from ..errors import ConfigError
 
 MAX_DEPTH = 4          # the farthest lookahead the engine asks for (and measures recall at)
 
@@ -48,6 +51,8 @@ class Forecaster:
         if predictor is not None:
             try:
                 predictor.bind(self.routers, self.top_k, self.num_experts)
+            except PredictorUnavailable as e:      # does not fit this model: the user must fix the choice
+                raise ConfigError(f"predictor {self.name!r} cannot serve this model: {e}") from None
             except Exception as e:   # a plug-in's bug: same treatment as a failure while running
                 self._fail(f"bind() raised {type(e).__name__}: {e}")
 
@@ -99,6 +104,6 @@ class Forecaster:
         self._install(fallback)
 
     def stats(self) -> dict:
-        out = {"predictor": self.name, "lookahead": self.depth, "failures": list(self.failures)}
+        out = {"predictor": self.name, "current_lookahead": self.depth, "failures": list(self.failures)}
         out.update(self.meter.summary())
         return out

@@ -25,7 +25,11 @@ def resident_sections(provider, num_layers: int) -> dict:
 
 def build_stats(timings: Timings, provider, num_layers: int, device_budget: int | None, device_peak: int,
                 host_budget: int | None, host_peak: int) -> dict:
-    """The provider's cache / prefetch / io / optimal sections plus memory and latency."""
+    """The provider's cache / prefetch / io / optimal / prediction sections plus memory and latency.
+
+    prediction: the predictor in use, its lookahead, failures, and recall@k per lookahead (overall and per
+    MoE layer, see predictors/evaluate.py); {"predictor": None} when nothing predicts.
+    """
     sections = provider.stats() if hasattr(provider, "stats") else resident_sections(provider, num_layers)
     return {
         "cache": sections["cache"],
@@ -37,4 +41,5 @@ def build_stats(timings: Timings, provider, num_layers: int, device_budget: int 
                     "decode_tokens_per_s": _rate(timings.decode_tokens, timings.decode_s),
                     "ttft_s": timings.ttft_s, "tpot_s": _rate(timings.decode_s, max(timings.steps - 1, 0))},
         "optimal": sections["optimal"],
+        "prediction": sections.get("prediction") or {"predictor": None},
     }
