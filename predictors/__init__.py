@@ -6,8 +6,9 @@ as "pkg.module:Class" (resolution: moe_engine/runtime/plugins.py). `evaluate` me
 """
 from .base import ExpertPredictor
 from .gate_lookahead import GateLookahead
+from .learned import LearnedPredictor
 from .oracle import OraclePredictor
 
-BUILTIN = {"gate-lookahead": GateLookahead, "oracle": OraclePredictor}
+BUILTIN = {"gate-lookahead": GateLookahead, "learned": LearnedPredictor, "oracle": OraclePredictor}
 
-__all__ = ["BUILTIN", "ExpertPredictor", "GateLookahead", "OraclePredictor"]
+__all__ = ["BUILTIN", "ExpertPredictor", "GateLookahead", "LearnedPredictor", "OraclePredictor"]

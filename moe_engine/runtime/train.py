@@ -67,7 +67,7 @@ def train_predictor(model_dir, trace_path, kind: str = "learned", depth: int = 2
         kw["on_progress"] = report
         if kind == "learned":
             pred = cls.fit(trace.extra["router_inputs"], trace.token_ids, trace.experts, spec.moe.num_experts,
-                           spec.vocab_size, **kw)
+                           spec.vocab_size, layers=list(spec.moe_layers), **kw)
         else:
             pred = cls.fit(trace.experts, trace.probs, trace.seq_offsets, spec.moe.num_experts, **kw)
     pred.save(target)
