@@ -37,6 +37,7 @@ class OffloadedExperts:
         self.storage = self._alloc(self.table.capacity * self.slot_bytes)       # [slots * slot_bytes] uint8
         self.forecaster, self.prefetch_threshold = forecaster, prefetch_threshold   # runtime.forecast.Forecaster
         self.io_threads, self.max_lookahead = io_threads, max_lookahead
+        self.prefetch_width: int | None = None            # candidates per token (None: top_k)
         self.timing = LookaheadClock()
         self.host = host                                  # host RAM tier (GPU compute), or None
         self.cost_model = cost_model                      # hybrid execution of misses (GPU + host tier), or None
@@ -66,6 +67,7 @@ class OffloadedExperts:
         return self.table.capacity
 
     def begin_step(self, token_ids: torch.Tensor, seq_ids: torch.Tensor) -> None:
+        self.counters.decoding = len(seq_ids) == len(torch.unique(seq_ids))     # one token per sequence
         if self.forecaster is not None:
             self.forecaster.begin_step(token_ids, seq_ids)
 
@@ -204,9 +206,10 @@ class OffloadedExperts:
         for distance, (target, probs) in enumerate(sorted(self._predictions.items()), start=1):
             if target <= layer or not self.table.quotas[target]:
                 continue
-            scores = summed_scores(probs)                                        # [E] expected tokens
+            scores = summed_scores(probs, self.ckpt.spec.moe.top_k)              # [E] expected tokens
             k = min(self.table.quotas[target], probs.shape[-1])
-            topk = torch.topk(probs, min(self.ckpt.spec.moe.top_k, probs.shape[-1]), dim=-1).indices.unique().tolist()
+            width = min(self.prefetch_width or self.ckpt.spec.moe.top_k, probs.shape[-1])    # candidates per token
+            topk = torch.topk(probs, width, dim=-1).indices.unique().tolist()
             wanted = sorted((e for e in topk if scores[e] >= self.prefetch_threshold), key=lambda e: -scores[e])[:k]
             for e in wanted:
                 if self.table.contains(target, e):
@@ -354,6 +357,13 @@ class LookaheadClock:
                 "loads_per_layer": self.loads_per_layer}
 
 
-def summed_scores(probs: torch.Tensor) -> np.ndarray:
-    """Predictor scores [N, E] -> expected tokens per expert [E]."""
-    return probs.sum(0).cpu().numpy()
+def summed_scores(scores: torch.Tensor, top_k: int) -> np.ndarray:
+    """Predictor scores [N, E] -> expected tokens routed to each expert [E].
+
+    Each row is made a distribution over experts (scores normalized; a row with negative
+    entries is treated as logits), and a token uses expert e with probability min(1, top_k x p_e).
+    """
+    s = scores.float()
+    neg = (s < 0).any(-1, keepdim=True)
+    probs = torch.where(neg, torch.softmax(s, -1), s / s.sum(-1, keepdim=True).clamp_min(1e-12))
+    return (probs * top_k).clamp(max=1.0).sum(0).cpu().numpy()

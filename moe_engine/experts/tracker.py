@@ -22,6 +22,8 @@ class CacheCounters:
         self.demand_loads = 0
         self.loads = self.bytes_loaded = self.bytes_h2d = 0
         self.stall_seconds = 0.0
+        self.stall_decode_seconds = 0.0             # the part spent in decode steps (one token per sequence)
+        self.decoding = False                       # set by the provider at each step
         self._unused: set[tuple[int, int]] = set()            # prefetched, not yet needed
         self.log: list[list[list[int]]] = [[] for _ in range(num_layers)]   # layer -> steps -> experts
 
@@ -56,6 +58,8 @@ class CacheCounters:
 
     def stall(self, seconds: float) -> None:
         self.stall_seconds += seconds
+        if self.decoding:
+            self.stall_decode_seconds += seconds
 
     def sections(self, table, bytes_disk_read: int) -> dict:
         hits, misses = sum(table.hits), sum(table.misses)
@@ -71,7 +75,8 @@ class CacheCounters:
                          "precision": used / issued if issued else 0.0,
                          "recall": used / (used + misses) if used + misses else 0.0},
             "io": {"loads": self.loads, "bytes_loaded": self.bytes_loaded, "bytes_disk_read": bytes_disk_read,
-                   "bytes_host_to_device": self.bytes_h2d, "stall_seconds": self.stall_seconds},
+                   "bytes_host_to_device": self.bytes_h2d, "stall_seconds": self.stall_seconds,
+                   "stall_decode_seconds": self.stall_decode_seconds},
             "optimal": {"belady_loads": belady, "belady_hit_rate": 1 - belady / lookups if lookups else 0.0},
         }
 

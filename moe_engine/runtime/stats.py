@@ -18,7 +18,7 @@ def resident_sections(provider, num_layers: int) -> dict:
                   "capacity_experts": provider.capacity_experts, "resident_experts": provider.capacity_experts},
         "prefetch": {"issued": 0, "used": 0, "wasted": 0, "precision": 0.0, "recall": 0.0},
         "io": {"loads": 0, "bytes_loaded": 0, "bytes_disk_read": 0, "bytes_host_to_device": 0,
-               "stall_seconds": 0.0},
+               "stall_seconds": 0.0, "stall_decode_seconds": 0.0},
         "optimal": {"belady_loads": 0, "belady_hit_rate": 1.0 if lookups else 0.0},
     }
 
