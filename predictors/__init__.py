@@ -8,7 +8,8 @@ from .base import ExpertPredictor
 from .gate_lookahead import GateLookahead
 from .learned import LearnedPredictor
 from .oracle import OraclePredictor
+from .path import PathPredictor
 
-BUILTIN = {"gate-lookahead": GateLookahead, "learned": LearnedPredictor, "oracle": OraclePredictor}
+BUILTIN = {"gate-lookahead": GateLookahead, "learned": LearnedPredictor, "oracle": OraclePredictor, "path": PathPredictor}
 
-__all__ = ["BUILTIN", "ExpertPredictor", "GateLookahead", "LearnedPredictor", "OraclePredictor"]
+__all__ = ["BUILTIN", "ExpertPredictor", "GateLookahead", "LearnedPredictor", "OraclePredictor", "PathPredictor"]

@@ -273,3 +273,44 @@ def test_lookahead_covers_measured_load_time():
     assert OffloadedExperts.lookahead(fake) == 4                       # capped
     fake.timing.load_s = 0.0001
     assert OffloadedExperts.lookahead(fake) == 1
+
+
+@pytest.mark.parametrize("name", ["gate-lookahead", "learned", "path"])
+def test_builtins_by_name_on_the_bundled_model(name, reference):
+    """The bundled model ships trained learned/path predictors; outputs equal demand loading's."""
+    out, st = run(name)
+    assert out == reference
+    assert st["prediction"]["predictor"] == name and not st["prediction"]["failures"]
+    assert st["prediction"]["recall"]["k4_d1"] > 0.5        # far above chance (4 of 16)
+
+
+def test_untrained_predictor_names_the_train_command(tmp_path):
+    import shutil
+    model = tmp_path / "m"
+    shutil.copytree(Path(moe_engine.__file__).parent / "models" / "tiny-moe", model,
+                    ignore=shutil.ignore_patterns("predictor-*.pt"))
+    for name in ("learned", "path"):
+        with pytest.raises(ConfigError, match="train-predictor"):
+            moe_engine.load(model, progress=False, gpu_mem=BUDGET, predictor=name, device="cpu")
+
+
+def test_train_predictor_cli(tmp_path, capsys):
+    from moe_engine.cli import main
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def f(x):\nclass A:\nimport os\n")
+    trace, bare = tmp_path / "t.npz", tmp_path / "bare.npz"
+    base = ["--prompts", str(prompts), "--max-new-tokens", "8", "--no-progress", "--device", "cpu"]
+    assert main(["trace", *base, "--out", str(trace), "--router-inputs"]) == 0
+    assert main(["trace", *base, "--out", str(bare)]) == 0
+    for kind in ("path", "learned"):
+        out = tmp_path / f"{kind}.pt"
+        argv = ["train-predictor", "--kind", kind, "--trace", str(trace), "--out", str(out), "--epochs", "1",
+                "--no-progress"]
+        assert main(argv) == 0 and out.is_file()
+        eng = moe_engine.load(progress=False, gpu_mem=BUDGET, predictor=f"{kind}:{out}", device="cpu")
+        eng.generate("def g(", max_new_tokens=4)
+        assert eng.stats()["prediction"]["predictor"] == kind
+        eng.close()
+        assert main(argv) == 2 and "already exists" in capsys.readouterr().err      # never overwritten silently
+    argv = ["train-predictor", "--kind", "learned", "--trace", str(bare), "--out", str(tmp_path / "x.pt")]
+    assert main(argv) == 2 and "--router-inputs" in capsys.readouterr().err

@@ -360,10 +360,12 @@ class LookaheadClock:
 def summed_scores(scores: torch.Tensor, top_k: int) -> np.ndarray:
     """Predictor scores [N, E] -> expected tokens routed to each expert [E].
 
-    Each row is made a distribution over experts (scores normalized; a row with negative
-    entries is treated as logits), and a token uses expert e with probability min(1, top_k x p_e).
+    Each token is predicted to use its top_k highest-scored experts (the predictor's guess of its
+    routing), so an expert's expectation is the number of tokens whose guess includes it; the
+    summed normalized scores (rows with negative entries are treated as logits) break ties.
     """
     s = scores.float()
     neg = (s < 0).any(-1, keepdim=True)
     probs = torch.where(neg, torch.softmax(s, -1), s / s.sum(-1, keepdim=True).clamp_min(1e-12))
-    return (probs * top_k).clamp(max=1.0).sum(0).cpu().numpy()
+    picked = torch.zeros_like(probs).scatter_(1, torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1).indices, 1.0)
+    return (picked.sum(0) + 1e-3 * probs.sum(0)).cpu().numpy()
