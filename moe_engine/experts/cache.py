@@ -29,15 +29,14 @@ from .tracker import CacheCounters
 
 class OffloadedExperts:
     def __init__(self, checkpoint, plan: Placement, dtype: torch.dtype, device: torch.device, policy,
-                 forecaster=None, prefetch_threshold: float = 0.5, io_threads: int = 2, host=None,
+                 forecaster=None, io_threads: int = 2, host=None,
                  cost_model=None, max_lookahead: int = 4):
         self.ckpt, self.dtype, self.device = checkpoint, dtype, device
         self.expert_bytes, self.slot_bytes = plan.expert_bytes, plan.slot_bytes
         self.table = SlotTable(plan.quotas, plan.num_experts, policy)
         self.storage = self._alloc(self.table.capacity * self.slot_bytes)       # [slots * slot_bytes] uint8
-        self.forecaster, self.prefetch_threshold = forecaster, prefetch_threshold   # runtime.forecast.Forecaster
+        self.forecaster = forecaster                      # runtime.forecast.Forecaster, or None
         self.io_threads, self.max_lookahead = io_threads, max_lookahead
-        self.prefetch_width: int | None = None            # candidates per token (None: top_k)
         self.timing = LookaheadClock()
         self.host = host                                  # host RAM tier (GPU compute), or None
         self.cost_model = cost_model                      # hybrid execution of misses (GPU + host tier), or None
@@ -206,11 +205,9 @@ class OffloadedExperts:
         for distance, (target, probs) in enumerate(sorted(self._predictions.items()), start=1):
             if target <= layer or not self.table.quotas[target]:
                 continue
-            scores = summed_scores(probs, self.ckpt.spec.moe.top_k)              # [E] expected tokens
+            scores, guessed = summed_scores(probs, self.ckpt.spec.moe.top_k)     # [E] expected tokens
             k = min(self.table.quotas[target], probs.shape[-1])
-            width = min(self.prefetch_width or self.ckpt.spec.moe.top_k, probs.shape[-1])    # candidates per token
-            topk = torch.topk(probs, width, dim=-1).indices.unique().tolist()
-            wanted = sorted((e for e in topk if scores[e] >= self.prefetch_threshold), key=lambda e: -scores[e])[:k]
+            wanted = sorted(np.flatnonzero(guessed).tolist(), key=lambda e: -scores[e])[:k]
             for e in wanted:
                 if self.table.contains(target, e):
                     continue
@@ -357,8 +354,8 @@ class LookaheadClock:
                 "loads_per_layer": self.loads_per_layer}
 
 
-def summed_scores(scores: torch.Tensor, top_k: int) -> np.ndarray:
-    """Predictor scores [N, E] -> expected tokens routed to each expert [E].
+def summed_scores(scores: torch.Tensor, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Predictor scores [N, E] -> (expected tokens routed to each expert [E], guessed by some token [E] bool).
 
     Each token is predicted to use its top_k highest-scored experts (the predictor's guess of its
     routing), so an expert's expectation is the number of tokens whose guess includes it; the
@@ -368,4 +365,5 @@ def summed_scores(scores: torch.Tensor, top_k: int) -> np.ndarray:
     neg = (s < 0).any(-1, keepdim=True)
     probs = torch.where(neg, torch.softmax(s, -1), s / s.sum(-1, keepdim=True).clamp_min(1e-12))
     picked = torch.zeros_like(probs).scatter_(1, torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1).indices, 1.0)
-    return (picked.sum(0) + 1e-3 * probs.sum(0)).cpu().numpy()
+    counts = picked.sum(0)
+    return (counts + 1e-3 * probs.sum(0)).cpu().numpy(), (counts > 0).cpu().numpy()
