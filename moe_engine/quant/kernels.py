@@ -1,0 +1,56 @@
+"""Matmuls against quantized expert matrices: the readable reference and the dispatch to fast paths.
+
+    qlinear(x [N, C], m: QMatrix [R, C]) -> x @ W^T [N, R]
+
+- reference: dequantize W to x's dtype, then F.linear (format.py does the dequantization).
+- CPU: moe_engine._C's fused kernel through _ops.qlinear (codes unpacked in registers, never a
+  dense W in memory); _ops falls back to the reference when the extension is missing.
+- CUDA: the Triton kernel of triton_qmatmul.py when triton imports, else the reference.
+
+`MOE_ENGINE_QUANT_KERNEL=reference` forces the reference everywhere (a test hook); results of
+the fast paths match it to float32 rounding (tests/test_quant_kernels.py).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .format import QMatrix, QuantLayout, dequantize_matrix
+
+
+def qlinear_reference(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
+    """x [N, C] -> [N, R] through a dense dequantized copy of W."""
+    return F.linear(x, dequantize_matrix(m, x.dtype))
+
+
+@functools.cache
+def _triton_qlinear():
+    try:
+        from .triton_qmatmul import qlinear_triton
+    except ImportError:
+        return None
+    return qlinear_triton
+
+
+def qlinear(x: torch.Tensor, m: QMatrix, kernel: str | None = None) -> torch.Tensor:
+    """x [N, C] -> [N, R]; kernel: None (auto), "reference", "fast"."""
+    kernel = kernel or os.environ.get("MOE_ENGINE_QUANT_KERNEL", "auto")
+    if kernel == "reference":
+        return qlinear_reference(x, m)
+    if x.device.type == "cuda":
+        fn = _triton_qlinear()
+        return fn(x, m) if fn is not None else qlinear_reference(x, m)
+    from .. import _ops
+    return _ops.qlinear(x, m)
+
+
+def quant_expert_ffn(x: torch.Tensor, buf: torch.Tensor, layout: QuantLayout, act: str = "silu",
+                     kernel: str | None = None) -> torch.Tensor:
+    """SwiGLU expert over a quantized buffer: down(act(gate(x)) * up(x)). x [N, D] -> [N, D]."""
+    from ..model.experts import ACTIVATIONS
+    gate_up = qlinear(x, layout.w1.views(buf), kernel)                 # [N, 2I]
+    gate, up = gate_up.split(layout.intermediate_size, dim=-1)
+    return qlinear(ACTIVATIONS[act](gate) * up, layout.w2.views(buf), kernel)
