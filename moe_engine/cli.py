@@ -23,7 +23,14 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kv-tokens", type=int, default=None, help="KV cache reserve counted in --gpu-mem "
                    "(default: min(context, 4096) tokens)")
     p.add_argument("--io-threads", type=int, default=2, help="expert loader threads")
-    p.add_argument("--quant", default=None, help="expert quantization: none")
+    p.add_argument("--quant", default=None, help="expert quantization at load: none, int8, int4, int3, int2 or "
+                   "mixed:AVG_BITS (a width per expert chosen by an integer program, e.g. mixed:3)")
+    p.add_argument("--quant-group", type=int, default=None, help="weights per scale and zero point: 32, 64 "
+                   "(default) or 128")
+    p.add_argument("--calibration", default=None, help="text file for the calibration run of --quant mixed "
+                   "(default: the bundled model's held-out calibration text)")
+    p.add_argument("--quant-cache", default=None, help="directory of quantized experts (default: $MOE_ENGINE_CACHE "
+                   "or ~/.cache/moe-engine)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars while loading")
 
 
@@ -77,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     from .runtime.load import load
     eng = load(args.model_dir, device=args.device, dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
-               predictor=args.predictor, quant=args.quant, progress=not args.no_progress, policy=args.policy,
+               predictor=args.predictor, quant=args.quant, quant_group=args.quant_group,
+               calibration=args.calibration, quant_cache=args.quant_cache, progress=not args.no_progress, policy=args.policy,
                max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads)
     try:
         start = time.perf_counter()
@@ -124,7 +132,8 @@ def cmd_trace(args) -> int:
     out = _free_path(args.out, args.force, "--out")
     prompts = read_prompts(args.prompts)
     eng = load(args.model_dir, device=args.device, dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
-               predictor=args.predictor, quant=args.quant, progress=not args.no_progress, policy=args.policy,
+               predictor=args.predictor, quant=args.quant, quant_group=args.quant_group,
+               calibration=args.calibration, quant_cache=args.quant_cache, progress=not args.no_progress, policy=args.policy,
                max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads)
     try:
         ids = [eng.encode(p)[: args.max_prompt_tokens] for p in prompts]

@@ -23,7 +23,7 @@ from .. import _ops
 from ..errors import ExpertReadError
 from .loader import DEMAND, FAILED, QUEUED, RUNNING, Loader, LoadJob
 from .plan import ALIGN, Placement
-from .table import SlotTable
+from .table import SlotTable, expert_size
 from .tracker import CacheCounters
 
 
@@ -119,7 +119,7 @@ class OffloadedExperts:
         """Hybrid execution: only with a host tier holding every expert (never evicted under the CPU)."""
         if self.cost_model is None or self.host is None or not self.host.holds_all:
             return False
-        return self.cost_model.compute_on_host(tokens, self.ckpt.layout, self.expert_bytes)
+        return self.cost_model.compute_on_host(tokens, self.ckpt.layout, self.size(layer, e))
 
     def _note_last_use(self) -> None:
         if self._last_slot is not None and self.host is not None:
@@ -146,7 +146,10 @@ class OffloadedExperts:
             self._needed.remove(expert)
         slot = self._last_slot = self.table.slot_of[layer][expert]
         start = slot * self.slot_bytes + self.shift[slot]
-        return self.storage[start: start + self.expert_bytes].view(self.dtype)
+        return self.storage[start: start + self.size(layer, expert)].view(self.dtype)
+
+    def size(self, layer: int, expert: int) -> int:
+        return expert_size(self.ckpt, layer, expert, self.expert_bytes)
 
     # ---- lookups, loads, prefetches -------------------------------------------------------------
     def _hit(self, layer: int, e: int) -> None:
@@ -251,15 +254,17 @@ class OffloadedExperts:
     def _work(self, job: LoadJob, worker: int) -> None:
         if self.host is not None:
             self.host.load_to_device(job, self.storage, self.slot_bytes)
-            self.counters.loaded(job.layer, self.expert_bytes, self.expert_bytes if self.device.type == "cuda" else 0)
+            n = self.size(job.layer, job.expert)
+            self.counters.loaded(job.layer, n, n if self.device.type == "cuda" else 0)
             return
         start = job.slot * self.slot_bytes
         shift = self._in_place_shift(job, start)
         self.shift[job.slot] = shift
-        dest = self.storage[start + shift: start + shift + self.expert_bytes]
+        n = self.size(job.layer, job.expert)
+        dest = self.storage[start + shift: start + shift + n]
         read_expert_bytes(self.ckpt, self.reader, job.layer, job.expert, dest, self.dtype,
                           None if self.same_dtype else self.staging[worker])
-        self.counters.loaded(job.layer, self.expert_bytes, 0)
+        self.counters.loaded(job.layer, n, 0)
 
     def _in_place_shift(self, job: LoadJob, start: int) -> int:
         """Offset within the slot that puts the expert at the same address modulo 4 KiB as its file bytes.

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import _ops
 from .policies import LRU
-from .table import SlotTable
+from .table import SlotTable, expert_size
 
 
 class HostTier:
@@ -53,7 +53,11 @@ class HostTier:
             if (layer, expert) not in self.ready:
                 return None
             slot = self.table.slot_of[layer][expert]
-        return self.storage[slot * self.slot_bytes: slot * self.slot_bytes + self.expert_bytes].view(self.dtype)
+        return self.storage[slot * self.slot_bytes: slot * self.slot_bytes + self.size(layer, expert)].view(self.dtype)
+
+    def size(self, layer: int, expert: int) -> int:
+        """Bytes of one packed expert (quantized experts of a mixed-precision entry differ in size)."""
+        return expert_size(self.ckpt, layer, expert, self.expert_bytes)
 
     def _load_all(self, spec, progress: bool) -> None:
         total = len(spec.moe_layers) * self.table.num_experts
@@ -84,7 +88,7 @@ class HostTier:
                 self.ready.discard((layer, placed[1]))
             self._busy[(layer, expert)] = self._busy.get((layer, expert), 0) + 1
             slot = self.table.slot_of[layer][expert]
-        view = self.storage[slot * self.slot_bytes: slot * self.slot_bytes + self.expert_bytes]
+        view = self.storage[slot * self.slot_bytes: slot * self.slot_bytes + self.size(layer, expert)]
         if fresh:
             pending = self._copy_done.pop(slot, None)
             if pending is not None:
@@ -108,7 +112,7 @@ class HostTier:
         """Loader thread: bring the job's expert into its device slot (disk -> host -> device)."""
         src, host_slot = self._ensure(job.layer, job.expert)
         try:
-            dst = storage[job.slot * slot_bytes: job.slot * slot_bytes + self.expert_bytes]
+            dst = storage[job.slot * slot_bytes: job.slot * slot_bytes + src.numel()]
             if self.stream is None:
                 dst.copy_(src)
                 return

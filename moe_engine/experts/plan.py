@@ -51,6 +51,7 @@ class Placement:
     device_slots: int                # expert slots on the compute tier (all layers)
     host_slots: int                  # packed experts held in host RAM (GPU only; 0 on CPU)
     quotas: list[int] = field(default_factory=list)   # [num_layers] device slots per layer
+    expert_lines: tuple[str, ...] = ()                 # how experts are stored (quantization), for describe()
 
     @property
     def total_experts(self) -> int:
@@ -67,8 +68,9 @@ class Placement:
     def describe(self) -> str:
         """The plan as printed at start: device, bytes and experts per tier, slots per layer."""
         e, total = self.expert_bytes, self.total_experts
-        lines = [(f"placement plan ({self.device}; {total} experts of {format_size(e)} in "
-                  f"{self.num_moe_layers} MoE layers, {format_size(total * e)} in all)"),
+        lines = [(f"placement plan ({self.device}; {total} experts of {'up to ' if self.expert_lines else ''}"
+                  f"{format_size(e)} in {self.num_moe_layers} MoE layers, {format_size(total * e)} in all)"),
+                 *self.expert_lines,
                  f"  compute tier ({self.device}): non-expert weights {format_size(self.non_expert_bytes)}, "
                  f"KV reserve {format_size(self.kv_bytes)} ({self.kv_tokens} tokens), IO buffers "
                  f"{format_size(self.io_bytes)}, {self.device_slots} expert slots "
@@ -80,7 +82,8 @@ class Placement:
             lines.append(f"  host tier (RAM): {self.host_slots} experts {format_size(self.host_slots * self.slot_bytes)}"
                          + (f" of --cpu-mem {format_size(self.host_budget)}" if self.host_budget else ""))
         on_disk_only = total - max(self.device_slots, self.host_slots)
-        lines.append(f"  disk: {total} experts (checkpoint); {max(on_disk_only, 0)} reachable only from disk")
+        where = "the quantized-expert cache" if self.expert_lines else "checkpoint"
+        lines.append(f"  disk: {total} experts ({where}); {max(on_disk_only, 0)} reachable only from disk")
         if self.all_resident:
             lines.append("  slots per layer: all experts resident")
         else:
@@ -94,12 +97,17 @@ def _min_device_bytes(fixed: int, min_slots: int, slot_bytes: int) -> int:
 
 def make_plan(spec: ModelSpec, device: torch.device, dtype: torch.dtype, non_expert_bytes: int,
               device_budget: int | None, host_budget: int | None, kv_tokens: int | None = None,
-              io_threads: int = 2, staging_experts: int = 0, quota_weights: list[float] | None = None) -> Placement:
-    """Split the budgets. `staging_experts`: expert-sized staging buffers the loader needs (dtype conversion)."""
+              io_threads: int = 2, staging_experts: int = 0, quota_weights: list[float] | None = None,
+              expert_bytes: int | None = None, expert_lines: tuple[str, ...] = ()) -> Placement:
+    """Split the budgets. `staging_experts`: expert-sized staging buffers the loader needs (dtype conversion).
+
+    `expert_bytes`: bytes of the largest stored expert when experts are quantized (slots are sized
+    for it); by default one expert in `dtype`. `expert_lines` describe the stored experts.
+    """
     from .policies import layer_quotas
     moe = spec.moe
     n_layers = len(spec.moe_layers)
-    expert_bytes = 3 * spec.hidden_size * moe.intermediate_size * dtype.itemsize
+    expert_bytes = expert_bytes or 3 * spec.hidden_size * moe.intermediate_size * dtype.itemsize
     slot_bytes = round_up(expert_bytes) + ALIGN
     kv_tokens = kv_tokens or min(spec.max_position_embeddings, DEFAULT_KV_TOKENS)
     kv_bytes = kv_tokens * kv_bytes_per_token(spec, dtype)
@@ -133,4 +141,4 @@ def make_plan(spec: ModelSpec, device: torch.device, dtype: torch.dtype, non_exp
             quotas[layer] = q
     return Placement(device.type, n_layers, moe.num_experts, expert_bytes, slot_bytes, non_expert_bytes,
                      kv_tokens, kv_bytes, io_bytes + workspace, device_budget, host_budget,
-                     sum(quotas), host_slots, quotas)
+                     sum(quotas), host_slots, quotas, tuple(expert_lines))

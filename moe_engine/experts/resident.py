@@ -10,23 +10,29 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .table import expert_size
+
 
 class ResidentExperts:
     def __init__(self, checkpoint, dtype: torch.dtype, device: torch.device, progress: bool = True):
         spec = checkpoint.spec
         self.num_layers = spec.num_layers
         self.num_experts = spec.moe.num_experts
-        self.expert_nbytes = checkpoint.layout.nbytes(dtype)
         self.weights: dict[int, torch.Tensor] = {}
         self.lookups = [0] * spec.num_layers
         total = len(spec.moe_layers) * spec.moe.num_experts
         with tqdm(total=total, desc="loading experts", unit="expert", disable=not progress, leave=False) as bar:
             for layer in spec.moe_layers:
-                stack = torch.empty(self.num_experts, checkpoint.layout.numel, dtype=dtype)   # [E, P]
+                sizes = [expert_size(checkpoint, layer, e, checkpoint.layout.numel) for e in range(self.num_experts)]
+                if len(set(sizes)) == 1:
+                    stack = torch.empty(self.num_experts, sizes[0], dtype=dtype)   # [E, P]
+                else:                           # mixed-precision experts differ in size: one buffer each
+                    stack = [torch.empty(n, dtype=dtype) for n in sizes]
                 for e in range(self.num_experts):
                     checkpoint.read_expert(layer, e, dtype, out=stack[e])
                     bar.update()
-                self.weights[layer] = stack.to(device)
+                self.weights[layer] = stack.to(device) if isinstance(stack, torch.Tensor) else \
+                    [w.to(device) for w in stack]
 
     @property
     def capacity_experts(self) -> int:
@@ -44,4 +50,5 @@ class ResidentExperts:
         """No predictor to feed in the all-resident provider."""
 
     def nbytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in self.weights.values())
+        return sum(w.numel() * w.element_size() for ws in self.weights.values()
+                   for w in (ws if isinstance(ws, list) else [ws]))

@@ -75,3 +75,9 @@ class SlotTable:
         """Drop an entry (a load that failed); its slot becomes free."""
         slot = self.slot_of[layer].pop(expert)
         self.free[layer].append(slot)
+
+
+def expert_size(source, layer: int, expert: int, default: int) -> int:
+    """Bytes of one packed expert of `source` (a Checkpoint: all the same; quantized experts may differ)."""
+    nbytes_of = getattr(source, "nbytes_of", None)
+    return default if nbytes_of is None else nbytes_of(layer, expert)

@@ -61,6 +61,10 @@ class ExpertLayout:
         out[2 * i * d:].view(d, i).copy_(down)
         return out
 
+    def ffn(self, x: torch.Tensor, packed: torch.Tensor, act: str = "silu") -> torch.Tensor:
+        """Run the expert stored in `packed` (quant.format.QuantLayout has the same method for quantized buffers)."""
+        return expert_ffn(x, packed, self, act)
+
 
 def expert_ffn(x: torch.Tensor, packed: torch.Tensor, layout: ExpertLayout, act: str = "silu") -> torch.Tensor:
     """SwiGLU-style expert: down(act(gate(x)) * up(x)). x [N, D] -> [N, D]."""

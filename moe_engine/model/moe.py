@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .experts import ACTIVATIONS, ExpertLayout, ExpertProvider, expert_ffn
+from .experts import ACTIVATIONS, ExpertLayout, ExpertProvider
 from .spec import MoeSpec
 
 
@@ -47,6 +47,7 @@ class MoeBlock(nn.Module):
         self.spec = spec
         self.act = act
         self.layout = ExpertLayout(hidden, spec.intermediate_size)
+        self.expert_layouts: list | None = None    # per-expert layouts (quantized experts, set by the runtime)
         self.router = nn.Linear(hidden, spec.num_experts, bias=False)
         self.shared = GatedMlp(hidden, spec.shared_intermediate_size, act) if spec.shared_intermediate_size else None
         self.shared_gate = nn.Linear(hidden, 1, bias=False) if spec.shared_expert_gate else None
@@ -86,6 +87,7 @@ class MoeBlock(nn.Module):
             tok = token_of[sel]
             packed = self.provider.get(self.layer, e)
             xe = x_host[tok.cpu()] if on_host else x[tok]
-            y = expert_ffn(xe, packed, self.layout, self.act).to(x.device)    # [c, D]
+            layout = self.layout if self.expert_layouts is None else self.expert_layouts[e]
+            y = layout.ffn(xe, packed, self.act).to(x.device)                 # [c, D]
             out.index_add_(0, tok, y.float() * weight_of[sel, None])
         return out.to(x.dtype)

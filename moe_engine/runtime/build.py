@@ -44,6 +44,13 @@ def routers(decoder: Decoder) -> dict[int, torch.Tensor]:
     return {i: layer.moe.router.weight for i, layer in enumerate(decoder.layers) if getattr(layer, "moe", None)}
 
 
+def set_expert_layouts(decoder: Decoder, experts) -> None:
+    """Quantized experts: tell each MoE block how each of its experts is stored (widths may differ)."""
+    for i, layer in enumerate(decoder.layers):
+        if getattr(layer, "moe", None) is not None:
+            layer.moe.expert_layouts = experts.layouts(i)
+
+
 def build_provider(ckpt: Checkpoint, decoder: Decoder, plan, dtype: torch.dtype, device: torch.device,
                    policy: str, predictor, prefetch: bool, io_threads: int, progress: bool):
     """All experts resident when no budget limits them; else the offloading cache over the plan's slots."""

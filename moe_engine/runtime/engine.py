@@ -35,6 +35,7 @@ class Engine:
         self.generation_config = dict(checkpoint.generation_config)
         self.timings = Timings()
         self._next_seq = 0                    # sequence ids handed to the predictor, unique for this engine
+        self.quant: dict | None = None        # how experts are quantized (stats "quant"), None when they are not
         decoder.set_expert_provider(provider)
 
     # ---- ids and text ------------------------------------------------------------------------
@@ -229,8 +230,10 @@ class Engine:
             weights = sum(p.numel() * p.element_size() for p in self.decoder.parameters())
             kv = self.plan.kv_bytes if self.plan else 0
             device_peak = weights + kv + self.provider.nbytes()
-        return build_stats(self.timings, self.provider, self.spec.num_layers, self.gpu_mem, device_peak,
-                           self.cpu_mem, host_peak)
+        out = build_stats(self.timings, self.provider, self.spec.num_layers, self.gpu_mem, device_peak,
+                          self.cpu_mem, host_peak)
+        out["quant"] = self.quant or {"name": "none"}
+        return out
 
     def close(self) -> None:
         """Release weights, loader threads and file handles; later calls raise MoeEngineError. Idempotent."""

@@ -11,7 +11,9 @@ from ..checkpoint import Checkpoint
 from ..config import parse_size
 from ..errors import ConfigError, MoeEngineError
 from ..experts.plan import make_plan
-from .build import build_decoder, build_provider, non_expert_bytes
+from ..quant.prepare import quantized_experts
+from ..quant.settings import parse_quant
+from .build import build_decoder, build_provider, non_expert_bytes, set_expert_layouts
 from .engine import Engine
 from .plugins import resolve_predictor
 
@@ -62,14 +64,16 @@ def load_tokenizer(model_dir: Path):
 def load(model_dir: str | Path | None = None, device: str = "auto", dtype: str = "auto",
          gpu_mem=None, cpu_mem=None, predictor="gate-lookahead", quant=None, seed: int | None = None,
          progress: bool = True, policy: str | None = None, max_kv_tokens: int | None = None, io_threads: int = 2,
-         prefetch: bool = True) -> Engine:
+         prefetch: bool = True, quant_group: int | None = None, calibration=None, quant_cache=None) -> Engine:
     """Load a Hugging Face MoE checkpoint directory (None: the bundled tiny-moe) and return an Engine.
 
     gpu_mem / cpu_mem ("8G" or bytes) bound the compute tier and the host tier; with neither, every
     expert is resident. policy: expert-cache eviction (None: the default policy; lru, lfu); max_kv_tokens: the KV
     reserve counted against gpu_mem (default: min(context, 4096) tokens). predictor: a registered name
     ("gate-lookahead", "learned", "path", "oracle:TRACE.npz", a plug-in's), "pkg.module:Class", a predictor
-    object, or None; it only steers prefetching (see predictors/base.py).
+    object, or None; it only steers prefetching (see predictors/base.py). quant: None/"none", "int8", "int4",
+    "int3", "int2" or "mixed:AVG_BITS" (experts quantized at load, cached under quant_cache, default
+    $MOE_ENGINE_CACHE or ~/.cache/moe-engine); quant_group: columns per scale (64); calibration: text file for mixed.
     """
     if model_dir is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
@@ -80,8 +84,7 @@ def load(model_dir: str | Path | None = None, device: str = "auto", dtype: str =
     from ..experts.policies import DEFAULT_POLICY, make_policy
     policy = policy or DEFAULT_POLICY
     make_policy(policy)                      # a bad name fails before any work
-    if quant not in (None, "none"):
-        raise ConfigError(f"quant={quant!r}: quantization is not available in this build; use quant=None")
+    qs = parse_quant(quant, quant_group, calibration)     # bad bits, group or calibration file fail now
     gpu_bytes, cpu_bytes = parse_size(gpu_mem, "gpu_mem"), parse_size(cpu_mem, "cpu_mem")
     if max_kv_tokens is not None and (isinstance(max_kv_tokens, bool) or not isinstance(max_kv_tokens, int)
                                       or max_kv_tokens < 1):
@@ -95,17 +98,38 @@ def load(model_dir: str | Path | None = None, device: str = "auto", dtype: str =
     ckpt = Checkpoint(model_dir)
     try:
         dt = dt or ckpt.dtype
+        tokenizer = load_tokenizer(ckpt.model_dir)
+        if qs is not None:
+            qs.check_model(ckpt.spec)
+            if qs.mode == "mixed" and tokenizer is None:
+                raise ConfigError(f"--quant {qs.name} needs a calibration run over text, and {ckpt.model_dir} has no "
+                                  f"tokenizer files; add them or use --quant int8 / int4")
+        experts, expert_dt = ckpt, dt
+        if qs is not None:
+            def float_engine():
+                return load(model_dir, device=device, dtype=dtype, gpu_mem=gpu_mem, cpu_mem=cpu_mem, predictor=None,
+                            progress=progress, policy=policy, max_kv_tokens=max_kv_tokens, io_threads=io_threads)
+            experts = quantized_experts(ckpt, qs, quant_cache, progress, float_engine)
+            expert_dt = torch.uint8
         plan = None
         if gpu_bytes is not None or cpu_bytes is not None:
-            staging = 0 if ckpt.dtype == dt else io_threads
+            staging = 0 if qs is not None or ckpt.dtype == dt else io_threads
             plan = make_plan(ckpt.spec, dev, dt, non_expert_bytes(ckpt, dt), gpu_bytes, cpu_bytes,
-                             max_kv_tokens, io_threads, staging)
+                             max_kv_tokens, io_threads, staging,
+                             expert_bytes=experts.max_expert_bytes if qs is not None else None,
+                             expert_lines=tuple(experts.describe()) if qs is not None else ())
             if progress:
                 print(plan.describe(), file=sys.stderr)
-        tokenizer = load_tokenizer(ckpt.model_dir)
+        elif qs is not None and progress:
+            print("\n".join(experts.describe()), file=sys.stderr)
         decoder = build_decoder(ckpt, dt, dev, progress)
-        provider = build_provider(ckpt, decoder, plan, dt, dev, policy, pred, prefetch, io_threads, progress)
+        if qs is not None:
+            set_expert_layouts(decoder, experts)
+        provider = build_provider(experts, decoder, plan, expert_dt, dev, policy, pred, prefetch, io_threads,
+                                  progress)
     except BaseException:
         ckpt.close()
         raise
-    return Engine(ckpt, decoder, provider, tokenizer, dev, dt, gpu_bytes, cpu_bytes, plan)
+    eng = Engine(ckpt, decoder, provider, tokenizer, dev, dt, gpu_bytes, cpu_bytes, plan)
+    eng.quant = experts.summary() if qs is not None else None
+    return eng

@@ -1,0 +1,118 @@
+"""What `--quant` asks for, parsed and checked before any work.
+
+    none | int8 | int4 | int3 | int2      every expert at that width
+    mixed:AVG_BITS                        one width per expert, chosen by an integer program (allocate.py)
+                                          so the average is at most AVG_BITS; needs a calibration run
+
+`group_size` (--quant-group) is the number of input columns sharing one scale and zero point;
+`calibration` (--calibration) a text file for mixed (default: the bundled model's calibration text).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from .format import BITS, GROUP_SIZES
+
+DEFAULT_GROUP = 64
+MIXED_CANDIDATES_LOW = (2, 3, 4)       # widths the integer program picks from when AVG_BITS <= 4
+MIXED_CANDIDATES_HIGH = (4, 8)         # ... and when 4 < AVG_BITS <= 8
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent.parent / "models" / "tiny-moe" / "calibration.txt"
+CALIBRATION_TOKENS = 8192              # tokens of calibration text run through the model
+SAMPLES_PER_LAYER = 512                # router inputs per MoE layer kept for measuring quantization error
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    mode: str                           # "int" or "mixed"
+    bits: int | None = None             # int: the width
+    avg_bits: float | None = None       # mixed: the average-bits budget
+    group_size: int = DEFAULT_GROUP
+    calibration: Path | None = None     # mixed: calibration text
+    calibration_tokens: int = CALIBRATION_TOKENS
+    samples_per_layer: int = SAMPLES_PER_LAYER
+
+    @property
+    def candidates(self) -> tuple[int, ...]:
+        if self.mode == "int":
+            return (self.bits,)
+        return MIXED_CANDIDATES_LOW if self.avg_bits <= 4 else MIXED_CANDIDATES_HIGH
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}" if self.mode == "int" else f"mixed:{self.avg_bits:g}"
+
+    def check_model(self, spec) -> None:
+        """The group size must divide the model's hidden and expert FFN sizes (checked before any work)."""
+        from .format import check_format
+        try:
+            check_format(self.candidates[0], self.group_size, spec.hidden_size, spec.moe.intermediate_size)
+        except ValueError as e:
+            raise ConfigError(f"--quant {self.name} --quant-group {self.group_size}: {e}") from None
+
+    def key(self) -> dict:
+        """What the quantized-expert cache is keyed by (besides the checkpoint's contents)."""
+        out = {"mode": self.mode, "bits": self.bits, "avg_bits": self.avg_bits, "group_size": self.group_size}
+        if self.mode == "mixed":
+            out.update(candidates=list(self.candidates), calibration_tokens=self.calibration_tokens,
+                       samples_per_layer=self.samples_per_layer)
+        return out
+
+
+def parse_quant(quant, group_size: int | None = None, calibration: str | Path | None = None) -> QuantSettings | None:
+    """`--quant` value -> QuantSettings (None for no quantization). Errors name the flag and the fix."""
+    if isinstance(quant, QuantSettings):
+        return quant
+    if quant is None or quant == "none":
+        if calibration is not None:
+            raise ConfigError("--calibration is only used with --quant mixed:AVG_BITS; drop it or add --quant mixed:3")
+        return None
+    usage = "use none, int8, int4, int3, int2 or mixed:AVG_BITS (e.g. mixed:3)"
+    if not isinstance(quant, str):
+        raise ConfigError(f"--quant {quant!r} is not a quantization setting; {usage}")
+    group = DEFAULT_GROUP if group_size is None else group_size
+    if isinstance(group, bool) or not isinstance(group, int) or group not in GROUP_SIZES:
+        raise ConfigError(f"--quant-group {group_size!r} is not supported; use one of "
+                          f"{', '.join(map(str, GROUP_SIZES))}")
+    q = quant.strip().lower()
+    if q.startswith("int") and q[3:].isdigit():
+        bits = int(q[3:])
+        if bits not in BITS:
+            raise ConfigError(f"--quant {quant}: {bits}-bit experts are not supported; {usage}")
+        if calibration is not None:
+            raise ConfigError(f"--calibration is only used with --quant mixed:AVG_BITS, not {quant}; drop it")
+        return QuantSettings("int", bits=bits, group_size=group)
+    if q.startswith("mixed:"):
+        return QuantSettings("mixed", avg_bits=_avg_bits(quant, q[6:]), group_size=group,
+                             calibration=_calibration_file(calibration))
+    raise ConfigError(f"--quant {quant!r} is not recognized; {usage}")
+
+
+def _avg_bits(quant: str, text: str) -> float:
+    try:
+        avg = float(text)
+    except ValueError:
+        raise ConfigError(f"--quant {quant}: AVG_BITS {text!r} is not a number; e.g. mixed:3 or mixed:2.5") from None
+    lo, hi = min(MIXED_CANDIDATES_LOW), max(MIXED_CANDIDATES_HIGH)
+    if not math.isfinite(avg) or not lo <= avg <= hi:
+        raise ConfigError(f"--quant {quant}: an average of {text} bits per weight cannot be met; the narrowest "
+                          f"width is {lo} bits and the widest {hi}, so use mixed:AVG_BITS with {lo} <= AVG_BITS <= {hi}")
+    return avg
+
+
+def _calibration_file(calibration: str | Path | None) -> Path:
+    path = DEFAULT_CALIBRATION if calibration is None else Path(calibration).expanduser()
+    if not path.is_file():
+        if calibration is None:
+            raise ConfigError(f"the bundled calibration text {path} is missing (a broken install?); "
+                              f"pass --calibration FILE")
+        raise ConfigError(f"--calibration {calibration}: no such file; pass a UTF-8 text file to calibrate on")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--calibration {path} cannot be read as UTF-8 text ({e})") from None
+    if not text.strip():
+        raise ConfigError(f"--calibration {path} is empty; give it at least a few thousand tokens of text")
+    return path.resolve()
