@@ -114,7 +114,12 @@ setup(
         "numpy",
         "tqdm",
         "psutil",
+        "scipy>=1.9",          # scipy.optimize.milp: mixed-precision bit allocation
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # triton: the GPU dequant-matmul kernel; tests run it on CPU with TRITON_INTERPRET=1
+        "test": ["pytest>=8", "triton==3.9.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "gpu": ["triton>=3.2; platform_system == 'Linux'"],
+    },
     entry_points={"console_scripts": ["moe-engine=moe_engine.cli:main"]},
 )
