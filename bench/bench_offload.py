@@ -5,6 +5,7 @@ limits the whole process memory (page cache included) and evicts the checkpoint 
 cache first, so "disk" reads are disk reads for both sides.
 
     python bench/bench_offload.py all MODEL_DIR [--fractions 0.25 0.5] [--tokens 128] [--record]
+    python bench/bench_offload.py quant MODEL_DIR [--quants none int8 int4]   (issue 6: same budget, quantized)
 
 runs, for each expert-budget fraction: the engine (random routing), the engine with routing
 replayed from the real GPT-OSS traces (benchmark-only hook), and accelerate; plus, unlimited:
@@ -64,7 +65,8 @@ def run_engine(args) -> dict:
     import moe_engine
     from moe_engine.experts.tracker import belady_loads
     eng = moe_engine.load(args.model, gpu_mem=args.gpu_mem, policy=args.policy, progress=False,
-                          predictor=None if args.predictor == "none" else args.predictor)
+                          predictor=None if args.predictor == "none" else args.predictor,
+                          quant=args.quant, quant_cache=args.quant_cache)
     if args.trace:
         trace_hook(eng.decoder, Path(args.trace), eng.spec.moe.top_k, eng.spec.moe.num_experts)
     ids = prompt_ids(args.prompt_len, eng.spec.vocab_size)
@@ -89,6 +91,7 @@ def run_engine(args) -> dict:
         out["belady_decode_loads"] = sum(belady_loads(log[i][1:], quotas[i]) for i in range(len(log)) if log[i])
         out["decode_loads"] = counters.loads - at_first_token.get("loads", 0)
         out["expert_bytes"] = provider.expert_bytes
+        out["capacity_experts"] = provider.capacity_experts
     eng.close()
     return out
 
@@ -214,6 +217,50 @@ def run_all(args) -> None:
     print(table(report))
 
 
+def run_quant(args) -> None:
+    """Same --gpu-mem and memory limit, experts stored bf16 / int8 / int4: slots held and decode tokens/s."""
+    from moe_engine.checkpoint import Checkpoint
+    from moe_engine.experts.plan import make_plan
+    from moe_engine.quant.prepare import quantized_experts
+    from moe_engine.quant.settings import parse_quant
+    _, rest, _ = sizes(args.model)
+    ckpt = Checkpoint(args.model)
+    entries = {}
+    for q in args.quants:                       # built once, outside the memory limit (the cache is the disk tier)
+        if q != "none":
+            entries[q] = str(quantized_experts(ckpt, parse_quant(q), args.quant_cache).entry / "experts.bin")
+    full = make_plan(ckpt.spec, torch.device("cpu"), ckpt.dtype, rest, None, None)
+    ckpt.close()
+    common = ["--tokens", str(args.tokens), "--prompt-len", str(args.prompt_len), "--policy", args.policy,
+              "--predictor", args.predictor, "--quant-cache", args.quant_cache]
+    rows = []
+    for frac in args.fractions:
+        slots = round(full.total_experts * frac)
+        gpu_mem = full.device_bytes - full.device_slots * full.slot_bytes + slots * full.slot_bytes
+        limit = gpu_mem + RUNTIME_ALLOWANCE
+        for q in args.quants:
+            run = launch(limit, args.model, ["--mode", "engine", "--gpu-mem", str(gpu_mem), "--quant", q, *common],
+                         evict=[entries[q]] if q in entries else [])
+            rows.append({"fraction": frac, "gpu_mem": gpu_mem, "limit": limit, "quant": q, "run": run})
+    report = {"date": datetime.date.today().isoformat(), "machine": f"{platform.node()} {os.cpu_count()} cpus",
+              "torch_threads": torch.get_num_threads(), "tokens": args.tokens, "model": args.model, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print("| --gpu-mem | memcg limit | experts | slots | decode tok/s | vs bf16 | loads/token | memcg peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = {}
+    for r in rows:
+        run = r["run"]
+        if "error" in run:
+            print(f"| {r['gpu_mem'] / 2**20:.0f} MiB | | {r['quant']} | error: {run['error'][-200:]!r} |")
+            continue
+        tps = run["decode_tokens_per_s"]
+        base.setdefault(r["fraction"], tps)
+        print(f"| {r['gpu_mem'] / 2**20:.0f} MiB | {r['limit'] / 2**30:.2f} GiB | {r['quant']} | "
+              f"{run['capacity_experts']} | {tps:.2f} | {tps / base[r['fraction']]:.2f}x | "
+              f"{run['decode_loads'] / args.tokens:.2f} | {run.get('memcg_peak', 0) / 2**30:.2f} GiB |")
+
+
 def bound(row_run: dict, io_bps: float, ram_tps: float, tokens: int) -> float:
     io_s = row_run["belady_decode_loads"] * row_run["expert_bytes"] / io_bps / tokens
     return 1 / max(io_s, 1 / ram_tps)
@@ -266,14 +313,21 @@ def main(argv=None) -> int:
     o.add_argument("--weight-budget", type=int)
     o.add_argument("--offload-folder")
     o.add_argument("--io-threads", type=int, default=2)
-    for q in (a, o):
+    o.add_argument("--quant", default=None)
+    o.add_argument("--quant-cache", default=None)
+    qa = sub.add_parser("quant", help="same --gpu-mem and limit, experts bf16 vs quantized")
+    qa.add_argument("model")
+    qa.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
+    qa.add_argument("--quants", nargs="+", default=["none", "int8", "int4"])
+    qa.add_argument("--quant-cache", default="/work/bench_data/quant-cache")
+    qa.add_argument("--policy", default="default")
+    qa.add_argument("--predictor", default="gate-lookahead")
+    qa.add_argument("--json")
+    for q in (a, o, qa):
         q.add_argument("--tokens", type=int, default=128)
         q.add_argument("--prompt-len", type=int, default=16)
     args = p.parse_args(argv)
-    if args.cmd == "one":
-        one(args)
-    else:
-        run_all(args)
+    {"one": one, "all": run_all, "quant": run_quant}[args.cmd](args)
     return 0
 
 

@@ -281,3 +281,46 @@ def test_bad_quant_input_fails_before_any_work(tmp_path, model_dir):
         with pytest.raises(ConfigError, match="--quant-cache"):
             moe_engine.load(model_dir, quant="int4", quant_group=32, quant_cache=ro / "x", progress=False)
     assert not list((tmp_path).glob("quant/*"))                                # nothing was written
+
+
+def test_mixed_widths_through_every_provider_path(tmp_path):
+    """Per-expert sizes differ: resident, offloaded (CPU) and the GPU code path's host tier (run on the CPU)."""
+    import dataclasses
+
+    from moe_engine.experts import OffloadedExperts
+    from moe_engine.experts.costmodel import CostModel, measure_cpu_flops
+    from moe_engine.experts.host import HostTier
+    from moe_engine.experts.plan import make_plan
+    from moe_engine.experts.policies import make_policy
+    from moe_engine.quant.prepare import quantized_experts
+    from moe_engine.runtime.build import build_decoder, non_expert_bytes, set_expert_layouts
+    rng = np.random.default_rng(0)
+    table = tuple(tuple(int(b) for b in rng.choice([2, 3, 4, 8], 16)) for _ in range(6))
+    settings = QuantSettings("mixed", avg_bits=4.25, bits_table=table)
+    ids = torch.randint(3, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
+    eng = moe_engine.load(quant=settings, dtype="float32", quant_cache=tmp_path, progress=False)
+    assert eng.stats()["quant"]["bits_per_expert"] == [list(r) for r in table]
+    want = eng.logits(ids)
+    ckpt = eng.checkpoint
+    offl = moe_engine.load(quant=settings, dtype="float32", quant_cache=tmp_path, progress=False, gpu_mem="16M",
+                           max_kv_tokens=64)
+    assert offl.stats()["cache"]["capacity_experts"] < 96
+    assert torch.equal(offl.logits(ids), want)
+    offl.close()
+    dev, dt = torch.device("cpu"), torch.float32
+    src = quantized_experts(ckpt, settings, tmp_path, progress=False)
+    plan = make_plan(ckpt.spec, dev, dt, non_expert_bytes(ckpt, dt), 64 << 20, None, expert_bytes=src.max_expert_bytes)
+    quotas = [2 if q else 0 for q in plan.quotas]
+    plan = dataclasses.replace(plan, quotas=quotas, device_slots=sum(quotas), host_slots=plan.total_experts)
+    decoder = build_decoder(ckpt, dt, dev, progress=False)
+    set_expert_layouts(decoder, src)
+    assert measure_cpu_flops(src.layout, dt) > 0
+    for host_compute in (True, False):
+        host = HostTier(src, plan, torch.uint8, dev, pinned=False, progress=False)
+        cost = CostModel(h2d_bytes_per_s=1.0 if host_compute else 1e30, cpu_flops_per_s=1e12)
+        provider = OffloadedExperts(src, plan, torch.uint8, dev, make_policy("lru"), host=host, cost_model=cost)
+        engine = moe_engine.Engine(ckpt, decoder, provider, None, dev, dt)
+        assert torch.allclose(engine.logits(ids), want, atol=1e-5, rtol=0)
+        assert (provider.stats()["io"]["loads"] == 0) == host_compute
+        provider.close()
+    eng.close()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.experts import ExpertLayout, expert_ffn
+from ..model.experts import ExpertLayout
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,19 @@ def _best_of(fn, repeats: int = 3) -> float:
 
 
 def measure_cpu_flops(layout: ExpertLayout, dtype: torch.dtype, tokens: int = 4) -> float:
-    """FLOP/s of one expert FFN on the CPU at decode-like token counts."""
-    packed = torch.randn(layout.numel).to(dtype)
-    x = torch.randn(tokens, layout.hidden_size).to(dtype)
-    expert_ffn(x, packed, layout)
-    seconds = _best_of(lambda: expert_ffn(x, packed, layout))
+    """FLOP/s of one expert FFN on the CPU at decode-like token counts, activations in `dtype`.
+
+    A quantized layout (quant.format.QuantLayout: it has `quantize`) runs its own kernel on a
+    random expert quantized to it.
+    """
+    d, i = layout.hidden_size, layout.intermediate_size
+    if hasattr(layout, "quantize"):
+        packed = layout.quantize(torch.randn(i, d), torch.randn(i, d), torch.randn(d, i))
+    else:
+        packed = torch.randn(layout.numel).to(dtype)
+    x = torch.randn(tokens, d).to(dtype)
+    layout.ffn(x, packed)
+    seconds = _best_of(lambda: layout.ffn(x, packed))
     return tokens * 6 * layout.hidden_size * layout.intermediate_size / max(seconds, 1e-9)
 
 

@@ -34,6 +34,8 @@ def quantized_experts(ckpt, settings: QuantSettings, cache_dir=None, progress: b
     float_engine(): an Engine over the unquantized checkpoint, for the calibration run of mixed.
     bits_table: explicit widths per MoE layer (benchmarks' baselines); overrides the settings' choice.
     """
+    if bits_table is None and settings.bits_table is not None:
+        bits_table = dict(zip(ckpt.spec.moe_layers, map(list, settings.bits_table)))
     root = cache_root(cache_dir)
     _check_writable(root)
     calib = _sha256(settings.calibration) if settings.mode == "mixed" and bits_table is None else None

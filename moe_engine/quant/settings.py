@@ -33,6 +33,7 @@ class QuantSettings:
     calibration: Path | None = None     # mixed: calibration text
     calibration_tokens: int = CALIBRATION_TOKENS
     samples_per_layer: int = SAMPLES_PER_LAYER
+    bits_table: tuple[tuple[int, ...], ...] | None = None   # fixed widths per MoE layer (benchmark baselines)
 
     @property
     def candidates(self) -> tuple[int, ...]:
@@ -42,6 +43,9 @@ class QuantSettings:
 
     @property
     def name(self) -> str:
+        if self.bits_table is not None:
+            widths = [b for row in self.bits_table for b in row]
+            return f"fixed:{sum(widths) / len(widths):g}"
         return f"int{self.bits}" if self.mode == "int" else f"mixed:{self.avg_bits:g}"
 
     def check_model(self, spec) -> None:

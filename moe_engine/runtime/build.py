@@ -63,7 +63,7 @@ def build_provider(ckpt: Checkpoint, decoder: Decoder, plan, dtype: torch.dtype,
         from ..experts.costmodel import calibrate
         from ..experts.host import HostTier
         host = HostTier(ckpt, plan, dtype, device, io_threads, pinned=True, progress=progress)
-        cost = calibrate(ckpt.layout, dtype, device)
+        cost = calibrate(ckpt.layout, decoder.embed.weight.dtype, device)    # activations in the model dtype
     forecaster = None
     if predictor is not None and prefetch:
         from .forecast import Forecaster
