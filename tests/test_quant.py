@@ -324,3 +324,19 @@ def test_mixed_widths_through_every_provider_path(tmp_path):
         assert (provider.stats()["io"]["loads"] == 0) == host_compute
         provider.close()
     eng.close()
+
+
+def test_cli_quant_flags(capsys, tmp_path):
+    from moe_engine.cli import main
+    args = ["generate", "--no-progress", "--device", "cpu", "--dtype", "float32", "--prompt", "def f(x):",
+            "--max-new-tokens", "4", "--quant-cache", str(tmp_path)]
+    assert main([*args, "--quant", "int4"]) == 0
+    out, err = capsys.readouterr()
+    eng = moe_engine.load(dtype="float32", quant="int4", quant_cache=tmp_path, progress=False)
+    assert out == eng.generate("def f(x):", max_new_tokens=4, do_sample=False) + "\n"
+    eng.close()
+    for flags, words in [(["--quant", "int5"], "5-bit"), (["--quant", "mixed:1"], "cannot be met"),
+                         (["--quant", "int4", "--quant-group", "100"], "--quant-group 100"),
+                         (["--quant", "mixed:3", "--calibration", str(tmp_path / "none.txt")], "no such file")]:
+        assert main([*args, *flags]) == 2
+        assert words in capsys.readouterr().err
