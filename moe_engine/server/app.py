@@ -1,0 +1,310 @@
+"""The FastAPI app: routes, API key, loading / ready / draining states, and the engine loop's lifetime.
+
+    startup:  engine given -> EngineLoop now | engine_factory -> load on a thread (/health 503 until ready)
+    request:  API key -> state (503 loading/draining) -> body (size cap) -> protocol checks -> prompts
+              -> serving.submit -> JSON or SSE
+    drain:    ServerState.drain() (SIGTERM, see run.py): new requests 503, running ones finish
+    shutdown: EngineLoop.shutdown(); the engine is closed when the app loaded it
+
+Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics. Every error is
+vLLM's envelope `{"error": {"message", "type", "param", "code"}}`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as HTTPRequest
+
+from ..errors import ConfigError
+from ..runtime.loop import EngineLoop
+from . import serving
+from .metrics import ServerMetrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, parse_body
+
+log = logging.getLogger("moe_engine.server")
+DRAIN_BODY_FACTOR = 16           # an oversized body is read (and dropped) up to this many times the cap
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    served_model_name: str | None = None       # None: the model directory's name
+    api_key: str | None = None
+    max_num_seqs: int = 16
+    max_model_len: int | None = None           # None: the model's context
+    chat_template: str | None = None           # template text; None: the tokenizer's
+    scheduler: str = "expert"
+    max_batch: int | None = None
+    max_waiting: int | None = None
+    max_body_bytes: int = 1 << 20
+    drain_timeout: float = 60.0
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_body_bytes", "max_model_len", "max_batch", "max_waiting"):
+            value = getattr(self, name)
+            if value is None and name not in ("max_num_seqs", "max_body_bytes"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} is invalid: use a positive integer (--{name.replace('_', '-')})")
+        if self.scheduler not in ("expert", "fifo"):
+            raise ConfigError(f"scheduler={self.scheduler!r} is invalid: use expert or fifo (--scheduler)")
+        if not self.drain_timeout > 0:
+            raise ConfigError(f"drain_timeout={self.drain_timeout!r} is invalid: use a number of seconds > 0")
+
+
+class ServerState:
+    """What the routes share: the engine and its loop once loaded, the limits, the metrics."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.status = "loading"                   # loading | ready | draining | failed
+        self.error: BaseException | None = None
+        self.engine = self.loop = None
+        self.owns_engine = False
+        self.model_name = config.served_model_name
+        self.limit = 0                            # prompt + max_tokens of one request
+        self.chat_template = config.chat_template
+        self.metrics = ServerMetrics()
+        self.on_fatal: Callable[[], None] | None = None      # set by the runner: stop the server
+        self._lock = threading.Lock()
+
+    def start(self, engine) -> None:
+        cfg, ctx = self.config, engine.max_context
+        if cfg.max_model_len is not None and cfg.max_model_len > ctx:
+            raise ConfigError(f"--max-model-len {cfg.max_model_len} is more than the model's context ({ctx}, "
+                              f"max_position_embeddings in config.json); use at most {ctx}")
+        loop = EngineLoop(engine, cfg.max_num_seqs, cfg.max_batch, cfg.scheduler, cfg.max_waiting)
+        self.limit = min(cfg.max_model_len or ctx, ctx, loop.kv_tokens)
+        self.model_name = self.model_name or engine.checkpoint.model_dir.name
+        self.metrics.attach(engine, loop)
+        with self._lock:
+            self.engine, self.loop = engine, loop.start()
+            if self.status == "loading":
+                self.status = "ready"
+        log.info("serving %s: up to %d tokens per request, %d sequences, %s scheduler", self.model_name,
+                 self.limit, cfg.max_num_seqs, cfg.scheduler)
+
+    def load_in_background(self, factory: Callable[[], object]) -> None:
+        def run():
+            try:
+                engine = factory()
+                self.owns_engine = True
+                self.start(engine)
+            except BaseException as e:   # noqa: BLE001 -- reported by /health and re-raised by the runner
+                log.error("loading the model failed: %s", e)
+                self.error, self.status = e, "failed"
+                if self.on_fatal is not None:
+                    self.on_fatal()
+        threading.Thread(target=run, name="moe-engine-load", daemon=True).start()
+
+    def drain(self) -> bool:
+        """Refuse new requests (503) and wait until running and queued ones have finished."""
+        with self._lock:
+            if self.status in ("loading", "failed"):
+                return True
+            self.status = "draining"
+        return self.loop.drain(self.config.drain_timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self.status = "draining" if self.status == "ready" else self.status
+        if self.loop is not None:
+            self.loop.shutdown()
+        if self.owns_engine and self.engine is not None:
+            self.engine.close()
+
+    def require_ready(self) -> None:
+        if self.status == "ready":
+            return
+        messages = {"loading": "the model is still loading; retry when /health returns 200",
+                    "draining": "the server is shutting down and accepts no new requests",
+                    "failed": f"loading the model failed: {self.error}"}
+        raise APIError(503, messages[self.status])
+
+
+def create_app(engine=None, *, engine_factory: Callable[[], object] | None = None, **options) -> FastAPI:
+    """The server app over a loaded `engine`, or over `engine_factory()` run on a thread at startup.
+
+    options: the fields of ServerConfig (served_model_name, api_key, max_num_seqs, max_model_len,
+    chat_template, scheduler, max_batch, max_waiting, max_body_bytes, drain_timeout).
+    """
+    if (engine is None) == (engine_factory is None):
+        raise ConfigError("create_app needs exactly one of engine and engine_factory")
+    state = ServerState(ServerConfig(**options))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if engine is not None:
+            state.start(engine)
+        else:
+            state.load_in_background(engine_factory)
+        yield
+        await asyncio.to_thread(state.close)
+
+    app = FastAPI(title="moe-engine", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health():
+        if state.status == "ready":
+            return Response(status_code=200)
+        return JSONResponse(error_body(503, _status_message(state)), status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        body = await asyncio.to_thread(state.metrics.render)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest):
+        _authorize(request, state)
+        state.require_ready()
+        card = {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "moe-engine",
+                "root": str(state.engine.checkpoint.model_dir), "max_model_len": state.limit}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        body = await _checked_body(request, state, CompletionRequest)
+        prompts = await asyncio.to_thread(_completion_prompts, state, body)
+        return await _generate(request, state, body, prompts, body.max_tokens,
+                               serving.COMPLETION_DEFAULT_MAX_TOKENS, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: HTTPRequest):
+        body = await _checked_body(request, state, ChatCompletionRequest)
+        prompt = await asyncio.to_thread(_chat_prompt, state, body)
+        return await _generate(request, state, body, [prompt], body.token_limit, None, chat=True)
+
+
+def _status_message(state: ServerState) -> str:
+    try:
+        state.require_ready()
+    except APIError as e:
+        return e.message
+    return "ready"
+
+
+# ---- request steps -----------------------------------------------------------------------------
+def _authorize(request: HTTPRequest, state: ServerState) -> None:
+    key = state.config.api_key
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        what = "is missing" if not given else "is wrong"
+        raise APIError(401, f"the API key {what}: send the header 'Authorization: Bearer <key>' with the "
+                       f"server's --api-key")
+
+
+async def _read_body(request: HTTPRequest, cap: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap * DRAIN_BODY_FACTOR:
+        raise APIError(413, f"the request body has {declared} bytes; the server accepts at most {cap}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= cap:
+            chunks.append(chunk)
+        elif size > cap * DRAIN_BODY_FACTOR:
+            break
+    if size > cap:
+        raise APIError(413, f"the request body has {size}{'+' if size > cap * DRAIN_BODY_FACTOR else ''} bytes; "
+                       f"the server accepts at most {cap}")
+    return b"".join(chunks)
+
+
+async def _checked_body(request: HTTPRequest, state: ServerState, model_cls):
+    _authorize(request, state)
+    state.require_ready()
+    body = parse_body(await _read_body(request, state.config.max_body_bytes), model_cls)
+    if body.model is not None and body.model != state.model_name:
+        raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{state.model_name}` "
+                       f"(see /v1/models)", "model")
+    return body
+
+
+def _need_tokenizer(state: ServerState, what: str):
+    tok = state.engine.tokenizer
+    if tok is None:
+        raise APIError(400, f"{what} needs a tokenizer, but the model has none; send token ids as the prompt")
+    return tok
+
+
+def _completion_prompts(state: ServerState, body: CompletionRequest) -> list[list[int]]:
+    p = body.prompt
+    if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
+        _need_tokenizer(state, "a text prompt")
+        texts = [p] if isinstance(p, str) else p
+        rows = [state.engine.encode(t) for t in texts]
+    else:
+        rows = [p] if not p or isinstance(p[0], int) else p
+    if not rows:
+        raise APIError(400, "prompt is an empty list: give at least one prompt", "prompt")
+    vocab = state.engine.spec.vocab_size
+    for i, ids in enumerate(rows):
+        serving.check_prompt(ids, state.limit, vocab, "prompt" if len(rows) == 1 else f"prompt[{i}]")
+    return rows
+
+
+def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    tok = _need_tokenizer(state, "chat")
+    template = state.chat_template or getattr(tok, "chat_template", None)
+    if not template:
+        raise APIError(400, "this model has no chat template (tokenizer_config.json 'chat_template'); start the "
+                       "server with --chat-template FILE or use /v1/completions")
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+    try:
+        text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    except Exception as e:   # noqa: BLE001 -- a template may raise on any message it rejects
+        raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    serving.check_prompt(ids, state.limit, state.engine.spec.vocab_size, "messages")
+    return ids
+
+
+async def _generate(request: HTTPRequest, state: ServerState, body, prompts, asked, default, chat: bool):
+    what = "messages" if chat else "prompt"
+    max_tokens = [serving.max_tokens_for(asked, len(p), state.limit, default, what) for p in prompts]
+    job = serving.submit(state.loop, state.metrics, state.engine.generation_config, prompts, max_tokens, body)
+    job.watch(request.receive)
+    shape = serving.Shape(chat, state.model_name)
+    if body.stream:
+        return StreamingResponse(serving.stream(job, shape, body.include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    result = await serving.collect(job, shape)
+    return JSONResponse(result if result is not None else {})
+
+
+__all__ = ["ServerConfig", "ServerState", "create_app"]
