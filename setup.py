@@ -115,10 +115,14 @@ setup(
         "tqdm",
         "psutil",
         "scipy>=1.9",          # scipy.optimize.milp: mixed-precision bit allocation
+        "fastapi>=0.100",      # moe-engine serve: the OpenAI-compatible server
+        "pydantic>=2",
+        "uvicorn>=0.30",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         # triton: the GPU dequant-matmul kernel; tests run it on CPU with TRITON_INTERPRET=1
-        "test": ["pytest>=8", "triton==3.9.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "test": ["pytest>=8", "openai>=1.0", "httpx", "triton==3.9.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "gpu": ["triton>=3.2; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["moe-engine=moe_engine.cli:main"]},

@@ -78,7 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "--predictor KIND finds it)")
     tp.add_argument("--force", action="store_true", help="overwrite an existing trained predictor")
     tp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, models, health, metrics)")
+    _add_load_flags(sv)
+    _add_serve_flags(sv)
     return parser
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch at once")
+    p.add_argument("--max-batch", type=int, default=None, help="sequences per decode step (default: "
+                   "--max-num-seqs); the scheduler picks which when more are ready")
+    p.add_argument("--scheduler", choices=("expert", "fifo"), default="expert", help="which ready sequences "
+                   "share a step: expert (fewer distinct experts and misses, bounded waiting) or fifo")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per request "
+                   "(default: the model's context)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--served-model-name", default=None, help="model name clients send and /v1/models lists "
+                   "(default: the model directory's name)")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file for /v1/chat/completions "
+                   "(default: the tokenizer's)")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to let running requests finish "
+                   "after SIGTERM before exiting")
 
 
 def cmd_generate(args) -> int:
@@ -155,7 +178,42 @@ def cmd_train_predictor(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "trace": cmd_trace, "train-predictor": cmd_train_predictor}
+def _read_chat_template(path: str | None) -> str | None:
+    from pathlib import Path
+
+    from .errors import ConfigError
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"--chat-template {path}: no such file; give a Jinja template file")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .runtime.load import load
+    from .server import create_app, run_server
+    if args.model_dir is not None and not Path(args.model_dir).is_dir():
+        raise ConfigError(f"MODEL_DIR {args.model_dir} is not a directory; give a Hugging Face checkpoint directory")
+
+    def load_engine():
+        return load(args.model_dir, device=args.device, dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
+                    predictor=args.predictor, quant=args.quant, quant_group=args.quant_group,
+                    calibration=args.calibration, quant_cache=args.quant_cache, progress=not args.no_progress,
+                    policy=args.policy, max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads)
+
+    app = create_app(engine_factory=load_engine, served_model_name=args.served_model_name, api_key=args.api_key,
+                     max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                     chat_template=_read_chat_template(args.chat_template), scheduler=args.scheduler,
+                     max_batch=args.max_batch, drain_timeout=args.drain_timeout)
+    run_server(app, args.host, args.port)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "trace": cmd_trace, "train-predictor": cmd_train_predictor,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
