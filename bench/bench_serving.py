@@ -1,0 +1,149 @@
+"""Token rescheduling vs FIFO batching on the bundled model, expert cache at 25% of experts.
+
+    python bench/bench_serving.py [--requests 48] [--max-num-seqs 16] [--max-batch 4] [--repeats 2]
+
+A mixed load, the same for both schedulers: prompts of 16-96 held-out tokens, 16-64 new tokens
+each (greedy), arriving at seeded random times (a Poisson stream). Each run loads a fresh engine
+with --gpu-mem giving every MoE layer 4 of 16 expert slots and serves the load through the
+continuous-batching loop (runtime/loop.py), at most `max_batch` sequences per decode step, so
+the scheduler decides which ready sequences share a step. Reported per scheduler (runs
+alternate, medians over repeats): expert loads per generated token, p50/p99 request latency
+(submit -> last token), tokens/s; and the ratios expert/FIFO from the same session.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def budget_for(slots: int, kv_tokens: int) -> int:
+    """Smallest --gpu-mem (64 KiB steps) giving each MoE layer `slots` slots with this KV reserve."""
+    from moe_engine.checkpoint import Checkpoint
+    from moe_engine.experts.plan import make_plan
+    from moe_engine.runtime.build import non_expert_bytes
+    from moe_engine.runtime.load import DEFAULT_MODEL_DIR
+    ckpt = Checkpoint(DEFAULT_MODEL_DIR)
+    nonexp = non_expert_bytes(ckpt, ckpt.dtype)
+    lo, hi = 1 << 20, 1 << 30
+    while hi - lo > 65536:
+        mid = (lo + hi) // 2
+        try:
+            ok = min(q for q in make_plan(ckpt.spec, torch.device("cpu"), ckpt.dtype, nonexp, mid, None,
+                                          kv_tokens).quotas if q) >= slots
+        except Exception:
+            ok = False
+        lo, hi = (lo, mid) if ok else (mid, hi)
+    ckpt.close()
+    return hi
+
+
+def workload(tok, n: int, rate: float, seed: int = 0) -> list[dict]:
+    from train_tiny_moe import corpus_files, encode_files
+    _, held = corpus_files()
+    ids = encode_files(tok, held[2:]).tolist()
+    rng = np.random.default_rng(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        plen = int(rng.integers(16, 97))
+        start = int(rng.integers(0, len(ids) - plen))
+        out.append({"at": t, "prompt": ids[start:start + plen], "max_tokens": int(rng.integers(16, 65))})
+        t += float(rng.exponential(1 / rate))
+    return out
+
+
+def serve(load: list[dict], scheduler: str, budget: int, kv_tokens: int, max_num_seqs: int, max_batch: int,
+          max_wait: int | None = None, miss_weight: float = 2.0) -> dict:
+    import moe_engine
+    from moe_engine.runtime.batching import Request
+    from moe_engine.runtime.loop import EngineLoop
+    from moe_engine.runtime.sampling import SamplingParams
+    eng = moe_engine.load(gpu_mem=budget, max_kv_tokens=kv_tokens, progress=False)
+    loop = EngineLoop(eng, max_num_seqs=max_num_seqs, max_batch=max_batch, scheduler=scheduler,
+                      max_wait_steps=max_wait, miss_weight=miss_weight).start()
+    done, lat, tokens = threading.Event(), {}, {}
+    lock = threading.Lock()
+
+    def on_event(i, t_submit):
+        def f(ev):
+            if ev.finish_reason is not None:
+                with lock:
+                    lat[i], tokens[i] = time.perf_counter() - t_submit, ev.completion_tokens
+                    if len(lat) == len(load):
+                        done.set()
+        return f
+    t0 = time.perf_counter()
+    for i, r in enumerate(load):
+        time.sleep(max(0.0, r["at"] - (time.perf_counter() - t0)))
+        loop.submit(Request(r["prompt"], r["max_tokens"], SamplingParams(do_sample=False),
+                            on_event(i, time.perf_counter())))
+    assert done.wait(600)
+    wall = time.perf_counter() - t0
+    loop.shutdown()
+    stats = eng.stats()
+    eng.close()
+    gen = sum(tokens.values())
+    ls = sorted(lat.values())
+    return {"scheduler": scheduler, "loads": stats["io"]["loads"], "generated": gen,
+            "loads_per_token": stats["io"]["loads"] / gen, "p50_s": ls[len(ls) // 2],
+            "p99_s": float(np.percentile(ls, 99)), "tokens_per_s": gen / wall, "hit_rate": stats["cache"]["hit_rate"],
+            "steps": loop.steps}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--rate", type=float, default=8.0, help="mean arrivals per second")
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--slots", type=int, default=4, help="expert slots per MoE layer (of 16)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--max-wait", type=int, default=None, help="steps a ready sequence may be passed over "
+                   "(expert; default 2 x ceil(max-num-seqs / max-batch) - 1)")
+    p.add_argument("--miss-weight", type=float, default=2.0, help="cost of a non-resident expert (expert)")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    import moe_engine
+    eng = moe_engine.load(progress=False)
+    load = workload(eng.tokenizer, args.requests, args.rate)
+    eng.close()
+    kv_tokens = args.max_num_seqs * (96 + 64)
+    budget = budget_for(args.slots, kv_tokens)
+    runs = {"fifo": [], "expert": []}
+    for rep in range(args.repeats):
+        for sched in (("fifo", "expert") if rep % 2 == 0 else ("expert", "fifo")):
+            r = serve(load, sched, budget, kv_tokens, args.max_num_seqs, args.max_batch, args.max_wait,
+                      args.miss_weight)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+            runs[sched].append(r)
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in ("loads_per_token", "p50_s", "p99_s", "tokens_per_s",
+                                                                  "hit_rate")} for s, rs in runs.items()}
+    print(f"bundled model, --gpu-mem {budget} ({args.slots} of 16 slots per layer), {args.requests} requests at "
+          f"{args.rate}/s, max-num-seqs {args.max_num_seqs}, max-batch {args.max_batch}, "
+          f"torch threads {torch.get_num_threads()}, median of {args.repeats}")
+    print("| scheduler | loads / generated token | hit rate | p50 latency s | p99 latency s | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for s in ("fifo", "expert"):
+        m = med[s]
+        print(f"| {s} | {m['loads_per_token']:.3f} | {m['hit_rate']:.3f} | {m['p50_s']:.2f} | {m['p99_s']:.2f} | "
+              f"{m['tokens_per_s']:.1f} |")
+    f, e = med["fifo"], med["expert"]
+    print(f"expert vs fifo: loads/token {e['loads_per_token'] / f['loads_per_token']:.3f}x "
+          f"({100 * (1 - e['loads_per_token'] / f['loads_per_token']):.1f}% fewer), p99 latency "
+          f"{e['p99_s'] / f['p99_s']:.3f}x, tokens/s {e['tokens_per_s'] / f['tokens_per_s']:.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

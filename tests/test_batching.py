@@ -1,0 +1,108 @@
+"""Continuous batching (runtime/loop.py): sequences that join and leave between steps give the same
+tokens as when run alone, whatever the scheduler, step size or budget; cancel and queue limits."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import moe_engine
+from moe_engine.runtime.batching import QueueFull, Request
+from moe_engine.runtime.loop import EngineLoop
+from moe_engine.runtime.sampling import SamplingParams
+
+PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:", "for i in range(", "# sum a list", "return x +",
+           "with open(", "print(\"hello"]
+
+
+def collect(loop: EngineLoop, prompts: list[list[int]], max_tokens, sampling=None, stop=()):
+    done, out, events = threading.Event(), {}, {}
+    lock = threading.Lock()
+
+    def on_event(i):
+        def f(ev):
+            with lock:
+                events.setdefault(i, []).append(ev)
+                if ev.finish_reason is not None:
+                    out[i] = ev
+                    if len(out) == len(prompts):
+                        done.set()
+        return f
+    for i, ids in enumerate(prompts):
+        n = max_tokens[i] if isinstance(max_tokens, list) else max_tokens
+        loop.submit(Request(ids, n, sampling or SamplingParams(do_sample=False), on_event(i), stop=list(stop)))
+    assert done.wait(120), f"only {len(out)} of {len(prompts)} finished"
+    return events
+
+
+@pytest.fixture(scope="module")
+def eng():
+    e = moe_engine.load(dtype="float32", progress=False)
+    yield e
+    e.close()
+
+
+@pytest.mark.parametrize("scheduler,max_batch", [("fifo", None), ("fifo", 3), ("expert", 3)])
+def test_joined_sequences_match_running_alone(eng, scheduler, max_batch):
+    ids = [eng.encode(p) for p in PROMPTS]
+    lengths = [5, 9, 3, 12, 7, 4, 10, 6]                     # sequences finish and leave at different steps
+    loop = EngineLoop(eng, max_num_seqs=5, max_batch=max_batch, scheduler=scheduler).start()
+    try:
+        events = collect(loop, ids, lengths)
+    finally:
+        loop.shutdown()
+    for i, row in enumerate(ids):
+        want = eng.generate(PROMPTS[i], max_new_tokens=lengths[i], do_sample=False)
+        got = events[i]
+        assert [e.finish_reason for e in got[:-1]] == [None] * (len(got) - 1)
+        assert "".join(e.text for e in got) == want
+        assert sum(len(e.token_ids) for e in got) == got[-1].completion_tokens <= lengths[i]
+        assert got[-1].prompt_tokens == len(row)
+    assert loop.counters()["kv_reserved"] == 0 and loop.counters()["running"] == 0
+
+
+def test_offloaded_engine_under_a_budget_and_seeded_sampling(tmp_path):
+    eng = moe_engine.load(dtype="float32", gpu_mem="22M", max_kv_tokens=512, progress=False)
+    assert eng.stats()["cache"]["capacity_experts"] < 96
+    ids = [eng.encode(p) for p in PROMPTS[:4]]
+    sampling = SamplingParams(do_sample=True, temperature=0.8, top_p=0.9, seed=7)
+    loop = EngineLoop(eng, max_num_seqs=4, max_batch=2, scheduler="expert").start()
+    try:
+        events = collect(loop, ids, 8, sampling)
+    finally:
+        loop.shutdown()
+    for i, p in enumerate(PROMPTS[:4]):
+        assert "".join(e.text for e in events[i]) == eng.generate(p, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9,
+                                                                   seed=7)
+    eng.close()
+
+
+def test_stop_strings_cancel_and_queue_limit(eng):
+    loop = EngineLoop(eng, max_num_seqs=1, max_waiting=2, scheduler="fifo").start()
+    try:
+        events = collect(loop, [eng.encode("def fibonacci(n):")], 30, stop=["\n"])
+        text = "".join(e.text for e in events[0])
+        assert "\n" not in text and events[0][-1].finish_reason == "stop"
+        gate = threading.Event()
+        seen = []
+
+        def slow(ev):
+            seen.append(ev)
+            gate.wait(5)
+        loop.submit(Request(eng.encode("import os"), 200, SamplingParams(do_sample=False), slow, request_id="a"))
+        loop.submit(Request(eng.encode("import os"), 5, SamplingParams(do_sample=False), seen.append,
+                            request_id="b"))
+        loop.submit(Request(eng.encode("import os"), 5, SamplingParams(do_sample=False), seen.append,
+                            request_id="c"))
+        with pytest.raises(QueueFull):
+            loop.submit(Request([5], 5, SamplingParams(do_sample=False), seen.append))
+        loop.cancel("a")
+        gate.set()
+        assert loop.drain(60)
+    finally:
+        loop.shutdown()
+    finals = {e.request_id: e.finish_reason for e in seen if e.finish_reason}
+    assert finals == {"a": "abort", "b": "length", "c": "length"}
+    assert loop.counters()["kv_reserved"] == 0
+    with pytest.raises(ValueError, match="KV cache"):
+        EngineLoop(eng, max_num_seqs=1, kv_tokens=64).submit(Request([5] * 60, 10, SamplingParams(), print))
