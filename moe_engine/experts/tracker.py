@@ -65,7 +65,8 @@ class CacheCounters:
         hits, misses = sum(table.hits), sum(table.misses)
         per_layer = [h / (h + m) if h + m else 0.0 for h, m in zip(table.hits, table.misses)]
         issued, used = self.prefetch_issued, self.prefetch_used
-        belady = sum(belady_loads(self.log[i], table.quotas[i]) for i in range(self.num_layers) if self.log[i])
+        logs = [list(steps) for steps in self.log]      # a copy: the serving loop may append while we read
+        belady = sum(belady_loads(logs[i], table.quotas[i]) for i in range(self.num_layers) if logs[i])
         lookups = hits + misses
         return {
             "cache": {"hits": hits, "misses": misses, "hit_rate": hits / lookups if lookups else 0.0,

@@ -80,12 +80,12 @@ class EngineLoop:
                 raise ValueError(f"the prompt ({len(req.prompt_ids)} tokens) plus max_tokens ({req.max_tokens}) "
                                  f"needs more KV cache than the server reserves ({self.kv_tokens} tokens)")
             self.waiting.append(_Seq(req, self.engine._new_seq_ids(1).item(), next(self._arrivals)))
-            self._cond.notify()
+            self._cond.notify_all()
 
     def cancel(self, request_id: str) -> None:
         with self._cond:
             self._cancel.add(request_id)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def counters(self) -> dict:
         with self._cond:
@@ -118,6 +118,7 @@ class EngineLoop:
                 cancels, self._cancel = self._cancel, set()
                 admitted = self._admit()
             self._apply_cancels(cancels)
+            admitted = [s for s in admitted if s.seq_id in self.running]     # not cancelled as they were admitted
             admitted = [s for s in admitted if s.seq_id in self.running]    # not cancelled as they were admitted
             if admitted:
                 self._guarded(admitted, lambda: self._prefill(admitted))
