@@ -124,6 +124,7 @@ setup(
         # triton: the GPU dequant-matmul kernel; tests run it on CPU with TRITON_INTERPRET=1
         "test": ["pytest>=8", "openai>=1.0", "httpx", "triton==3.9.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "gpu": ["triton>=3.2; platform_system == 'Linux'"],
+        "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["moe-engine=moe_engine.cli:main"]},
 )
