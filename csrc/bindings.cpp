@@ -1,6 +1,7 @@
-// The one Python module moe_engine._C: aligned/pinned buffers, the threaded direct-IO reader and,
-// when built with CUDA, host-to-device copies and events. Pointers and stream handles cross the
-// boundary as Python ints; only moe_engine/_ops.py imports this module.
+// The one Python module moe_engine._C: aligned/pinned buffers, the threaded direct-IO reader, the fused
+// dequantize+matmul of quantized expert matrices on the CPU and, when built with CUDA, host-to-device
+// copies and events. Pointers and stream handles cross the boundary as Python ints; only
+// moe_engine/_ops.py imports this module.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -8,6 +9,7 @@
 #include "common.h"
 #include "cuda_ops.h"
 #include "direct_reader.h"
+#include "qmatmul.h"
 
 namespace py = pybind11;
 using moe::AlignedBuffer;
@@ -66,6 +68,29 @@ void bind_reader(py::module_& m) {
       .def_property_readonly("chunk_bytes", &DirectReader::chunk_bytes);
 }
 
+void bind_quant(py::module_& m) {
+  m.def(
+      "qlinear_f32",
+      [](uintptr_t x, int64_t n, const std::vector<uintptr_t>& planes, uintptr_t scales, uintptr_t zeros, int64_t rows,
+         int64_t cols, int bits, int group, uintptr_t y, int num_threads, const std::string& isa) {
+        MOE_CHECK(planes.size() == 1 || planes.size() == 2,
+                  "qlinear_f32: plane_ptrs holds 1 or 2 bit-plane pointers, got " << planes.size());
+        moe::QMatrixView w;
+        for (size_t i = 0; i < planes.size(); ++i) w.planes[i] = reinterpret_cast<const uint8_t*>(planes[i]);
+        w.scales = reinterpret_cast<const uint16_t*>(scales);
+        w.zeros = reinterpret_cast<const uint16_t*>(zeros);
+        w.rows = rows, w.cols = cols, w.bits = bits, w.group = group;
+        py::gil_scoped_release release;
+        moe::qlinear_f32(reinterpret_cast<const float*>(x), n, w, reinterpret_cast<float*>(y), num_threads, isa);
+      },
+      py::arg("x_ptr"), py::arg("n"), py::arg("plane_ptrs"), py::arg("scales_ptr"), py::arg("zeros_ptr"),
+      py::arg("rows"), py::arg("cols"), py::arg("bits"), py::arg("group"), py::arg("y_ptr"),
+      py::arg("num_threads") = 1, py::arg("isa") = "auto",
+      "y [n, rows] = x [n, cols] @ W^T for float32 x and y and a quantized W (fp16 scales/zeros [rows, cols/group], "
+      "bit planes low bits first). Raises ValueError on bad arguments; the caller keeps every buffer alive.");
+  m.def("qlinear_isas", &moe::qlinear_isas, "The CPU paths qlinear_f32 can take here, fastest first.");
+}
+
 #ifdef MOE_WITH_CUDA
 void bind_cuda(py::module_& m) {
   m.def("cuda_device_count", &moe::cuda_device_count);
@@ -86,12 +111,14 @@ void bind_cuda(py::module_& m) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "moe-engine IO extension: aligned/pinned buffers, threaded direct-IO reads, async H2D copies";
+  m.doc() = "moe-engine IO extension: aligned/pinned buffers, threaded direct-IO reads, async H2D copies, "
+            "quantized matmul on the CPU";
   py::register_exception<moe::ReadError>(m, "ReadError", PyExc_OSError);
   m.def("has_cuda", &has_cuda, "True when built with CUDA (a device may still be absent at run time).");
   m.attr("IO_ALIGNMENT") = moe::kIoAlignment;
   bind_buffer(m);
   bind_reader(m);
+  bind_quant(m);
 #ifdef MOE_WITH_CUDA
   bind_cuda(m);
 #endif

@@ -3,12 +3,15 @@
     alloc_aligned / BufferPool   host buffers at aligned addresses, optionally page-locked
     ReadRange / DirectReader     threaded reads of file byte ranges into CPU tensors -> ReadTicket
     copy_h2d_async               a pinned-host -> device copy on a given stream, returning its event
+    qlinear                      x [N, C] @ W^T for a quantized W (quant.format.QMatrix) on the CPU, fused:
+                                 codes decoded in registers, never a dense W (twin: quant.kernels.qlinear_reference)
 
 Every op takes `backend="auto" | "c" | "torch"`: "c" is moe_engine._C (O_DIRECT reads, in place or
 through aligned bounce buffers, GIL released), "torch" is the readable pure torch/Python twin with the same signature
-and results (buffered os.preadv in a thread pool), "auto" picks "c" when the extension loaded. Setting
-MOE_ENGINE_NO_EXT=1 before import forces the twin everywhere (a test hook). This module moves bytes
-only: it does not decide what to read or when, and it never imports anything above it in the package.
+and results (buffered os.preadv in a thread pool; for qlinear a dense dequantized W and F.linear), "auto" picks
+"c" when the extension loaded. Setting MOE_ENGINE_NO_EXT=1 before import forces the twin everywhere (a test hook).
+This module moves bytes and multiplies by quantized matrices only: it does not decide what to read or when, and it
+never imports anything above it in the package.
 """
 from __future__ import annotations
 
@@ -428,3 +431,83 @@ def copy_h2d_async(src: torch.Tensor, dst: torch.Tensor, stream, *, backend: str
         event = torch.cuda.Event()
         event.record(stream)
     return event
+
+
+# ----------------------------------------------------------------------------------------- quantized matmul
+
+QLINEAR_ISAS = ("auto", "avx512", "avx2", "scalar")
+
+
+def qlinear_isas() -> list[str]:
+    """The SIMD paths the C qlinear can take on this CPU, fastest first ([] without the extension)."""
+    return list(_C.qlinear_isas()) if HAS_C_EXT else []
+
+
+@functools.cache
+def _quant_format() -> tuple[dict, tuple]:
+    """(PLANES, GROUP_SIZES) of quant.format, imported on first use: this module imports nothing above it at load."""
+    from .quant.format import GROUP_SIZES, PLANES
+    return PLANES, GROUP_SIZES
+
+
+def _check_qtensor(name: str, t, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    if not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.shape == shape and t.is_cpu):
+        got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ConfigError(f"qlinear: {name} must be a CPU {dtype} tensor of shape {shape}, got {got}; "
+                          "build the matrix with moe_engine.quant.format (QMatrixLayout.views)")
+
+
+def _check_qlinear(x: torch.Tensor, m) -> None:
+    """Raise ConfigError naming the problem when x [..., C] cannot multiply the QMatrix m [R, C] on the CPU."""
+    planes, group_sizes = _quant_format()
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ConfigError(f"qlinear: x must be a floating point tensor, got "
+                          f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.is_cpu:
+        raise ConfigError(f"qlinear: x is on {x.device}, but this op runs on CPU tensors "
+                          "(moe_engine.quant.kernels.qlinear sends CUDA tensors to the GPU kernel)")
+    if x.dim() == 0 or x.shape[-1] != m.cols:
+        raise ConfigError(f"qlinear: x has shape {tuple(x.shape)}, but the quantized matrix is [{m.rows}, {m.cols}]; "
+                          f"x's last dimension must be {m.cols}")
+    if m.bits not in planes or m.group not in group_sizes or m.cols % m.group:
+        raise ConfigError(f"qlinear: {m.bits}-bit codes in groups of {m.group} over {m.cols} columns are not a "
+                          f"valid format; bits must be one of {tuple(planes)} and the group one of {group_sizes}, "
+                          "dividing cols")
+    widths = planes[m.bits]
+    if len(m.planes) != len(widths):
+        raise ConfigError(f"qlinear: {m.bits}-bit codes are stored in {len(widths)} bit plane(s) of widths "
+                          f"{widths}, got {len(m.planes)}")
+    for i, (plane, w) in enumerate(zip(m.planes, widths)):
+        _check_qtensor(f"plane {i} ({w}-bit)", plane, torch.uint8, (m.rows, m.cols * w // 8))
+    groups = (m.rows, m.cols // m.group)
+    _check_qtensor("scales", m.scales, torch.float16, groups)
+    _check_qtensor("zeros", m.zeros, torch.float16, groups)
+
+
+def qlinear(x: torch.Tensor, m, *, backend: str = "auto", num_threads: int | None = None,
+            isa: str = "auto") -> torch.Tensor:
+    """x [..., C] (any float dtype, CPU) @ W^T for a quantized W [R, C] (a quant.format.QMatrix) -> [..., R] in x.dtype.
+
+    "c": moe_engine._C's fused kernel; x is converted to contiguous float32, accumulation is float32, the
+    GIL is released and rows are split over num_threads threads (default torch.get_num_threads(); small
+    matrices use fewer). isa picks the kernel's SIMD path ("auto" = the fastest this CPU runs; see
+    qlinear_isas(); a test and benchmark hook). "torch": quant.kernels.qlinear_reference, which
+    dequantizes W to x.dtype and calls F.linear (so low-precision x also rounds W there, not here).
+    """
+    _check_qlinear(x, m)
+    if isa not in QLINEAR_ISAS:
+        raise ConfigError(f"qlinear: isa must be one of {QLINEAR_ISAS}, got {isa!r}")
+    threads = torch.get_num_threads() if num_threads is None else _check_size("num_threads", num_threads, 1)
+    if _resolve(backend) == "torch":
+        from .quant.kernels import qlinear_reference   # lazily: quant.kernels imports this module
+        return qlinear_reference(x, m)
+    xf = x if x.dim() == 2 else x.reshape(-1, m.cols)                      # [N, C]
+    xf = (xf if xf.dtype == torch.float32 else xf.float()).contiguous()
+    out = torch.empty(xf.shape[0], m.rows, dtype=torch.float32)            # [N, R]
+    planes = [p.contiguous() for p in m.planes]                            # views of an expert buffer: no copy
+    scales, zeros = m.scales.contiguous(), m.zeros.contiguous()
+    _C.qlinear_f32(xf.data_ptr(), xf.shape[0], [p.data_ptr() for p in planes], scales.data_ptr(), zeros.data_ptr(),
+                   m.rows, m.cols, m.bits, m.group, out.data_ptr(), threads, isa)
+    if x.dim() != 2:
+        out = out.reshape(*x.shape[:-1], m.rows)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
