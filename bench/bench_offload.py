@@ -256,9 +256,11 @@ def run_quant(args) -> None:
             continue
         tps = run["decode_tokens_per_s"]
         base.setdefault(r["fraction"], tps)
+        slots = run["stats"]["cache"]["capacity_experts"]              # all resident: no cache, no loads
+        loads = run.get("decode_loads", 0) / args.tokens
         print(f"| {r['gpu_mem'] / 2**20:.0f} MiB | {r['limit'] / 2**30:.2f} GiB | {r['quant']} | "
-              f"{run['capacity_experts']} | {tps:.2f} | {tps / base[r['fraction']]:.2f}x | "
-              f"{run['decode_loads'] / args.tokens:.2f} | {run.get('memcg_peak', 0) / 2**30:.2f} GiB |")
+              f"{slots} | {tps:.2f} | {tps / base[r['fraction']]:.2f}x | "
+              f"{loads:.2f} | {run.get('memcg_peak', 0) / 2**30:.2f} GiB |")
 
 
 def bound(row_run: dict, io_bps: float, ram_tps: float, tokens: int) -> float:

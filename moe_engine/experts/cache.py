@@ -53,6 +53,9 @@ class OffloadedExperts:
         self._needed: list[int] = []                      # experts of the current layer pass, not yet computed
         self._deferred: list[int] = []                    # misses waiting for a slot (more experts than slots)
         self._predictions: dict[int, torch.Tensor] = {}
+        self._shadow: dict[int, set[int]] = {}           # target layer -> experts last predicted for it
+        self._fetched_this_step: dict[int, set[int]] = {}   # target layer -> experts prefetched for it this step
+        self.precision = [1.0] * len(plan.quotas)         # per layer: moving average of prediction precision
         self.loader = Loader(self._work, num_workers=io_threads)
 
     def _alloc(self, nbytes: int) -> torch.Tensor:
@@ -93,12 +96,14 @@ class OffloadedExperts:
         self._note_last_use()
         if layer <= self._layer:
             self.step += 1
+            self._fetched_this_step = {}
         self.timing.layer_start(layer <= self._layer, self.counters.stall_seconds)
         self._layer = layer
         experts = list(experts)
         tokens = dict(zip(experts, counts or [1] * len(experts)))
         self._needed, self._deferred = list(experts), []
         self._cancel_stale(layer, experts)
+        self._score_prediction(layer, experts)
         self._drop_failed(layer)
         missing = self.table.lookup(layer, experts, self.step)
         self.counters.accessed(layer, self.step, experts)
@@ -203,23 +208,44 @@ class OffloadedExperts:
             self.jobs.pop((layer, e), None)          # a finished load nobody used
             self.counters.evicted(layer, e)
 
+    def _score_prediction(self, layer: int, experts: Sequence[int]) -> None:
+        """Precision of the last prediction for this layer (issued or not), as a moving average."""
+        predicted = self._shadow.pop(layer, None)
+        if predicted:
+            hit = len(predicted & set(experts)) / len(predicted)
+            self.precision[layer] = PRECISION_DECAY * self.precision[layer] + (1 - PRECISION_DECAY) * hit
+
     def _prefetch(self, layer: int) -> None:
-        """Load the experts the predictor expects in the next layers, nearest layer first."""
+        """Load the experts the predictor expects in the next layers, nearest layer first.
+
+        A prefetch that needs an eviction is issued only while the layer's predictions have been
+        right at least MIN_PRECISION of the time: a wrong one costs a load and may evict an expert
+        that is used again (on near-random routing, prefetching with 2 slots per layer quadrupled
+        the loads). Predictions keep being scored while gated, so prefetching resumes when they improve.
+        Experts prefetched for a layer earlier in the same step (from a farther lookahead) are not
+        evicted by later, nearer predictions for it.
+        """
         for distance, (target, probs) in enumerate(sorted(self._predictions.items()), start=1):
             if target <= layer or not self.table.quotas[target]:
                 continue
             scores, guessed = summed_scores(probs, self.ckpt.spec.moe.top_k)     # [E] expected tokens
             k = min(self.table.quotas[target], probs.shape[-1])
             wanted = sorted(np.flatnonzero(guessed).tolist(), key=lambda e: -scores[e])[:k]
+            self._shadow.setdefault(target, set(wanted))     # scored: the step's first (farthest) guess
+            confident = self.precision[target] >= MIN_PRECISION
             for e in wanted:
                 if self.table.contains(target, e):
                     continue
-                keep = self._inflight(target) | set(wanted)
+                if not confident and not self.table.free[target]:
+                    break
+                fetched = self._fetched_this_step.setdefault(target, set())
+                keep = self._inflight(target) | set(wanted) | fetched      # earlier rounds' picks stay
                 placed = self.table.place(target, e, self.step, protected=keep, scores=scores)
                 if placed is None:
                     break
                 self._evicted(target, placed[1])
                 self._submit(target, e, placed[0], distance)
+                fetched.add(e)
         self._predictions = {}
 
     def _inflight(self, layer: int) -> set[int]:
@@ -285,7 +311,8 @@ class OffloadedExperts:
         disk = (self.host or self.reader).bytes_disk_read         # the reader's own count (threads overlap)
         out = self.counters.sections(self.table, disk)
         if self.forecaster is not None:
-            out["prediction"] = {**self.forecaster.stats(), **self.timing.stats()}
+            out["prediction"] = {**self.forecaster.stats(), **self.timing.stats(),
+                                 "per_layer_precision": [round(p, 4) for p in self.precision]}
         return out
 
     def close(self) -> None:
@@ -322,6 +349,10 @@ def read_expert_bytes(ckpt, reader, layer: int, expert: int, dest: torch.Tensor,
             n = info.nbytes // info.dtype.itemsize
             out[pos:pos + n].copy_(target[src:src + info.nbytes].view(info.dtype))
             pos, src = pos + n, src + info.nbytes
+
+
+PRECISION_DECAY = 0.9          # moving average of per-layer prediction precision
+MIN_PRECISION = 0.7            # below it, prefetches that would evict are not issued (tuned: see RESULTS)
 
 
 class LookaheadClock:
