@@ -276,7 +276,7 @@ def test_cli_nonsense_sampling(tok_dir, capsys, flag, value):
 # ---- load arguments --------------------------------------------------------------------------
 BAD_LOAD = [(dict(gpu_mem="lots"), ("gpu_mem", "lots")), (dict(cpu_mem="-5G"), ("cpu_mem", "-5G")),
             (dict(gpu_mem=0), ("gpu_mem",)), (dict(device="tpu"), ("tpu",)), (dict(dtype="int3"), ("int3",)),
-            (dict(predictor="oracle"), ("oracle",)), (dict(quant="int3"), ("int3",))]
+            (dict(predictor="oracle"), ("oracle",)), (dict(quant="int5"), ("5-bit",)), (dict(quant="mixed:1"), ("cannot be met",))]
 
 
 @pytest.mark.parametrize("kw,needles", BAD_LOAD, ids=kw_ids(BAD_LOAD))
