@@ -232,9 +232,8 @@ class EngineLoop:
             delta = ""
         else:
             s.text.push(token)
-            visible = s.stopper.trim(0, s.text.text) if done else s.text.text
-            if done:
-                visible = s.stopper.trim(0, self.engine.decode(s.text.ids))
+            # at the end: the whole text decoded once more (flushes a held partial character), stop string cut
+            visible = s.stopper.trim(0, self.engine.decode(s.text.ids)) if done else s.text.text
             ready = len(visible) if done else len(visible) - s.hold
             delta = visible[s.sent:ready] if ready > s.sent else ""
             s.sent = max(s.sent, ready)
