@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 import moe_engine
+from moe_engine.errors import ConfigError
 from moe_engine.runtime.batching import QueueFull, Request
 from moe_engine.runtime.loop import EngineLoop
 from moe_engine.runtime.sampling import SamplingParams
@@ -106,3 +108,21 @@ def test_stop_strings_cancel_and_queue_limit(eng):
     assert loop.counters()["kv_reserved"] == 0
     with pytest.raises(ValueError, match="KV cache"):
         EngineLoop(eng, max_num_seqs=1, kv_tokens=64).submit(Request([5] * 60, 10, SamplingParams(), print))
+
+
+@pytest.mark.parametrize("scheduler", ["expert", "fifo"])
+def test_offline_generate_with_max_batch_matches_the_padded_batch(eng, scheduler):
+    want = eng.generate(PROMPTS, max_new_tokens=10, do_sample=False, stop=["\n\n"])
+    got = eng.generate(PROMPTS, max_new_tokens=10, do_sample=False, stop=["\n\n"], max_batch=3, scheduler=scheduler)
+    assert got == want
+    kw = dict(max_new_tokens=6, do_sample=True, temperature=0.9, seed=11)
+    assert eng.generate(PROMPTS[:4], max_batch=2, **kw) == eng.generate(PROMPTS[:4], **kw)   # row i: seed + i
+    ids = torch.tensor([eng.encode("def f(x):")])
+    assert torch.equal(eng.generate(ids, max_new_tokens=5, max_batch=1), eng.generate(ids, max_new_tokens=5))
+
+
+def test_offline_generate_bad_arguments(eng):
+    with pytest.raises(ConfigError, match="max_batch=0"):
+        eng.generate(PROMPTS[:2], max_batch=0)
+    with pytest.raises(ConfigError, match="scheduler='lifo'"):
+        eng.generate(PROMPTS[:2], max_batch=2, scheduler="lifo")

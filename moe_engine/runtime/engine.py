@@ -82,7 +82,7 @@ class Engine:
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         return int(eos[0]) if eos and eos[0] is not None else 0
 
-    def _prepare(self, rows: list[list[int]], max_new_tokens, eos_token_id, stop, kw) -> dict:
+    def _prepare(self, rows: list[list[int]], max_new_tokens, eos_token_id, stop, kw, check_kv: bool = True) -> dict:
         """Check every argument before any work; returns what generate_tokens needs."""
         for i, r in enumerate(rows):
             if not r:
@@ -97,7 +97,8 @@ class Engine:
             max_new_tokens = self.generation_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} is invalid: use an integer >= 0")
-        self._check_kv_reserve(rows, max_new_tokens)
+        if check_kv:
+            self._check_kv_reserve(rows, max_new_tokens)
         eos = normalize_eos(self._eos_value(eos_token_id))
         params = resolve_sampling(self.generation_config, **kw)
         decode = self.decode if self.tokenizer is not None else None
@@ -132,13 +133,28 @@ class Engine:
     def generate(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, do_sample: bool | None = None,
                  stop=None, eos_token_id=None, seed: int | None = None, streamer=None,
-                 attention_mask: torch.Tensor | None = None, chat: bool = False):
-        """str -> str; list[str] -> list[str] (continuations); LongTensor [B, T] -> prompt + new ids."""
+                 attention_mask: torch.Tensor | None = None, chat: bool = False, max_batch: int | None = None,
+                 scheduler: str = "expert"):
+        """str -> str; list[str] -> list[str] (continuations); LongTensor [B, T] -> prompt + new ids.
+
+        max_batch: run the rows through the continuous-batching loop, at most this many per decode step,
+        the scheduler ("expert": rows whose experts overlap share steps; "fifo") choosing which.
+        """
         self._check_open()
         kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, do_sample=do_sample, seed=seed)
         rows, kind = self._rows(prompt, attention_mask, chat)
         if streamer is not None and len(rows) != 1:
             raise ConfigError(f"streamer works with a single prompt, got a batch of {len(rows)}")
+        if max_batch is not None:
+            if streamer is not None:
+                raise ConfigError("streamer cannot be combined with max_batch; use the server for streaming batches")
+            from .offline import generate_scheduled
+            prep = self._prepare(rows, max_new_tokens, eos_token_id, stop, kw, check_kv=False)
+            for r in rows:                                   # each row alone must fit the KV reserve
+                self._check_kv_reserve([r], max(prep["max_new_tokens"]))
+            self.timings, self._stopper = Timings(), prep["stopper"]
+            return self._outputs(prompt, kind, generate_scheduled(self, rows, prep, max_batch, scheduler),
+                                 eos_token_id)
         new: list[list[int]] = [[] for _ in rows]
         steps = self._steps(rows, max_new_tokens, eos_token_id, stop, kw)
         if streamer is not None:
