@@ -23,6 +23,7 @@ This module is the readable reference: quantize, pack, unpack, dequantize. The f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -61,7 +62,7 @@ class QMatrixLayout:
     group: int
     offset: int                        # where its first plane starts
 
-    @property
+    @cached_property
     def plane_offsets(self) -> list[int]:
         out, pos = [], self.offset
         for w in PLANES[self.bits]:
@@ -69,16 +70,16 @@ class QMatrixLayout:
             pos = _align(pos + self.rows * self.cols * w // 8)
         return out
 
-    @property
+    @cached_property
     def scales_offset(self) -> int:
         w = PLANES[self.bits][-1]
         return _align(self.plane_offsets[-1] + self.rows * self.cols * w // 8)
 
-    @property
+    @cached_property
     def group_bytes(self) -> int:      # bytes of the scales (or of the zeros)
         return self.rows * (self.cols // self.group) * SCALE_DTYPE.itemsize
 
-    @property
+    @cached_property
     def end(self) -> int:
         return _align(self.scales_offset + 2 * _align(self.group_bytes))
 
@@ -122,15 +123,15 @@ class QuantLayout:
     def __post_init__(self):
         check_format(self.bits, self.group_size, self.hidden_size, self.intermediate_size)
 
-    @property
+    @cached_property
     def w1(self) -> QMatrixLayout:
         return QMatrixLayout(2 * self.intermediate_size, self.hidden_size, self.bits, self.group_size, 0)
 
-    @property
+    @cached_property
     def w2(self) -> QMatrixLayout:
         return QMatrixLayout(self.hidden_size, self.intermediate_size, self.bits, self.group_size, self.w1.end)
 
-    @property
+    @cached_property
     def numel(self) -> int:
         """Bytes of one quantized expert (its buffer is uint8)."""
         return self.w2.end
