@@ -91,3 +91,32 @@ class ExpertProvider(Protocol):
 
     def observe(self, layer: int, router_input: torch.Tensor, experts: torch.Tensor,
                 weights: torch.Tensor) -> None: ...
+
+
+class ForwardingProvider:
+    """An ExpertProvider proxy that passes every call to `inner`; subclasses watch what goes by.
+
+    Recorders (routing traces, calibration, serving forecasts) override `begin_step` / `observe`
+    and call super() so the real provider still sees everything; other attributes (stats(),
+    nbytes(), capacity_experts, ...) are the inner provider's.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def begin_step(self, token_ids: torch.Tensor, seq_ids: torch.Tensor) -> None:
+        begin = getattr(self.inner, "begin_step", None)
+        if begin is not None:
+            begin(token_ids, seq_ids)
+
+    def observe(self, layer: int, router_input: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        self.inner.observe(layer, router_input, experts, weights)
+
+    def prepare(self, layer: int, experts: Sequence[int], counts: Sequence[int] | None = None):
+        return self.inner.prepare(layer, experts, counts)
+
+    def get(self, layer: int, expert: int) -> torch.Tensor:
+        return self.inner.get(layer, expert)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..model.experts import ExpertLayout
+from ..model.experts import ExpertLayout, ForwardingProvider
 from .format import QuantLayout
 
 WINDOW = 512
@@ -32,22 +32,14 @@ class LayerStats:
     seen: int = 0
 
 
-class CalibrationRecorder:
+class CalibrationRecorder(ForwardingProvider):
     """An ExpertProvider proxy that tallies routing and samples router inputs, then passes everything on."""
 
     def __init__(self, inner, moe_layers: list[int], num_experts: int, samples: int, seed: int = 0):
-        self.inner = inner
+        super().__init__(inner)
         self.stats = {m: LayerStats(np.zeros(num_experts), np.zeros(num_experts)) for m in moe_layers}
         self.samples = samples
         self.rng = np.random.default_rng(seed)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def begin_step(self, token_ids, seq_ids) -> None:
-        begin = getattr(self.inner, "begin_step", None)
-        if begin is not None:
-            begin(token_ids, seq_ids)
 
     def observe(self, layer, router_input, experts, weights) -> None:
         s = self.stats[layer]
@@ -63,13 +55,7 @@ class CalibrationRecorder:
                 if j < self.samples:
                     s.inputs[j] = row.clone()
             s.seen += 1
-        self.inner.observe(layer, router_input, experts, weights)
-
-    def prepare(self, layer, experts, counts=None):
-        return self.inner.prepare(layer, experts, counts)
-
-    def get(self, layer, expert):
-        return self.inner.get(layer, expert)
+        super().observe(layer, router_input, experts, weights)
 
 
 def calibration_tokens(engine, path, max_tokens: int) -> list[int]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.experts import ForwardingProvider
 from .detokenize import IncrementalText
 from .sampling import Sampler, SamplingParams
 from .stopping import StopChecker
@@ -111,7 +112,7 @@ class StepKV:
             s.length += m
 
 
-class PathRecorder:
+class PathRecorder(ForwardingProvider):
     """ExpertProvider proxy that learns, online, which experts each token id tends to use at each MoE layer.
 
     Routing depends strongly on the token itself (on the bundled model the experts a token id used
@@ -124,7 +125,7 @@ class PathRecorder:
     MAX_TABLE = 32 << 20                                    # entries (float32) in the token table
 
     def __init__(self, inner, moe_layers: list[int], vocab_size: int, num_experts: int, top_k: int):
-        self.inner = inner
+        super().__init__(inner)
         self.index = {m: i for i, m in enumerate(moe_layers)}
         self.top_k = top_k
         self.buckets = max(1, min(vocab_size, self.MAX_TABLE // max(1, len(moe_layers) * num_experts)))
@@ -133,15 +134,10 @@ class PathRecorder:
         self._rows: list[int] = []
         self._tokens = torch.empty(0, dtype=torch.long)
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
     def begin_step(self, token_ids, seq_ids) -> None:
         self._rows = seq_ids.tolist()
         self._tokens = token_ids.cpu() % self.buckets
-        begin = getattr(self.inner, "begin_step", None)
-        if begin is not None:
-            begin(token_ids, seq_ids)
+        super().begin_step(token_ids, seq_ids)
 
     def observe(self, layer, router_input, experts, weights) -> None:
         i = self.index[layer]
@@ -154,7 +150,7 @@ class PathRecorder:
         for seq, row in last.items():
             path = self.paths.setdefault(seq, [frozenset()] * len(self.index))
             path[i] = frozenset(ids[row])
-        self.inner.observe(layer, router_input, experts, weights)
+        super().observe(layer, router_input, experts, weights)
 
     def forecast(self, seq_id: int, next_token: int) -> list[frozenset[int]] | None:
         """Predicted experts per MoE layer of the sequence's next step (feeding `next_token`)."""
@@ -164,12 +160,6 @@ class PathRecorder:
         seen = (counts.sum(-1) > 0).tolist()
         out = [frozenset(t) if ok else (prev[i] if prev else None) for i, (t, ok) in enumerate(zip(top, seen))]
         return None if any(p is None for p in out) else out
-
-    def prepare(self, layer, experts, counts=None):
-        return self.inner.prepare(layer, experts, counts)
-
-    def get(self, layer, expert):
-        return self.inner.get(layer, expert)
 
 
 @dataclass(eq=False)

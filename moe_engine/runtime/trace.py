@@ -20,26 +20,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..model.experts import ForwardingProvider
 from ..profiling.trace import Trace
 
 
-class RoutingRecorder:
+class RoutingRecorder(ForwardingProvider):
     """An ExpertProvider proxy that writes down what every MoE layer chose, then passes everything on."""
 
     def __init__(self, inner, moe_layers: list[int], router_inputs: bool = False):
-        self.inner = inner
+        super().__init__(inner)
         self.moe_layers = list(moe_layers)
         self.keep_inputs = router_inputs
         self.steps: list[dict] = []
 
-    def __getattr__(self, name):          # stats(), nbytes(), capacity_experts, ... of the real provider
-        return getattr(self.inner, name)
-
     def begin_step(self, token_ids: torch.Tensor, seq_ids: torch.Tensor) -> None:
         self.steps.append({"tokens": token_ids.cpu(), "seqs": seq_ids.cpu(), "experts": {}, "weights": {}, "x": {}})
-        begin = getattr(self.inner, "begin_step", None)
-        if begin is not None:
-            begin(token_ids, seq_ids)
+        super().begin_step(token_ids, seq_ids)
 
     def observe(self, layer, router_input, experts, weights) -> None:
         step = self.steps[-1]
@@ -47,13 +43,7 @@ class RoutingRecorder:
         step["weights"][layer] = weights.float().cpu()
         if self.keep_inputs:
             step["x"][layer] = router_input.to(torch.float16).cpu()
-        self.inner.observe(layer, router_input, experts, weights)
-
-    def prepare(self, layer, experts, counts=None):
-        return self.inner.prepare(layer, experts, counts)
-
-    def get(self, layer, expert):
-        return self.inner.get(layer, expert)
+        super().observe(layer, router_input, experts, weights)
 
     def trace(self, prompt_lens: list[int], num_experts: int) -> Trace:
         """All recorded steps regrouped per sequence (sequences in order of first appearance)."""
