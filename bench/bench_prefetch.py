@@ -44,8 +44,10 @@ def heldout_prompts(n: int, tokens: int) -> list[list[int]]:
     raise SystemExit(f"only {len(out)} held-out files have {2 * tokens} tokens")
 
 
-def budget_for(fraction: float) -> int:
-    """Smallest --gpu-mem (bytes, 64 KiB steps) whose plan gives each MoE layer round(fraction x E) slots."""
+def budget_for(fraction: float, kv_tokens: int | None = None) -> int:
+    """Smallest --gpu-mem (bytes, 64 KiB steps) whose plan gives each MoE layer round(fraction x E) slots.
+
+    kv_tokens: the KV reserve the run will load with (--max-kv-tokens; None: the engine's default)."""
     import torch
 
     from moe_engine.checkpoint import Checkpoint
@@ -59,7 +61,7 @@ def budget_for(fraction: float) -> int:
     while hi - lo > 65536:
         mid = (lo + hi) // 2
         try:
-            ok = min(make_plan(spec, torch.device("cpu"), dt, nonexp, mid, None).quotas) >= want
+            ok = min(make_plan(spec, torch.device("cpu"), dt, nonexp, mid, None, kv_tokens).quotas) >= want
         except Exception:
             ok = False
         lo, hi = (lo, mid) if ok else (mid, hi)

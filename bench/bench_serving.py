@@ -24,27 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def budget_for(slots: int, kv_tokens: int) -> int:
-    """Smallest --gpu-mem (64 KiB steps) giving each MoE layer `slots` slots with this KV reserve."""
-    from moe_engine.checkpoint import Checkpoint
-    from moe_engine.experts.plan import make_plan
-    from moe_engine.runtime.build import non_expert_bytes
-    from moe_engine.runtime.load import DEFAULT_MODEL_DIR
-    ckpt = Checkpoint(DEFAULT_MODEL_DIR)
-    nonexp = non_expert_bytes(ckpt, ckpt.dtype)
-    lo, hi = 1 << 20, 1 << 30
-    while hi - lo > 65536:
-        mid = (lo + hi) // 2
-        try:
-            ok = min(q for q in make_plan(ckpt.spec, torch.device("cpu"), ckpt.dtype, nonexp, mid, None,
-                                          kv_tokens).quotas if q) >= slots
-        except Exception:
-            ok = False
-        lo, hi = (lo, mid) if ok else (mid, hi)
-    ckpt.close()
-    return hi
+from bench_prefetch import budget_for  # noqa: E402
 
 
 def workload(tok, n: int, rate: float, seed: int = 0) -> list[dict]:
@@ -117,7 +97,7 @@ def main(argv=None) -> int:
     load = workload(eng.tokenizer, args.requests, args.rate)
     eng.close()
     kv_tokens = args.max_num_seqs * (96 + 64)
-    budget = budget_for(args.slots, kv_tokens)
+    budget = budget_for(args.slots / 16, kv_tokens)      # the bundled model has 16 experts per layer
     runs = {"fifo": [], "expert": []}
     for rep in range(args.repeats):
         for sched in (("fifo", "expert") if rep % 2 == 0 else ("expert", "fifo")):

@@ -137,18 +137,22 @@ class QuantizedExperts:
                               f"{r['nbytes']} bytes); delete {self.entry} to rebuild it")
         return out
 
+    @property
+    def dense_expert_bytes(self) -> int:
+        """Bytes of one expert unquantized, in the checkpoint dtype."""
+        return self.ckpt.layout.nbytes(self.ckpt.dtype)
+
     def summary(self) -> dict:
         """The stats' "quant" section: setting, widths per expert, bytes per expert."""
-        dense = 3 * self.spec.hidden_size * self.spec.moe.intermediate_size * self.ckpt.dtype.itemsize
         all_bits = [b for bits in self.bits.values() for b in bits]
         return {"name": self.name, "group_size": self.group_size, "mean_bits": sum(all_bits) / len(all_bits),
                 "bits_per_expert": [self.bits[m] for m in self.spec.moe_layers],
                 "expert_bytes": {str(b): lay.numel for b, lay in sorted(self._layouts.items())},
-                "unquantized_expert_bytes": dense, "cache_dir": str(self.entry)}
+                "unquantized_expert_bytes": self.dense_expert_bytes, "cache_dir": str(self.entry)}
 
     def describe(self) -> list[str]:
         """Lines for the placement plan: widths per layer and bytes per expert."""
-        dense = 3 * self.spec.hidden_size * self.spec.moe.intermediate_size * self.ckpt.dtype.itemsize
+        dense = self.dense_expert_bytes
         sizes = sorted({lay.numel for lay in self._layouts.values()})
         lines = [f"  experts quantized {self.name}, group {self.group_size}: "
                  + ", ".join(f"{b}-bit {format_size(lay.numel)} ({dense / lay.numel:.2f}x smaller than "
