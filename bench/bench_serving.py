@@ -42,14 +42,16 @@ def workload(tok, n: int, rate: float, seed: int = 0) -> list[dict]:
 
 
 def serve(load: list[dict], scheduler: str, budget: int, kv_tokens: int, max_num_seqs: int, max_batch: int,
-          max_wait: int | None = None, miss_weight: float = 2.0) -> dict:
+          max_wait: int | None = None, miss_weight: float = 2.0, hint: bool = True,
+          prefill_wait: int | None = None) -> dict:
     import moe_engine
     from moe_engine.runtime.batching import Request
     from moe_engine.runtime.loop import EngineLoop
     from moe_engine.runtime.sampling import SamplingParams
     eng = moe_engine.load(gpu_mem=budget, max_kv_tokens=kv_tokens, progress=False)
     loop = EngineLoop(eng, max_num_seqs=max_num_seqs, max_batch=max_batch, scheduler=scheduler,
-                      max_wait_steps=max_wait, miss_weight=miss_weight).start()
+                      max_wait_steps=max_wait, miss_weight=miss_weight, schedule_aware_eviction=hint,
+                      prefill_wait=prefill_wait if scheduler != "fifo" else 0).start()
     done, lat, tokens = threading.Event(), {}, {}
     lock = threading.Lock()
 
@@ -88,8 +90,12 @@ def main(argv=None) -> int:
     p.add_argument("--slots", type=int, default=4, help="expert slots per MoE layer (of 16)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-wait", type=int, default=None, help="steps a ready sequence may be passed over "
-                   "(expert; default 2 x ceil(max-num-seqs / max-batch) - 1)")
+                   "(expert; default 4 x ceil(max-num-seqs / max-batch) - 1)")
     p.add_argument("--miss-weight", type=float, default=2.0, help="cost of a non-resident expert (expert)")
+    p.add_argument("--no-hint", action="store_true", help="turn off schedule-aware eviction (the cache is not told "
+                   "the next step's forecast experts) for both schedulers")
+    p.add_argument("--prefill-wait", type=int, default=None, help="steps admission may wait to prefill a fuller "
+                   "group (expert; default max-wait; 0 = admit at once like fifo)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     import moe_engine
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
     for rep in range(args.repeats):
         for sched in (("fifo", "expert") if rep % 2 == 0 else ("expert", "fifo")):
             r = serve(load, sched, budget, kv_tokens, args.max_num_seqs, args.max_batch, args.max_wait,
-                      args.miss_weight)
+                      args.miss_weight, not args.no_hint, args.prefill_wait)
             print(json.dumps(r), file=sys.stderr, flush=True)
             runs[sched].append(r)
     med = {s: {k: statistics.median(r[k] for r in rs) for k in ("loads_per_token", "p50_s", "p99_s", "tokens_per_s",

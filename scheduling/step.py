@@ -5,7 +5,8 @@ ids per MoE layer); the cache's residents are frozensets of expert ids per layer
 does not run models, read routing, predict experts or touch the cache: the engine passes those
 in (e.g. the experts a sequence's previous token used) and runs the ids this returns.
 
-Schedulers share one interface (`select(ready, capacity, resident) -> seq ids`, `forget(seq_id)`):
+Schedulers share one interface (`select(ready, capacity, resident) -> seq ids`, `peek(...)`: the same
+choice without counting a step, `forget(seq_id)`):
 
   fifo    the `capacity` oldest arrivals. With `arrival` stamped when a sequence's next token
           becomes ready (after its previous token ran), this is round-robin.
@@ -45,6 +46,13 @@ class Scheduler(Protocol):
 
     def forget(self, seq_id: int) -> None:
         """The sequence finished or was aborted: drop its state."""
+
+    def peek(self, ready: list[Candidate], capacity: int, resident: ExpertPath | None = None) -> list[int]:
+        """What `select` would pick from `ready` now, without counting it as a step (no state changes).
+
+        The engine calls it with the sequences passed over this step to guess the next step's group and
+        tells the expert cache to keep that group's experts (schedule-aware eviction).
+        """
 
 
 def _age(c: Candidate) -> tuple[int, int]:
@@ -102,6 +110,9 @@ class FifoScheduler:
     def select(self, ready: list[Candidate], capacity: int, resident: ExpertPath | None = None) -> list[int]:
         _check(ready, capacity, resident)
         return [c.seq_id for c in sorted(ready, key=_age)[:capacity]]
+
+    def peek(self, ready: list[Candidate], capacity: int, resident: ExpertPath | None = None) -> list[int]:
+        return self.select(ready, capacity, resident)
 
     def forget(self, seq_id: int) -> None:
         pass
@@ -185,14 +196,18 @@ class ExpertAwareScheduler:
         return dict(self._waits)
 
     def select(self, ready: list[Candidate], capacity: int, resident: ExpertPath | None = None) -> list[int]:
-        _check(ready, capacity, resident)
-        chosen = list(ready) if len(ready) <= capacity else self._choose(ready, capacity, resident)
-        picked = {c.seq_id for c in chosen}
+        chosen = self.peek(ready, capacity, resident)
+        picked = set(chosen)
         for c in ready:
             if c.seq_id in picked:
                 self._waits.pop(c.seq_id, None)
             else:
                 self._waits[c.seq_id] = self._waits.get(c.seq_id, 0) + 1
+        return chosen
+
+    def peek(self, ready: list[Candidate], capacity: int, resident: ExpertPath | None = None) -> list[int]:
+        _check(ready, capacity, resident)
+        chosen = list(ready) if len(ready) <= capacity else self._choose(ready, capacity, resident)
         return [c.seq_id for c in sorted(chosen, key=_age)]
 
     def forget(self, seq_id: int) -> None:

@@ -3,6 +3,7 @@ tokens as when run alone, whatever the scheduler, step size or budget; cancel an
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -79,6 +80,32 @@ def test_offloaded_engine_under_a_budget_and_seeded_sampling(tmp_path):
     eng.close()
 
 
+def test_grouped_prefills_and_schedule_aware_eviction_keep_outputs():
+    """Expert scheduling under a budget: admission held for fuller prefill groups, the cache told the next
+    group's experts; every request still gets its lone-run text, and prompts were prefilled in fewer steps."""
+    eng = moe_engine.load(dtype="float32", gpu_mem="22M", max_kv_tokens=512, progress=False)
+    hints = []
+    real_hint = eng.provider.hint_upcoming
+    eng.provider.hint_upcoming = lambda experts: (hints.append(experts), real_hint(experts))
+    ids = [eng.encode(p) for p in PROMPTS]
+    lengths = [6, 3, 9, 4, 7, 3, 5, 8]
+    prefills = {}
+    for wait in (0, 6):
+        loop = EngineLoop(eng, max_num_seqs=4, max_batch=2, max_prefill=4, scheduler="expert",
+                          prefill_wait=wait).start()
+        try:
+            events = collect(loop, ids, lengths)
+        finally:
+            loop.shutdown()
+        prefills[wait] = loop.counters()["prefills"]
+        for i, p in enumerate(PROMPTS):
+            assert "".join(e.text for e in events[i]) == eng.generate(p, max_new_tokens=lengths[i], do_sample=False)
+    assert prefills[6] < prefills[0]
+    assert hints and all(set(h) == set(eng.spec.moe_layers) for h in hints)
+    assert any(any(v) for h in hints for v in h.values())
+    eng.close()
+
+
 def test_stop_strings_cancel_and_queue_limit(eng):
     loop = EngineLoop(eng, max_num_seqs=1, max_waiting=2, scheduler="fifo").start()
     try:
@@ -92,6 +119,10 @@ def test_stop_strings_cancel_and_queue_limit(eng):
             seen.append(ev)
             gate.wait(5)
         loop.submit(Request(eng.encode("import os"), 200, SamplingParams(do_sample=False), slow, request_id="a"))
+        for _ in range(500):                 # "a" runs (its first event is held by `slow`) before the queue fills
+            if seen:
+                break
+            time.sleep(0.01)
         loop.submit(Request(eng.encode("import os"), 5, SamplingParams(do_sample=False), seen.append,
                             request_id="b"))
         loop.submit(Request(eng.encode("import os"), 5, SamplingParams(do_sample=False), seen.append,

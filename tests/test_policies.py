@@ -295,3 +295,14 @@ def test_replay_matches_belady_free_capacity_and_scorer_twin():
         scorer.end_token()
     with_scores = replay(tr, DefaultPolicy(), [3, 4], scorer=scorer)
     assert with_scores.quotas == [3, 4] and with_scores.total_loads >= with_scores.belady.total_loads
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "default"])
+def test_avoided_experts_evicted_only_when_nothing_else_can_be(name):
+    table = SlotTable([3], 8, make_policy(name))
+    serve(table, 0, [0, 1, 2], 0)
+    slot, evicted = table.place(0, 5, 1, protected=[0], avoid=[1])
+    assert evicted == 2                                      # 0 protected, 1 avoided: 2 is the only choice
+    slot, evicted = table.place(0, 6, 2, protected=[0, 5], avoid=[1])
+    assert evicted == 1                                      # everything else protected: the avoided one goes
+    assert set(table.resident_experts(0)) == {0, 5, 6}

@@ -179,6 +179,21 @@ def test_group_batches_groups_identical_paths():
 
 
 # ---- construction and errors ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(4))
+def test_peek_is_select_without_counting_a_step(seed):
+    rng = random.Random(seed)
+    ready = [Candidate(i, i, [f(rng.sample(range(8), 2)) for _ in range(3)]) for i in range(9)]
+    resident = [f(rng.sample(range(8), 3)) for _ in range(3)]
+    sched = ExpertAwareScheduler(max_wait=3)
+    for _ in range(3):                                       # build up some wait counters
+        sched.select(ready, 3, resident)
+    waits = sched.waits
+    peeked = sched.peek(ready, 3, resident)
+    assert sched.waits == waits                              # peek changes nothing
+    assert sched.select(ready, 3, resident) == peeked        # and is what select picks
+    assert FifoScheduler().peek(ready, 4) == FifoScheduler().select(ready, 4)
+
+
 def test_make_scheduler():
     assert isinstance(make_scheduler("fifo"), FifoScheduler)
     s = make_scheduler("expert", max_wait=2, miss_weight=3.0)

@@ -56,6 +56,7 @@ class OffloadedExperts:
         self._shadow: dict[int, set[int]] = {}           # target layer -> experts last predicted for it
         self._fetched_this_step: dict[int, set[int]] = {}   # target layer -> experts prefetched for it this step
         self.precision = [1.0] * len(plan.quotas)         # per layer: moving average of prediction precision
+        self._upcoming: dict[int, frozenset[int]] = {}    # layer -> experts the next scheduled step is forecast to use
         self.loader = Loader(self._work, num_workers=io_threads)
 
     def _alloc(self, nbytes: int) -> torch.Tensor:
@@ -166,8 +167,18 @@ class OffloadedExperts:
     def _protected(self, layer: int) -> set[int]:
         return self._inflight(layer) | set(self._needed)
 
+    def hint_upcoming(self, experts: dict[int, frozenset[int]]) -> None:
+        """A batching loop's guess of the next step's experts per layer: evicted only when nothing else can be.
+
+        Replaces the previous hint; an empty dict clears it. Changes which expert is evicted, never what is computed.
+        """
+        self._upcoming = dict(experts)
+
+    def _avoid(self, layer: int) -> frozenset[int]:
+        return self._upcoming.get(layer, frozenset())
+
     def _demand(self, layer: int, e: int) -> bool:
-        placed = self.table.place(layer, e, self.step, protected=self._protected(layer))
+        placed = self.table.place(layer, e, self.step, protected=self._protected(layer), avoid=self._avoid(layer))
         if placed is None:
             return False
         self._evicted(layer, placed[1])
@@ -178,7 +189,8 @@ class OffloadedExperts:
         """More misses than free slots: place waiting misses as slots free up (computed experts, finished loads)."""
         while self._deferred:
             e = self._deferred[0]
-            placed = self.table.place(layer, e, self.step, protected=self._protected(layer) - {e})
+            placed = self.table.place(layer, e, self.step, protected=self._protected(layer) - {e},
+                                      avoid=self._avoid(layer))
             if placed is None:
                 if e != expert:
                     return
@@ -240,7 +252,8 @@ class OffloadedExperts:
                     break
                 fetched = self._fetched_this_step.setdefault(target, set())
                 keep = self._inflight(target) | set(wanted) | fetched      # earlier rounds' picks stay
-                placed = self.table.place(target, e, self.step, protected=keep, scores=scores)
+                placed = self.table.place(target, e, self.step, protected=keep, scores=scores,
+                                          avoid=self._avoid(target))
                 if placed is None:
                     break
                 self._evicted(target, placed[1])

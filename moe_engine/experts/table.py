@@ -51,10 +51,12 @@ class SlotTable:
         return missing
 
     def place(self, layer: int, expert: int, step: int, protected: Sequence[int] = (),
-              scores: np.ndarray | None = None) -> tuple[int, int | None] | None:
+              scores: np.ndarray | None = None, avoid: Sequence[int] = ()) -> tuple[int, int | None] | None:
         """Give `expert` a slot of its layer: a free one, else the policy's victim among unprotected residents.
 
-        Returns (slot, evicted expert or None), or None when every slot of the layer is protected.
+        `avoid`: residents evicted only when every other unprotected one is (soft protection, e.g. the
+        experts the next scheduled group is forecast to use). Returns (slot, evicted expert or None),
+        or None when every slot of the layer is protected.
         """
         if expert in self.slot_of[layer]:
             raise ValueError(f"expert {expert} of layer {layer} is already resident")
@@ -65,6 +67,8 @@ class SlotTable:
             candidates = [e for e in self.slot_of[layer] if e not in keep]
             if not candidates:
                 return None
+            if avoid:
+                candidates = [e for e in candidates if e not in avoid] or candidates
             evicted = self.policy.victim(layer, candidates, step, scores)
             slot = self.slot_of[layer].pop(evicted)
             self.evictions += 1

@@ -7,7 +7,10 @@ Admission needs a seat (`max_num_seqs`) and KV reserve (prompt + max_tokens of e
 sequence <= `kv_tokens`). A decode step runs at most `max_batch` sequences, chosen by the
 scheduler (`scheduling/`: "fifo" = in order of readiness, round robin; "expert" = the ExpertFlow-style
 rescheduler, which forecasts each sequence's next experts from its next token id, see
-batching.PathRecorder, and passes nobody over more than `max_wait_steps` steps). A failure
+batching.PathRecorder, and passes nobody over more than `max_wait_steps` steps). With "expert" the
+schedule also steers the cache and admission: the expert cache is told the experts of the group the
+scheduler would pick next (evicted last), and admission may wait up to `prefill_wait` steps so that
+prompts are prefilled together (a prompt touches most experts of every layer). A failure
 inside a step (e.g. an expert read error) ends the requests of that step with an error event;
 the loop keeps serving the others.
 """
@@ -32,20 +35,26 @@ log = logging.getLogger("moe_engine")
 class EngineLoop:
     def __init__(self, engine, max_num_seqs: int = 16, max_batch: int | None = None, scheduler: str = "expert",
                  max_waiting: int | None = None, kv_tokens: int | None = None, max_wait_steps: int | None = None,
-                 max_prefill: int = 4, miss_weight: float = 2.0):
+                 max_prefill: int = 4, miss_weight: float = 2.0, schedule_aware_eviction: bool = True,
+                 prefill_wait: int | None = None):
         from scheduling import make_scheduler
         self.engine = engine
         self.max_num_seqs = max_num_seqs
         self.max_batch = max_batch or max_num_seqs
         self.max_prefill = max_prefill            # waiting requests prefilled together in one step
+        self.schedule_aware_eviction = schedule_aware_eviction   # cache keeps the next group's forecast experts
+        self._held = 0                            # steps admission has been held for a fuller prefill group
         self.max_waiting = max_waiting if max_waiting is not None else 8 * max_num_seqs
         plan_kv = engine.plan.kv_tokens if engine.plan is not None else None
         self.kv_tokens = kv_tokens or plan_kv or max_num_seqs * engine.max_context
         self.scheduler_name = scheduler
-        if max_wait_steps is None:          # twice the round-robin period: the bound can always hold
-            max_wait_steps = 2 * -(-max_num_seqs // self.max_batch) - 1
+        if max_wait_steps is None:          # 4x the round-robin period (>= 1x - 1, so the bound can always hold)
+            max_wait_steps = 4 * -(-max_num_seqs // self.max_batch) - 1
         self.scheduler = make_scheduler(scheduler, max_wait=max_wait_steps, miss_weight=miss_weight) \
             if scheduler != "fifo" else make_scheduler("fifo")
+        if prefill_wait is None:                  # expert-aware scheduling also groups prefills; FIFO admits at once
+            prefill_wait = 0 if scheduler == "fifo" else max_wait_steps
+        self.prefill_wait = prefill_wait
         self.waiting: collections.deque[_Seq] = collections.deque()
         self.running: dict[int, _Seq] = {}
         self.kv_reserved = 0
@@ -55,6 +64,7 @@ class EngineLoop:
         self._stop = False
         self._draining = False
         self.steps = 0
+        self.prefills = 0                         # prefill steps (each prefills up to max_prefill prompts)
         self.decode_tokens = 0
         self.prompt_tokens = 0
         spec = engine.spec
@@ -90,7 +100,8 @@ class EngineLoop:
     def counters(self) -> dict:
         with self._cond:
             return {"running": len(self.running), "waiting": len(self.waiting), "kv_reserved": self.kv_reserved,
-                    "steps": self.steps, "decode_tokens": self.decode_tokens, "prompt_tokens": self.prompt_tokens}
+                    "steps": self.steps, "prefills": self.prefills, "decode_tokens": self.decode_tokens,
+                    "prompt_tokens": self.prompt_tokens}
 
     def drain(self, timeout: float | None = None) -> bool:
         """Stop admitting new requests; wait until every queued and running one has finished."""
@@ -119,7 +130,6 @@ class EngineLoop:
                 admitted = self._admit()
             self._apply_cancels(cancels)
             admitted = [s for s in admitted if s.seq_id in self.running]     # not cancelled as they were admitted
-            admitted = [s for s in admitted if s.seq_id in self.running]    # not cancelled as they were admitted
             if admitted:
                 self._guarded(admitted, lambda: self._prefill(admitted))
             decoding = [s for s in self.running.values() if s.last_token is not None]
@@ -132,7 +142,18 @@ class EngineLoop:
             self._finish(s, "abort")
 
     def _admit(self) -> list[_Seq]:
-        """Waiting requests (in order) that get a seat and KV reserve now, at most max_prefill."""
+        """Waiting requests (in order) that get a seat and KV reserve now, at most max_prefill.
+
+        With `prefill_wait` > 0 and sequences decoding, admission holds while fewer requests than a full
+        prefill group (max_prefill, or all that wait) would get in, for at most `prefill_wait` steps: prompts
+        prefilled together share their expert loads (a prompt touches most experts of every layer).
+        """
+        fits = self._admittable()
+        if 0 < fits < min(self.max_prefill, len(self.waiting)) and self.running and \
+                self._held < self.prefill_wait:
+            self._held += 1
+            return []
+        self._held = 0
         out = []
         while self.waiting and len(self.running) < self.max_num_seqs and len(out) < self.max_prefill:
             s = self.waiting[0]
@@ -143,6 +164,16 @@ class EngineLoop:
             self.running[s.seq_id] = s
             out.append(s)
         return out
+
+    def _admittable(self) -> int:
+        """How many waiting requests (in order) would get a seat and KV reserve now (at most max_prefill)."""
+        seats = self.max_num_seqs - len(self.running)
+        kv, n = self.kv_reserved, 0
+        for s in itertools.islice(self.waiting, min(seats, self.max_prefill)):
+            if kv + s.kv_tokens > self.kv_tokens:
+                break
+            kv, n = kv + s.kv_tokens, n + 1
+        return n
 
     def _apply_cancels(self, ids: set[str]) -> None:
         if not ids:
@@ -168,7 +199,19 @@ class EngineLoop:
         cands = [Candidate(s.seq_id, s.arrival, self.recorder.forecast(s.seq_id, s.last_token)) for s in decoding]
         resident = self._resident()
         chosen = set(self.scheduler.select(cands, self.max_batch, resident))
+        self._hint_next([c for c in cands if c.seq_id not in chosen], resident)
         return [s for s in decoding if s.seq_id in chosen]
+
+    def _hint_next(self, passed_over: list, resident) -> None:
+        """Schedule-aware eviction: tell the expert cache which experts the next step's group (the scheduler's
+        pick among the sequences passed over now) is forecast to use, so this step evicts others first."""
+        hint = getattr(self.engine.provider, "hint_upcoming", None)
+        peek = getattr(self.scheduler, "peek", None)
+        if hint is None or peek is None or not self.schedule_aware_eviction:
+            return
+        nxt = set(peek(passed_over, self.max_batch, resident)) if passed_over else set()
+        paths = [c.experts for c in passed_over if c.seq_id in nxt and c.experts is not None]
+        hint({m: frozenset().union(*(p[i] for p in paths)) for i, m in enumerate(self.engine.spec.moe_layers)})
 
     def _resident(self) -> list[frozenset[int]] | None:
         table = getattr(self.engine.provider, "table", None)
@@ -204,6 +247,7 @@ class EngineLoop:
             self._setup(s)
         ids, mask, positions = left_pad([s.req.prompt_ids for s in seqs], 0, self.engine.device)
         logits = self._forward(seqs, ids, positions, mask)
+        self.prefills += 1
         now = time.perf_counter()
         for i, s in enumerate(seqs):
             self.prompt_tokens += len(s.req.prompt_ids)
