@@ -76,7 +76,8 @@ class CacheCounters:
         per_layer = [h / (h + m) if h + m else 0.0 for h, m in zip(table.hits, table.misses)]
         issued, used = self.prefetch_issued, self.prefetch_used
         logs = [list(steps) for steps in self.log]      # a copy: the serving loop may append while we read
-        belady = sum(belady_loads(logs[i], table.quotas[i]) for i in range(self.num_layers) if logs[i])
+        per_layer_belady = [belady_loads(logs[i], table.quotas[i]) if logs[i] else 0 for i in range(self.num_layers)]
+        belady = sum(per_layer_belady)
         lookups = hits + misses
         return {
             "cache": {"hits": hits, "misses": misses, "hit_rate": hits / lookups if lookups else 0.0,
@@ -91,7 +92,10 @@ class CacheCounters:
                    "bytes_host_to_device": self.bytes_h2d, "stall_seconds": self.stall_seconds,
                    "stall_decode_seconds": self.stall_decode_seconds, "io_seconds": self.io_seconds,
                    "io_decode_seconds": self.io_decode_seconds},
-            "optimal": {"belady_loads": belady, "belady_hit_rate": 1 - belady / lookups if lookups else 0.0},
+            "optimal": {"belady_loads": belady, "belady_hit_rate": 1 - belady / lookups if lookups else 0.0,
+                        "per_layer_belady_loads": per_layer_belady,
+                        "per_layer_belady_hit_rate": [1 - b / (h + m) if h + m else 0.0 for b, h, m in
+                                                      zip(per_layer_belady, table.hits, table.misses)]},
         }
 
 

@@ -23,7 +23,8 @@ def resident_sections(provider, num_layers: int) -> dict:
                      "by_lookahead": {}},
         "io": {"loads": 0, "bytes_loaded": 0, "bytes_disk_read": 0, "bytes_host_to_device": 0,
                "stall_seconds": 0.0, "stall_decode_seconds": 0.0, "io_seconds": 0.0, "io_decode_seconds": 0.0},
-        "optimal": {"belady_loads": 0, "belady_hit_rate": 1.0 if lookups else 0.0},
+        "optimal": {"belady_loads": 0, "belady_hit_rate": 1.0 if lookups else 0.0,
+                    "per_layer_belady_loads": [0] * num_layers, "per_layer_belady_hit_rate": per_layer},
     }
 
 
