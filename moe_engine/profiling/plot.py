@@ -11,7 +11,8 @@ from pathlib import Path
 from ..errors import ConfigError
 
 
-def _pyplot():
+def require_matplotlib():
+    """matplotlib.pyplot on the Agg backend, or a ConfigError that says how to install it."""
     try:
         import matplotlib
     except ImportError:
@@ -68,7 +69,7 @@ def _sweep_panel(ax, p: dict) -> None:
 
 def plot_profile(p: dict, out: str | Path) -> Path:
     """Draw the three panels of profile `p` into `out` (PNG); returns the path."""
-    plt = _pyplot()
+    plt = require_matplotlib()
     fig, axes = plt.subplots(1, 3, figsize=(18, 5), constrained_layout=True)
     _layers_panel(axes[0], p)
     _time_panel(axes[1], p)

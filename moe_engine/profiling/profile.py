@@ -15,6 +15,7 @@ over all decoder layers. This module computes numbers; report.py prints them and
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ def run_profile(engine, prompts: list[str], max_new_tokens: int = 32, progress: 
     t0 = time.perf_counter()
     trace, requests = _generate(engine, prompts, max_new_tokens, progress)
     wall = time.perf_counter() - t0
+    if progress:
+        print("[moe-engine] analysing the routing: cache-size sweep, Belady, moe-lrc", file=sys.stderr)
     stats = engine.stats()
     stats["latency"] = latency_section(requests)
     moe_layers = list(engine.spec.moe_layers)

@@ -48,7 +48,6 @@ def settings_table(p: dict) -> Table:
     req = p["profile"]["requests"]
     t.add_row("tokens", f"{sum(req['prompt_tokens'])} prompt, {sum(req['new_tokens'])} generated")
     t.add_row("wall time", f"{p['profile']['wall_seconds']:.2f} s")
-    t.add_row("quant", p["quant"].get("name", "none"))
     return t
 
 
