@@ -30,6 +30,7 @@ from .replay import replay
 from .trace import Trace
 
 PROMPTS_FILE = Path(__file__).with_name("prompts.txt")     # the built-in prompt set (package data)
+SCHEMA_FILE = Path(__file__).with_name("profile_schema.json")   # JSON Schema of what run_profile returns
 PERCENTILES = (50, 90, 99)
 SWEEP_POINTS = 8                                           # cache sizes in the hit rate vs cache size sweep
 SCHEMA_VERSION = 1
@@ -53,6 +54,12 @@ def builtin_prompts() -> list[str]:
         raise ConfigError(f"the built-in prompt set {PROMPTS_FILE} is missing (a broken install?); reinstall "
                           f"moe-engine or pass --prompts FILE")
     return [line for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of the profile JSON, for validators such as `jsonschema`."""
+    import json
+    return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
 
 
 def run_profile(engine, prompts: list[str], max_new_tokens: int = 32, progress: bool = True,
