@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(pf)
     pf.add_argument("--prompts", default=None, help="text file, one prompt per line, or .jsonl (as `trace`); "
                     "default: the built-in set of 16 varied prompts")
-    pf.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated (greedy) per prompt")
+    pf.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated (greedy) per prompt; "
+                    "moe-lrc segments of m tokens need sequences of at least m (m = 4, 16, 64, 256)")
     pf.add_argument("--json", default=None, metavar="OUT.json", help="write the stats + profile JSON here "
                     "(schema: moe_engine/profiling/profile_schema.json)")
     pf.add_argument("--plot", default=None, metavar="OUT.png", help="draw hit rate per layer vs Belady, time per "

@@ -116,8 +116,11 @@ def sweep_table(p: dict) -> Table:
         t.add_row(str(c), _pct(sw["policy_hit_rate"][i]), _pct(sw["belady_hit_rate"][i]),
                   str(sw["policy_loads"][i]), str(sw["belady_loads"][i]))
     live = sw["live"]
-    t.add_row(f"this run ({live['mean_cache_experts_per_layer']:.1f})", _pct(live["replay_policy_hit_rate"]),
-              _pct(live["replay_belady_hit_rate"]), "", f"live: {_pct(live['hit_rate'])}", style="bold")
+    t.add_row(f"this run's slots ({live['mean_cache_experts_per_layer']:.1f})", _pct(live["replay_policy_hit_rate"]),
+              _pct(live["replay_belady_hit_rate"]), "", "", style="bold")
+    t.caption = (f"measured in this run: {_pct(live['hit_rate'])} (with prefetching, and one lookup per expert "
+                 f"per prefill step rather than per token)")
+    t.caption_justify = "left"
     return t
 
 
@@ -137,6 +140,18 @@ def lrc_tables(p: dict) -> list[Table]:
         sch = [f"{lrc['segments'][m_ref]['sch_per_layer'][str(c)][i]:.3f}" for c in sizes] if m_ref else []
         per.add_row(str(m), *srp, *sch)
     return [avg, per]
+
+
+def lrc_gaps(p: dict) -> str | None:
+    """A note naming the segment lengths no sequence reached, and how to cover them."""
+    lrc = p["profile"]["lrc"]
+    empty = [m for m, e in lrc["segments"].items() if not e["num_segments"]]
+    if not empty:
+        return None
+    longest = max((n + t - 1 for n, t in zip(p["profile"]["requests"]["prompt_tokens"],
+                                               p["profile"]["requests"]["new_tokens"])), default=0)
+    return (f"moe-lrc: no sequence reached m = {', '.join(empty)} tokens (longest: {longest}); raise "
+            f"--max-new-tokens or use longer prompts to measure them.")
 
 
 def verdict(p: dict) -> str:
@@ -171,4 +186,6 @@ def print_report(p: dict, console: Console | None = None) -> None:
         if t is not None:
             console.print(t)
             console.print()
-    console.print(verdict(p))
+    for line in (lrc_gaps(p), verdict(p)):
+        if line:
+            console.print(line)
