@@ -103,7 +103,9 @@ setup(
     packages=find_packages(include=["moe_engine", "moe_engine.*", "predictors", "predictors.*",
                                     "scheduling", "scheduling.*"]),
     include_package_data=True,
-    package_data={"moe_engine": ["models/tiny-moe/*"]},   # the bundled default model
+    package_data={"moe_engine": ["models/tiny-moe/*",                # the bundled default model
+                                 "profiling/prompts.txt",             # `moe-engine profile`'s built-in prompts
+                                 "profiling/profile_schema.json"]},   # the profile JSON's schema
     ext_modules=ext_modules,
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
@@ -119,10 +121,12 @@ setup(
         "pydantic>=2",
         "uvicorn>=0.30",
         "prometheus_client>=0.17",
+        "rich>=13",            # moe-engine profile: the report's tables
     ],
     extras_require={
         # triton: the GPU dequant-matmul kernel; tests run it on CPU with TRITON_INTERPRET=1
-        "test": ["pytest>=8", "openai>=1.0", "httpx", "triton==3.9.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "test": ["pytest>=8", "openai>=1.0", "httpx", "jsonschema>=4", "matplotlib",
+                 "triton==3.9.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "gpu": ["triton>=3.2; platform_system == 'Linux'"],
         "bench": ["matplotlib"],
     },

@@ -65,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "(float16; needed to train the learned predictor)")
     tr.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
+    pf = sub.add_parser("profile", help="run prompts and report hit rates (vs Belady), prefetching, IO, latency "
+                        "percentiles and whether the model suits offloading (moe-lrc); optional JSON and plot")
+    _add_load_flags(pf)
+    pf.add_argument("--prompts", default=None, help="text file, one prompt per line, or .jsonl (as `trace`); "
+                    "default: the built-in set of 16 varied prompts")
+    pf.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated (greedy) per prompt; "
+                    "moe-lrc segments of m tokens need sequences of at least m (m = 4, 16, 64, 256)")
+    pf.add_argument("--json", default=None, metavar="OUT.json", help="write the stats + profile JSON here "
+                    "(schema: moe_engine/profiling/profile_schema.json)")
+    pf.add_argument("--plot", default=None, metavar="OUT.png", help="draw hit rate per layer vs Belady, time per "
+                    "token and hit rate vs cache size into a PNG (needs matplotlib)")
+    pf.add_argument("--force", action="store_true", help="overwrite --json / --plot files that exist")
+
     tp = sub.add_parser("train-predictor", help="train the learned or path predictor from a trace")
     tp.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR", help="checkpoint directory "
                     "(default: the bundled tiny-moe model)")
@@ -169,6 +182,51 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    import json
+
+    from .errors import ConfigError
+    from .experts.policies import DEFAULT_POLICY
+    from .profiling.profile import builtin_prompts, run_profile
+    from .profiling.report import print_report
+    from .runtime.load import load
+    from .runtime.trace import read_prompts
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is invalid: use an integer >= 1")
+    out_json = _free_path(args.json, args.force, "--json") if args.json else None
+    out_png = _free_path(args.plot, args.force, "--plot") if args.plot else None
+    if out_png is not None:
+        from .profiling.plot import require_matplotlib
+        if out_png.suffix.lower() != ".png":
+            raise ConfigError(f"--plot {out_png}: the figure is a PNG; give a path ending in .png")
+        require_matplotlib()                          # fail before the run, not after it
+    prompts = read_prompts(args.prompts) if args.prompts else builtin_prompts()
+    if not prompts:
+        raise ConfigError(f"--prompts {args.prompts} has no prompts; put one prompt per line")
+    eng = load(args.model_dir, device=args.device, dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
+               predictor=args.predictor, quant=args.quant, quant_group=args.quant_group,
+               calibration=args.calibration, quant_cache=args.quant_cache, progress=not args.no_progress,
+               policy=args.policy, max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads)
+    try:
+        settings = {"model": str(eng.checkpoint.model_dir.name if args.model_dir is None else args.model_dir),
+                    "device": str(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
+                    "gpu_mem": args.gpu_mem, "cpu_mem": args.cpu_mem, "predictor": args.predictor,
+                    "policy": args.policy or DEFAULT_POLICY, "quant": args.quant or "none",
+                    "prompt_file": args.prompts or "built-in"}
+        profile = run_profile(eng, prompts, args.max_new_tokens, not args.no_progress, settings)
+    finally:
+        eng.close()
+    print_report(profile)
+    if out_json is not None:
+        out_json.write_text(json.dumps(profile, indent=1) + "\n", encoding="utf-8")
+        print(f"[moe-engine] wrote {out_json}", file=sys.stderr)
+    if out_png is not None:
+        from .profiling.plot import plot_profile
+        plot_profile(profile, out_png)
+        print(f"[moe-engine] wrote {out_png}", file=sys.stderr)
+    return 0
+
+
 def cmd_train_predictor(args) -> int:
     from .runtime.train import train_predictor
     out = train_predictor(args.model_dir, args.trace, args.kind, args.depth, args.epochs, args.seed, args.out,
@@ -212,8 +270,8 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "trace": cmd_trace, "train-predictor": cmd_train_predictor,
-            "serve": cmd_serve}
+COMMANDS = {"generate": cmd_generate, "trace": cmd_trace, "profile": cmd_profile,
+            "train-predictor": cmd_train_predictor, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -212,7 +212,7 @@ class OffloadedExperts:
         self.timing.issued()
         job = LoadJob(layer, e, slot, priority, prefetch=priority != DEMAND)
         self.jobs[(layer, e)] = job
-        self.counters.issued(layer, e, job.prefetch)
+        self.counters.issued(layer, e, job.prefetch, priority)
         self.loader.submit(job)
 
     def _evicted(self, layer: int, e: int | None) -> None:
@@ -291,10 +291,11 @@ class OffloadedExperts:
 
     # ---- the bytes: run on loader threads -------------------------------------------------------
     def _work(self, job: LoadJob, worker: int) -> None:
+        t0 = time.perf_counter()
         if self.host is not None:
             self.host.load_to_device(job, self.storage, self.slot_bytes)
             n = self.size(job.layer, job.expert)
-            self.counters.loaded(job.layer, n, n if self.device.type == "cuda" else 0)
+            self.counters.loaded(job.layer, n, n if self.device.type == "cuda" else 0, time.perf_counter() - t0)
             return
         start = job.slot * self.slot_bytes
         shift = self._in_place_shift(job, start)
@@ -303,7 +304,7 @@ class OffloadedExperts:
         dest = self.storage[start + shift: start + shift + n]
         read_expert_bytes(self.ckpt, self.reader, job.layer, job.expert, dest, self.dtype,
                           None if self.same_dtype else self.staging[worker])
-        self.counters.loaded(job.layer, n, 0)
+        self.counters.loaded(job.layer, n, 0, time.perf_counter() - t0)
 
     def _in_place_shift(self, job: LoadJob, start: int) -> int:
         """Offset within the slot that puts the expert at the same address modulo 4 KiB as its file bytes.

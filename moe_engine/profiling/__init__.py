@@ -1,1 +1,2 @@
-"""Profiling: routing traces, Belady's bound and trace replays through the engine's own cache policy code."""
+"""Profiling: routing traces, Belady's bound, trace replays through the engine's own cache policy code, moe-lrc
+metrics, and `moe-engine profile` (profile.py: run + collect; report.py: tables; plot.py: the figure)."""

@@ -29,6 +29,7 @@ class Timings:
     decode_s: float = 0.0
     steps: int = 0
     finish_reasons: list = field(default_factory=list)
+    step_s: list = field(default_factory=list)     # seconds between consecutive decode steps' tokens (TPOT samples)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,7 +62,7 @@ def generate_tokens(decoder: Decoder, rows: list[list[int]], max_new_tokens: lis
     timings.finish_reasons = ["length"] * b
     produced = [0] * b
     next_pos = positions[:, -1] + 1                                              # [B]
-    first = True
+    first, t_prev = True, t0
     while any(active):
         tokens = sampler(logits).tolist()
         now = time.perf_counter()
@@ -69,6 +70,9 @@ def generate_tokens(decoder: Decoder, rows: list[list[int]], max_new_tokens: lis
             timings.prefill_s += now - t0
             timings.ttft_s = now - t0
             first, t_decode = False, now
+        else:
+            timings.step_s.append(now - t_prev)
+        t_prev = now
         step = []
         for i in range(b):
             if not active[i]:

@@ -15,11 +15,16 @@ def resident_sections(provider, num_layers: int) -> dict:
     return {
         "cache": {"hits": lookups, "misses": 0, "hit_rate": 1.0 if lookups else 0.0,
                   "per_layer_hit_rate": per_layer, "evictions": 0,
-                  "capacity_experts": provider.capacity_experts, "resident_experts": provider.capacity_experts},
-        "prefetch": {"issued": 0, "used": 0, "wasted": 0, "precision": 0.0, "recall": 0.0},
+                  "capacity_experts": provider.capacity_experts, "resident_experts": provider.capacity_experts,
+                  "lookups": lookups, "per_layer_hits": list(provider.lookups), "per_layer_misses": [0] * num_layers},
+        "prefetch": {"issued": 0, "used": 0, "wasted": 0, "precision": 0.0, "recall": 0.0,
+                     "per_layer_issued": [0] * num_layers, "per_layer_used": [0] * num_layers,
+                     "per_layer_precision": [0.0] * num_layers, "per_layer_recall": [0.0] * num_layers,
+                     "by_lookahead": {}},
         "io": {"loads": 0, "bytes_loaded": 0, "bytes_disk_read": 0, "bytes_host_to_device": 0,
-               "stall_seconds": 0.0, "stall_decode_seconds": 0.0},
-        "optimal": {"belady_loads": 0, "belady_hit_rate": 1.0 if lookups else 0.0},
+               "stall_seconds": 0.0, "stall_decode_seconds": 0.0, "io_seconds": 0.0, "io_decode_seconds": 0.0},
+        "optimal": {"belady_loads": 0, "belady_hit_rate": 1.0 if lookups else 0.0,
+                    "per_layer_belady_loads": [0] * num_layers, "per_layer_belady_hit_rate": per_layer},
     }
 
 
