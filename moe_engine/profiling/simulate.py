@@ -36,6 +36,7 @@ from .hardware import Hardware
 from .shapes import ModelShape
 from .trace import Trace
 
+NEEDS_HIDDEN_STATES = ("gate-lookahead", "learned")   # built-ins that cannot run from routing alone
 MAX_LOOKAHEAD = 4             # the engine's default max_lookahead
 
 
@@ -349,7 +350,11 @@ def make_predictor(spec: str | None, trace: Trace, model_dir=None):
     if spec == "oracle":
         from predictors.oracle import OraclePredictor
         return OraclePredictor(trace.experts, trace.probs, trace.seq_offsets)
+    from ..errors import ConfigError
     from ..runtime.plugins import resolve_predictor
+    if spec.partition(":")[0] in NEEDS_HIDDEN_STATES:
+        raise ConfigError(f"--predictor {spec!r} reads router inputs (hidden states), which a routing trace does not "
+                          f"carry; use none, oracle, or path (trained on routing only)")
     return resolve_predictor(spec, model_dir)
 
 
