@@ -46,13 +46,22 @@ def run_one(args) -> dict:
     rec = RoutingRecorder(eng.provider, spec.moe_layers)
     eng.decoder.set_expert_provider(rec)
     ids = bench_offload.prompt_ids(args.prompt_len, spec.vocab_size)
+    counters, puts = getattr(eng.provider, "counters", None), []
+
+    class AfterPrefill:                   # a transformers-style streamer: put(prompt), put(first token), ...
+        def put(self, value):
+            puts.append(counters.loads if counters is not None else 0)
+
+        def end(self):
+            pass
     try:
-        eng.generate(ids, max_new_tokens=args.tokens, eos_token_id=[])
+        eng.generate(ids, max_new_tokens=args.tokens, eos_token_id=[], streamer=AfterPrefill())
     finally:
         eng.decoder.set_expert_provider(eng.provider)
     st = eng.stats()
     save_trace(args.save_trace, rec.trace([args.prompt_len], spec.moe.num_experts))
     out = {"decode_tokens_per_s": st["latency"]["decode_tokens_per_s"], "loads": st["io"]["loads"],
+           "decode_loads": st["io"]["loads"] - (puts[1] if len(puts) > 1 else 0),
            "hit_rate": st["cache"]["hit_rate"], "stall_seconds": st["io"]["stall_seconds"],
            "quotas": list(eng.provider.table.quotas), "trace": args.save_trace}
     eng.close()
@@ -117,8 +126,8 @@ def compare(args) -> None:
           f"{rep['io']['bytes_per_s'] / 1e9:.2f} GB/s, all-in-RAM {rep['ram']['decode_tokens_per_s']:.2f} tok/s; "
           f"predictor {rep['predictor']}, policy {args.policy or rep['policy']}")
     print("| budget | slots/layer | hardware | measured tok/s | simulated tok/s | sim / measured | measured loads "
-          "| simulated loads | measured hit rate | simulated hit rate | measured stall s | simulated stall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| simulated loads | measured decode loads | simulated decode loads | measured hit rate | simulated hit rate | measured stall s | simulated stall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rep["rows"]:
         run = row["run"]
         if "error" in run:
@@ -130,6 +139,7 @@ def compare(args) -> None:
             ratio = sim["tokens_per_s"] / run["decode_tokens_per_s"]
             print(f"| {row['fraction']:.1%} | {run['quotas'][0]} | {hw.name} | {run['decode_tokens_per_s']:.2f} | "
                   f"{sim['tokens_per_s']:.2f} | **{ratio:.2f}** | {run['loads']} | {sim['loads']} | "
+                  f"{run.get('decode_loads', '')} | {sim['decode_loads']} | "
                   f"{run['hit_rate']:.3f} | {sim['hit_rate']:.3f} | {run['stall_seconds']:.2f} | "
                   f"{sim['stall_seconds']:.2f} |")
 

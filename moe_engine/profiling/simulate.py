@@ -172,6 +172,7 @@ class Simulator:
         prompt = self._prompt_mask()
         times = np.zeros(tr.num_steps)
         stalls = np.zeros(tr.num_steps)
+        loads = np.zeros(tr.num_steps, dtype=np.int64)
         self._new_cache()
         if self.predictor is not None:
             self.predictor.bind({m: None for m in range(tr.num_layers)}, tr.top_k, int(tr.num_experts))
@@ -179,16 +180,16 @@ class Simulator:
             if self.reset and s > 0:
                 self._new_cache()
             for row in range(int(tr.seq_offsets[s]), int(tr.seq_offsets[s + 1])):
-                t0, st0 = self.now, self.stall
+                t0, st0, l0 = self.now, self.stall, self.counters.loads
                 self._token(row, s)
-                times[row], stalls[row] = self.now - t0, self.stall - st0
+                times[row], stalls[row], loads[row] = self.now - t0, self.stall - st0, self.counters.loads - l0
         self._new_cache()                                 # folds the last table's counts into hits/misses
         bel = belady(tr.experts, self.quotas, tr.seq_offsets, self.reset).total_loads
         hits, misses = sum(self.hits), sum(self.misses)
         return SimResult(sum(self.quotas), self.quotas, self.counters, hits, misses, bel,
                          int((~prompt).sum()), float(times[~prompt].sum()), int(prompt.sum()),
                          float(times[prompt].sum()), self.stall, float(stalls[~prompt].sum()), self.compute,
-                         self.link.busy_seconds, self.shape.expert_bytes)
+                         self.link.busy_seconds, self.shape.expert_bytes, {"decode_loads": int(loads[~prompt].sum())})
 
     def _prompt_mask(self) -> np.ndarray:
         mask = np.zeros(self.trace.num_steps, dtype=bool)
