@@ -121,7 +121,7 @@ setup(
         "pydantic>=2",
         "uvicorn>=0.30",
         "prometheus_client>=0.17",
-        "rich>=13",            # moe-engine profile: the report's tables
+        "rich>=13",            # moe-engine simulate / profile: report tables
     ],
     extras_require={
         # triton: the GPU dequant-matmul kernel; tests run it on CPU with TRITON_INTERPRET=1

@@ -92,10 +92,43 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--force", action="store_true", help="overwrite an existing trained predictor")
     tp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    _add_simulate_parser(sub)
+
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, models, health, metrics)")
     _add_load_flags(sv)
     _add_serve_flags(sv)
     return parser
+
+
+def _add_simulate_parser(sub) -> None:
+    from .profiling.hardware import PRESETS
+    from .profiling.shapes import SHAPES
+    sm = sub.add_parser("simulate", help="predict loads, hit rate, stalls and tokens/s of a routing trace on "
+                        "modelled hardware, through the engine's own cache policy and predictor code")
+    sm.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR", help="checkpoint directory whose "
+                    "config.json gives the expert and layer sizes (weights not needed)")
+    sm.add_argument("--trace", required=True, help="routing trace (.npz, `moe-engine trace` format)")
+    sm.add_argument("--model-shape", default=None, help=f"named model shape instead of MODEL_DIR: "
+                    f"{', '.join(SHAPES)}")
+    sm.add_argument("--expert-bytes", type=int, default=None, help="bytes of one expert instead of MODEL_DIR "
+                    "(then only expert time is modelled)")
+    sm.add_argument("--quant", type=float, default=None, metavar="BITS", help="expert bits per weight "
+                    "(e.g. 4.25 for int4 with group-64 scales); default: the checkpoint's dtype")
+    sm.add_argument("--cache-experts", default=None, help="experts cached per layer: 8, 4,8,16, 4-32 or 4-32:4 "
+                    "(default: k, 2k, ... E and the moe-lrc suggestion)")
+    sm.add_argument("--policy", default="default", help="eviction policy: default, lru, lfu")
+    sm.add_argument("--predictor", default="none", help="none, oracle (the trace itself), or one that works "
+                    "from routing alone (path, path:FILE)")
+    sm.add_argument("--hardware", default="this-cpu-disk", help=f"preset: {', '.join(PRESETS)}")
+    sm.add_argument("--bandwidth", default=None, help="override the link bandwidth (bytes/s: 2.2G, 25GB, 1.5e9)")
+    sm.add_argument("--compute", default=None, help="override the compute rate: bytes of weights a decode "
+                    "GEMV streams per second (e.g. 190G)")
+    sm.add_argument("--load-latency", type=float, default=None, help="override the seconds per load")
+    sm.add_argument("--no-overlap", action="store_true", help="loads do not overlap compute (no async IO)")
+    sm.add_argument("--sequences", type=int, default=None, help="simulate only the first N sequences")
+    sm.add_argument("--no-reset", action="store_true", help="keep the cache across sequences (default: each "
+                    "sequence starts empty)")
+    sm.add_argument("--json", default=None, help="write the results to this JSON file")
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -270,7 +303,37 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "trace": cmd_trace, "profile": cmd_profile,
+def cmd_simulate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .profiling.lrc import lrc_metrics
+    from .profiling.sim_report import parse_cache_sizes, pick_hardware, pick_shape, render
+    from .profiling.simulate import simulate
+    from .profiling.trace import TraceError, load_trace
+    try:
+        trace = load_trace(args.trace)
+    except TraceError as e:
+        raise ConfigError(f"--trace {args.trace}: {e}") from None
+    if args.sequences is not None:
+        if args.sequences < 1:
+            raise ConfigError(f"--sequences {args.sequences}: must be >= 1")
+        trace = trace.sequences(0, min(args.sequences, trace.num_sequences))
+    shape = pick_shape(trace, args.model_dir, args.model_shape, args.expert_bytes, args.quant)
+    hw = pick_hardware(args.hardware, args.bandwidth, args.compute, args.load_latency, args.no_overlap)
+    trace.num_experts = max(int(trace.num_experts), shape.num_experts)
+    lrc = lrc_metrics(trace)
+    sizes = parse_cache_sizes(args.cache_experts, trace.top_k, shape.num_experts, lrc["suggested_cache_experts"])
+    report = simulate(trace, shape, hw, sizes, args.policy, args.predictor, not args.no_reset, args.model_dir)
+    report["lrc"] = lrc
+    render(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "trace": cmd_trace, "profile": cmd_profile, "simulate": cmd_simulate,
             "train-predictor": cmd_train_predictor, "serve": cmd_serve}
 
 
