@@ -103,10 +103,11 @@ def _randomize(model: torch.nn.Module, random_biases: bool) -> None:
             b.uniform_(-0.3, 0.3)
 
 
-def write_checkpoint(path: Path, case: str, seed: int = 0) -> Path:
-    """Save a random model of `case` (optionally sharded / in half precision) to `path`."""
+def write_checkpoint(path: Path, case: str, seed: int = 0, overrides: dict | None = None) -> Path:
+    """Save a random model of `case` (config kwargs changed by `overrides`; optionally sharded / in half
+    precision) to `path`."""
     config_cls, model_cls, cfg_kw, save_kw = CASES[case]
-    cfg = config_cls(**{**BASE, **cfg_kw})
+    cfg = config_cls(**{**BASE, **cfg_kw, **(overrides or {})})
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     save_kw = dict(save_kw)
