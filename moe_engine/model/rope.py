@@ -204,7 +204,8 @@ class Rotary:
         inv_freq, self.attention_scaling = _INIT[spec.rope_type](spec)
         self.inv_freq = inv_freq.to(self.device)  # [rot_dim/2]
         self.long_inv_freq = _longrope(spec, long=True)[0].to(self.device) if spec.rope_type == "longrope" else None
-        # Phi-MoE's longrope names its own attention factors within / beyond the original context
+        # Phi-MoE's longrope names its own attention factors within / beyond the original context. Beyond it the
+        # long factors apply (as for Phi-3); transformers 5's PhimoeRotaryEmbedding keeps the short factors there.
         self.short_scaling = float(spec.param("short_mscale", self.attention_scaling))
         self.long_scaling = float(spec.param("long_mscale", self.attention_scaling))
         self._dynamic_cache: tuple[int, torch.Tensor] | None = None  # (seq_len, inv_freq) of the last growth
