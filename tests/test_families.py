@@ -2,6 +2,7 @@
 MLA KV cache in the budget, offloading under a tight budget, continuous batching, int4 experts, bad configs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -16,8 +17,9 @@ from conftest import BASE, write_checkpoint
 from moe_engine.checkpoint import Checkpoint
 from moe_engine.errors import CheckpointError, ConfigError
 from moe_engine.experts.plan import kv_bytes_per_token
+from moe_engine.model.mla import MlaAttention
 from moe_engine.model.routing import select_experts, sparsemixer
-from moe_engine.model.spec import MoeSpec
+from moe_engine.model.spec import MlaSpec, MoeSpec
 from moe_engine.runtime.kv_cache import KVCache
 
 NEW_FAMILIES = ["deepseek_v2-qlora-grouped-yarn", "deepseek_v3", "phimoe-longrope-window-jitter"]
@@ -90,6 +92,25 @@ def test_mla_kv_cache_holds_the_compressed_latent(checkpoint_dir):
     assert per_token < full
     cache = KVCache.for_spec(spec, batch=3, capacity=10, dtype=torch.float32, device="cpu")
     assert cache.nbytes() == 3 * 10 * per_token
+
+
+@pytest.mark.parametrize("heads,rank,dn,dr,dv,t,s", [(4, 16, 8, 4, 6, 1, 9), (2, 32, 16, 8, 16, 3, 20),
+                                                     (8, 8, 4, 2, 12, 1, 1)])
+def test_mla_absorbed_attention_equals_expanded(checkpoint_dir, heads, rank, dn, dr, dv, t, s):
+    """The decode path (kv_b_proj folded into q and o) is the slow expanded path up to reassociation."""
+    base = Checkpoint(checkpoint_dir("deepseek_v3")).spec
+    mla = MlaSpec(kv_lora_rank=rank, qk_nope_head_dim=dn, qk_rope_head_dim=dr, v_head_dim=dv, q_lora_rank=None)
+    spec = dataclasses.replace(base, num_heads=heads, num_kv_heads=heads, mla=mla)
+    attn = MlaAttention(0, spec)
+    g = torch.Generator().manual_seed(s)
+    b = 2
+    q_nope, q_pe = torch.randn(b, heads, t, dn, generator=g), torch.randn(b, heads, t, dr, generator=g)
+    c_kv, k_pe = torch.randn(b, 1, s, rank, generator=g), torch.randn(b, 1, s, dr, generator=g)
+    mask = torch.rand(b, 1, t, s, generator=g) > 0.3
+    mask[..., -1] = True
+    want = attn.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask)
+    got = attn.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+    assert got.shape == (b, heads, t, dv) and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def _min_budget(path, **kw) -> int:

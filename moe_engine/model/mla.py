@@ -6,9 +6,14 @@
     kv_b_proj(c_kv) -> per head [k_nope | v];  k = [k_nope | k_pe];  attention;  o_proj
 
 The cache sees c_kv as a one-head "key" [B, 1, T, R] and k_pe as a one-head "value" [B, 1, T, Dr]
-(ModelSpec.kv_dims), so its bytes per token are R + Dr instead of 2 * H * Dh. Keys and values are
-expanded from the latent at every step (no weight absorption): simple and exact, at the cost of one
-kv_b_proj over the cached tokens per step.
+(ModelSpec.kv_dims), so its bytes per token are R + Dr instead of 2 * H * Dh.
+
+Two ways to attend, equal up to floating-point reassociation:
+  expanded  (steps with several new tokens per row: prefill) keys and values expanded from the latent
+            by kv_b_proj, then ordinary attention; cheapest when queries are as many as keys.
+  absorbed  (decode: one new token per row) kv_b_proj's key half folded into the query and its value
+            half applied after attention, so attention runs over the cached latent itself, one shared
+            head of R + Dr dims, and nothing per cached token is recomputed.
 """
 from __future__ import annotations
 
@@ -78,7 +83,23 @@ class MlaAttention(nn.Module):
         c_kv, k_pe = self._latent(x)
         q_pe, k_pe = self._rotary(q_pe, k_pe, cos, sin)
         c_kv, k_pe = kv_cache.update(self.layer, c_kv, k_pe)              # [B, 1, S, R], [B, 1, S, Dr]
+        attend = self.attend_absorbed if t == 1 else self.attend_expanded
+        o = attend(q_nope, q_pe, c_kv, k_pe, mask)                        # [B, H, T, Dv]
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.mla.v_head_dim))
+
+    def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """q_nope [B, H, T, Dn], q_pe [B, H, T, Dr], c_kv [B, 1, S, R], k_pe [B, 1, S, Dr] -> [B, H, T, Dv]."""
         k, v = self._expand(c_kv, k_pe)
         q = torch.cat((q_nope, q_pe), dim=-1)                             # [B, H, T, Dn + Dr]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.mla.scale)   # [B, H, T, Dv]
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.mla.v_head_dim))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.mla.scale)
+
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """Same contract as attend_expanded; attention over the latent (h heads, n = Dn, v = Dv, r = R)."""
+        dn = self.mla.qk_nope_head_dim
+        w = self.kv_b_proj.weight.view(self.h, dn + self.mla.v_head_dim, self.mla.kv_lora_rank)   # [H, Dn+Dv, R]
+        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w[:, :dn])         # [B, H, T, R]
+        q = torch.cat((q_lat, q_pe), dim=-1)                              # [B, H, T, R + Dr]
+        k = torch.cat((c_kv, k_pe), dim=-1)                               # [B, 1, S, R + Dr]
+        o_lat = F.scaled_dot_product_attention(q, k, c_kv, attn_mask=mask, scale=self.mla.scale,
+                                               enable_gqa=True)           # [B, H, T, R]
+        return torch.einsum("bhtr,hvr->bhtv", o_lat, w[:, dn:])          # [B, H, T, Dv]
