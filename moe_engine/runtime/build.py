@@ -17,7 +17,8 @@ def non_expert_shapes(decoder: Decoder) -> dict[str, tuple[int, ...]]:
 
 
 def build_decoder(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, progress: bool = True) -> Decoder:
-    """Validate the checkpoint against the spec, then load every non-expert weight in `dtype`."""
+    """Validate the checkpoint against the spec, then load every non-expert weight in `dtype` (routers'
+    correction biases in float32, see Decoder.cast)."""
     with torch.device("meta"):
         decoder = Decoder(ckpt.spec).cast(dtype)
     shapes = non_expert_shapes(decoder)
