@@ -34,5 +34,5 @@ def build_spec(cfg) -> ModelSpec:
                      lm_head_bias=bool(getattr(cfg, "lm_head_bias", False)), **fields)
 
 
-FAMILY = Family(name="phimoe", architectures=("PhimoeForCausalLM",), model_types=("phimoe",),
+FAMILY = Family(name="phimoe", architectures=("PhimoeForCausalLM", "PhiMoEForCausalLM"), model_types=("phimoe",),
                 build_spec=build_spec, names={**LLAMA_STYLE_NAMES, **MIXTRAL.names}, expert_names=MIXTRAL.expert_names)
