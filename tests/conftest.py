@@ -15,7 +15,10 @@ transformers_logging.disable_progress_bar()
 BASE = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, eos_token_id=2, bos_token_id=1, pad_token_id=0)
 
-# name -> (config class, model class, config kwargs, save kwargs)
+# multi-head latent attention dims of the DeepSeek cases
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+
+# name -> (config class, model class, config kwargs, save kwargs (+ dtype, random_biases))
 CASES = {
     "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM,
                 dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2), {}),
@@ -46,20 +49,70 @@ CASES = {
     "olmoe-clip-fp16": (tf.OlmoeConfig, tf.OlmoeForCausalLM,
                         dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2, clip_qkv=0.5,
                              norm_topk_prob=True, num_key_value_heads=4), dict(dtype="float16")),
+    # DeepSeek: MLA needs num_key_value_heads == num_attention_heads in transformers
+    "deepseek_v2-lite": (
+        tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM,
+        dict(MLA, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=6, num_experts_per_tok=2,
+             n_shared_experts=2, q_lora_rank=None, first_k_dense_replace=1, topk_method="greedy"), {}),
+    "deepseek_v2-qlora-grouped-yarn": (
+        tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM,
+        dict(MLA, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=3,
+             n_shared_experts=1, q_lora_rank=12, first_k_dense_replace=0, topk_method="group_limited_greedy",
+             n_group=4, topk_group=2, routed_scaling_factor=2.0,
+             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                              "original_max_position_embeddings": 64, "mscale": 0.8, "mscale_all_dim": 0.9}),
+        {"random_biases": True}),
+    "deepseek_v3": (
+        tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM,
+        dict(MLA, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+             n_shared_experts=1, q_lora_rank=12, first_k_dense_replace=1, n_group=4, topk_group=2,
+             norm_topk_prob=True, routed_scaling_factor=2.5, rope_interleave=True), {"random_biases": True}),
+    "deepseek_v3-no-interleave-yarn-sharded-bf16": (
+        tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM,
+        dict(MLA, num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=6,
+             num_experts_per_tok=3, n_shared_experts=2, q_lora_rank=None, first_k_dense_replace=2, n_group=1,
+             topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.5, rope_interleave=False,
+             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                              "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 1.0}),
+        {"random_biases": True, "max_shard_size": "40KB", "dtype": "bfloat16"}),
+    "phimoe": (tf.PhimoeConfig, tf.PhimoeForCausalLM,
+               dict(intermediate_size=24, num_local_experts=4, attention_bias=True, lm_head_bias=True),
+               {"random_biases": True}),
+    "phimoe-longrope-window-jitter": (
+        tf.PhimoeConfig, tf.PhimoeForCausalLM,
+        dict(intermediate_size=24, num_local_experts=6, num_key_value_heads=4, sliding_window=7,
+             router_jitter_noise=0.3, head_dim=16,
+             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+                              "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                              "long_factor": [2.0 + 0.5 * i for i in range(8)],
+                              "short_mscale": 1.2, "long_mscale": 1.4}),
+        {"random_biases": True}),
 }
 
 
-def write_checkpoint(path: Path, case: str, seed: int = 0) -> Path:
-    """Save a random model of `case` (optionally sharded / in half precision) to `path`."""
+def _randomize(model: torch.nn.Module, random_biases: bool) -> None:
+    """Spread router logits so that top-k choices are not near-ties; give biases and DeepSeek-V3's
+    correction bias non-trivial values (transformers initializes them to zero) so a test can catch them."""
+    for name, p in model.named_parameters():
+        if (name.endswith("gate.weight") or name.endswith("mlp.router.weight")) and p.shape[0] > 1:
+            p.normal_(0, 0.5)
+        elif random_biases and name.endswith(".bias"):
+            p.normal_(0, 0.2)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.uniform_(-0.3, 0.3)
+
+
+def write_checkpoint(path: Path, case: str, seed: int = 0, overrides: dict | None = None) -> Path:
+    """Save a random model of `case` (config kwargs changed by `overrides`; optionally sharded / in half
+    precision) to `path`."""
     config_cls, model_cls, cfg_kw, save_kw = CASES[case]
-    cfg = config_cls(**{**BASE, **cfg_kw})
+    cfg = config_cls(**{**BASE, **cfg_kw, **(overrides or {})})
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
-    with torch.no_grad():   # spread router logits so that top-k choices are not near-ties
-        for name, p in model.named_parameters():
-            if name.endswith("gate.weight") and p.shape[0] > 1:
-                p.normal_(0, 0.5)
     save_kw = dict(save_kw)
+    with torch.no_grad():
+        _randomize(model, save_kw.pop("random_biases", False))
     dtype = save_kw.pop("dtype", None)
     if dtype:
         model = model.to(getattr(torch, dtype))

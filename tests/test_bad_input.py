@@ -18,7 +18,8 @@ from moe_engine import (CheckpointError, ConfigError, MoeEngineError, PromptTooL
 from moe_engine.cli import main
 from tokenized import CONTEXT, copy_checkpoint
 
-SUPPORTED = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+SUPPORTED = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
+             "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "PhimoeForCausalLM")
 EXPERT = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
 
 

@@ -30,7 +30,9 @@ def round_up(n: int, align: int = ALIGN) -> int:
 
 
 def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
-    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * dtype.itemsize
+    """Keys and values of one token in every layer; MLA counts its compressed latent (ModelSpec.kv_dims)."""
+    heads, k_dim, v_dim = spec.kv_dims
+    return spec.num_layers * heads * (k_dim + v_dim) * dtype.itemsize
 
 
 @dataclass(frozen=True)

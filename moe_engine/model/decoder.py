@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .attention import Attention, RMSNorm
+from .mla import MlaAttention
 from .moe import GatedMlp, MoeBlock
 from .rope import Rotary
 from .spec import LayerSpec, ModelSpec
@@ -22,9 +23,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, layer: int, spec: ModelSpec, lspec: LayerSpec):
         super().__init__()
         self.sliding_window = lspec.sliding_window
-        self.attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.attn = Attention(layer, spec)
-        self.ffn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.attn_norm = make_norm(spec)
+        self.attn = Attention(layer, spec) if spec.mla is None else MlaAttention(layer, spec)
+        self.ffn_norm = make_norm(spec)
         if lspec.moe:
             self.moe = MoeBlock(layer, spec.hidden_size, spec.moe, spec.hidden_act)
         else:
@@ -49,8 +50,8 @@ class Decoder(nn.Module):
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(i, spec, ls) for i, ls in enumerate(spec.layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.norm = make_norm(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
         self.tie_weights()
         self.rotary: Rotary | None = None     # built by init_rotary on the real device (not under meta)
         self.provider = None                  # the ExpertProvider, set by set_expert_provider
@@ -58,6 +59,16 @@ class Decoder(nn.Module):
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def cast(self, dtype: torch.dtype) -> "Decoder":
+        """All weights to `dtype`, except routers' correction biases, which stay float32 (as transformers keeps
+        them): a bias of a few units rounded to bfloat16 would change which experts are chosen."""
+        self.to(dtype)
+        for layer in self.layers:
+            bias = getattr(getattr(layer, "moe", None), "correction_bias", None)
+            if bias is not None:
+                bias.data = bias.data.float()
+        return self
 
     def init_rotary(self, device) -> None:
         self.rotary = Rotary(self.spec.rope, device=device)
@@ -88,6 +99,13 @@ class Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
+
+
+def make_norm(spec: ModelSpec) -> nn.Module:
+    """The hidden-state norm of a spec: RMSNorm, or LayerNorm with weight and bias."""
+    if spec.norm == "layer":
+        return nn.LayerNorm(spec.hidden_size, eps=spec.rms_norm_eps)
+    return RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
 def attention_mask(valid: torch.Tensor, start: int, t: int, window: int | None) -> torch.Tensor:

@@ -3,15 +3,18 @@
     [Router] -> [Dispatch: sort tokens by expert] -> [Experts via provider] -> [Combine: weighted sum]
        (+ shared expert, optionally gated by sigmoid, added on top)
 
-Routing (softmax in float32, top-k, optional renormalization) is done here; the expert
-weights come from an ExpertProvider. Tokens that are padding are not routed at all.
+Routing (softmax in float32, top-k, optional renormalization) is done here, other router kinds
+(sigmoid, grouped top-k, correction bias, sparsemixer) in routing.py; the expert weights come from
+an ExpertProvider. Tokens that are padding are not routed at all.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .experts import ACTIVATIONS, ExpertLayout, ExpertProvider
+from .routing import select_experts
 from .spec import MoeSpec
 
 
@@ -49,6 +52,8 @@ class MoeBlock(nn.Module):
         self.layout = ExpertLayout(hidden, spec.intermediate_size)
         self.expert_layouts: list | None = None    # per-expert layouts (quantized experts, set by the runtime)
         self.router = nn.Linear(hidden, spec.num_experts, bias=False)
+        # DeepSeek-V3's selection bias [E]; kept in float32 whatever the model dtype (Decoder.cast)
+        self.correction_bias = nn.Parameter(torch.zeros(spec.num_experts)) if spec.correction_bias else None
         self.shared = GatedMlp(hidden, spec.shared_intermediate_size, act) if spec.shared_intermediate_size else None
         self.shared_gate = nn.Linear(hidden, 1, bias=False) if spec.shared_expert_gate else None
         self.provider: ExpertProvider | None = None
@@ -56,17 +61,28 @@ class MoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] (real tokens only) -> [N, D]."""
-        weights, ids = route(self.router(x), self.spec.top_k, self.spec.norm_topk_prob)   # [N, K] each
+        weights, ids = self._route(x)                                  # [N, K] each
         if self.routing_hook is not None:    # changes the model's outputs: never set outside benchmarks
             weights, ids = self.routing_hook(self.layer, weights, ids)
         self.provider.observe(self.layer, x, ids, weights)
-        out = self._routed(x, weights, ids)
+        out = self._routed(x, weights * self.spec.routed_scaling_factor, ids)
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
             out = out + shared
         return out
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.spec
+        if spec.router_fp32:
+            bias = self.router.bias.float() if self.router.bias is not None else None
+            logits = F.linear(x.float(), self.router.weight.float(), bias)          # [N, E]
+        else:
+            logits = self.router(x)
+        if spec.scoring == "softmax" and spec.n_group == 1 and self.correction_bias is None:
+            return route(logits, spec.top_k, spec.norm_topk_prob)
+        return select_experts(logits, spec, self.correction_bias)
 
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         n, k = ids.shape

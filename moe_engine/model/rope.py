@@ -204,6 +204,10 @@ class Rotary:
         inv_freq, self.attention_scaling = _INIT[spec.rope_type](spec)
         self.inv_freq = inv_freq.to(self.device)  # [rot_dim/2]
         self.long_inv_freq = _longrope(spec, long=True)[0].to(self.device) if spec.rope_type == "longrope" else None
+        # Phi-MoE's longrope names its own attention factors within / beyond the original context. Beyond it the
+        # long factors apply (as for Phi-3); transformers 5's PhimoeRotaryEmbedding keeps the short factors there.
+        self.short_scaling = float(spec.param("short_mscale", self.attention_scaling))
+        self.long_scaling = float(spec.param("long_mscale", self.attention_scaling))
         self._dynamic_cache: tuple[int, torch.Tensor] | None = None  # (seq_len, inv_freq) of the last growth
 
     def inv_freq_at(self, seq_len: int, device=None) -> torch.Tensor:
@@ -225,14 +229,17 @@ class Rotary:
         `seq_len` (max position + 1 across the batch) matters for "dynamic" and "longrope" only; when None it is
         read from `positions`, which syncs with the device.
         """
-        inv_freq = self.inv_freq
+        inv_freq, scaling = self.inv_freq, self.attention_scaling
         if self.spec.rope_type in ("dynamic", "longrope"):
             seq_len = int(positions.max()) + 1 if seq_len is None else int(seq_len)
             inv_freq = self.inv_freq_at(seq_len, positions.device)
+        if self.spec.rope_type == "longrope":
+            long = seq_len > self.spec.original_max_position_embeddings
+            scaling = self.long_scaling if long else self.short_scaling
         freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float)  # [B, T, R/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, R]
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
+        cos = emb.cos() * scaling
+        sin = emb.sin() * scaling
         return cos.to(dtype), sin.to(dtype)
 
 
@@ -259,3 +266,17 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     Only the first rot_dim dims rotate (rotate-half pairing i <-> i + rot_dim/2); the rest pass through.
     """
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek). x [B, H, T, R]; cos/sin [B, T, R].
+
+    Pair i turns by the angle of cos[..., i] (the tables repeat their R/2 angles). The result is laid out
+    de-interleaved, [rotated evens | rotated odds]; apply it to q and k alike, so their dot products are
+    those of the interleaved layout.
+    """
+    half = cos.shape[-1] // 2
+    cos = cos[..., :half].unsqueeze(1).to(x.dtype)  # [B, 1, T, R/2]
+    sin = sin[..., :half].unsqueeze(1).to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

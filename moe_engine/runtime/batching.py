@@ -57,13 +57,20 @@ class Event:
 
 
 class SeqKV:
-    """One sequence's KV cache: per layer [Hkv, capacity, Dh]; `length` slots filled."""
+    """One sequence's KV cache: per layer k [Hkv, capacity, Dk], v [Hkv, capacity, Dv]; `length` slots filled."""
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
-        shape = (kv_heads, capacity, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device,
+                 v_head_dim: int | None = None):
+        self.k = [torch.empty(kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(kv_heads, capacity, v_head_dim or head_dim, dtype=dtype, device=device)
+                  for _ in range(num_layers)]
         self.length = 0
+
+    @classmethod
+    def for_spec(cls, spec, capacity: int, dtype, device) -> "SeqKV":
+        """Shaped by `spec.kv_dims` (MLA caches its compressed latent, not per-head keys and values)."""
+        heads, k_dim, v_dim = spec.kv_dims
+        return cls(spec.num_layers, heads, k_dim, capacity, dtype, device, v_head_dim=v_dim)
 
 
 class StepKV:
@@ -93,9 +100,9 @@ class StepKV:
         return self.start
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, h, t, d = k.shape
-        out_k = k.new_zeros(b, h, self.start + t, d)
-        out_v = v.new_zeros(b, h, self.start + t, d)
+        b, h, t, _ = k.shape
+        out_k = k.new_zeros(b, h, self.start + t, k.shape[3])
+        out_v = v.new_zeros(b, h, self.start + t, v.shape[3])
         for i, s in enumerate(self.seqs):
             n = s.length
             out_k[i, :, self.start - n: self.start] = s.k[layer][:, :n]

@@ -17,9 +17,10 @@ def non_expert_shapes(decoder: Decoder) -> dict[str, tuple[int, ...]]:
 
 
 def build_decoder(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, progress: bool = True) -> Decoder:
-    """Validate the checkpoint against the spec, then load every non-expert weight in `dtype`."""
+    """Validate the checkpoint against the spec, then load every non-expert weight in `dtype` (routers'
+    correction biases in float32, see Decoder.cast)."""
     with torch.device("meta"):
-        decoder = Decoder(ckpt.spec).to(dtype)
+        decoder = Decoder(ckpt.spec).cast(dtype)
     shapes = non_expert_shapes(decoder)
     ckpt.validate(shapes)
     decoder = decoder.to_empty(device=device)
@@ -27,7 +28,7 @@ def build_decoder(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, pr
     params = decoder.state_dict()
     with torch.no_grad():
         for name in tqdm(shapes, desc="loading weights", unit="tensor", disable=not progress, leave=False):
-            params[name].copy_(ckpt.read(name, dtype))
+            params[name].copy_(ckpt.read(name, params[name].dtype))
     decoder.init_rotary(device)
     return decoder.eval()
 
@@ -35,8 +36,9 @@ def build_decoder(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, pr
 def non_expert_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
     """Bytes of every non-expert weight in `dtype` (tied embeddings counted once), without reading any."""
     with torch.device("meta"):
-        decoder = Decoder(ckpt.spec)
-    return sum(math.prod(shape) for shape in non_expert_shapes(decoder).values()) * dtype.itemsize
+        decoder = Decoder(ckpt.spec).cast(dtype)
+    params = decoder.state_dict()
+    return sum(math.prod(shape) * params[n].element_size() for n, shape in non_expert_shapes(decoder).items())
 
 
 def routers(decoder: Decoder) -> dict[int, torch.Tensor]:

@@ -234,7 +234,7 @@ class Engine:
         b, t = ids.shape
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(self.device).bool()
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = KVCache(self.spec.num_layers, b, self.spec.num_kv_heads, self.spec.head_dim, t, self.dtype, self.device)
+        cache = KVCache.for_spec(self.spec, b, t, self.dtype, self.device)
         return self.decoder(ids, positions, cache, mask, seq_ids=self._new_seq_ids(b)).cpu()
 
     def stats(self) -> dict:

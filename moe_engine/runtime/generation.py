@@ -54,8 +54,7 @@ def generate_tokens(decoder: Decoder, rows: list[list[int]], max_new_tokens: lis
     t0 = time.perf_counter()
     ids, mask, positions = left_pad(rows, pad_id, device)
     b, t = ids.shape
-    cache = KVCache(spec.num_layers, b, spec.num_kv_heads, spec.head_dim, t + max(max_new_tokens),
-                    decoder.embed.weight.dtype, device)
+    cache = KVCache.for_spec(spec, b, t + max(max_new_tokens), decoder.embed.weight.dtype, device)
     logits = decoder(ids, positions, cache, mask, last_only=True, seq_ids=seq_ids)[:, 0]          # [B, V]
     timings.prompt_tokens += int(mask.sum())
     active = [n > 0 for n in max_new_tokens]

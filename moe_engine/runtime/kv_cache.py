@@ -3,6 +3,8 @@
 Slots are shared across the batch; `valid` [B, S] says which slots hold real tokens of each
 row (False for padding and for steps of rows that already finished). Storage grows by
 doubling, so a caller that knows the final length passes it as `capacity` and never copies.
+Keys and values may differ in width (MLA caches its latent as the "key" and the shared rotary key as
+the "value"; `ModelSpec.kv_dims`).
 """
 from __future__ import annotations
 
@@ -11,13 +13,20 @@ import torch
 
 class KVCache:
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
-                 capacity: int, dtype: torch.dtype, device: torch.device):
+                 capacity: int, dtype: torch.dtype, device: torch.device, v_head_dim: int | None = None):
         self.shape = (batch, num_kv_heads, capacity, head_dim)    # [B, Hkv, S_cap, Dh]
+        v_shape = (batch, num_kv_heads, capacity, v_head_dim or head_dim)
         self.k = [torch.empty(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.length = 0       # slots filled
         self.start = 0        # first slot of the current step
+
+    @classmethod
+    def for_spec(cls, spec, batch: int, capacity: int, dtype: torch.dtype, device) -> "KVCache":
+        """A cache shaped by the model spec (per-layer heads and key/value widths from `spec.kv_dims`)."""
+        heads, k_dim, v_dim = spec.kv_dims
+        return cls(spec.num_layers, batch, heads, k_dim, capacity, dtype, device, v_head_dim=v_dim)
 
     @property
     def capacity(self) -> int:
@@ -38,7 +47,7 @@ class KVCache:
         return self.start
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, Hkv, T, Dh] at the current step's slots; return [B, Hkv, S, Dh] views."""
+        """Write k [B, Hkv, T, Dk], v [B, Hkv, T, Dv] at the current step's slots; return [B, Hkv, S, D*] views."""
         end = self.start + k.shape[2]
         self.k[layer][:, :, self.start:end] = k
         self.v[layer][:, :, self.start:end] = v

@@ -222,7 +222,7 @@ class EngineLoop:
     # ---- model work -----------------------------------------------------------------------------
     def _setup(self, s: _Seq) -> None:
         eng, spec = self.engine, self.engine.spec
-        s.kv = SeqKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, s.kv_tokens, eng.dtype, eng.device)
+        s.kv = SeqKV.for_spec(spec, s.kv_tokens, eng.dtype, eng.device)
         s.sampler = Sampler(s.req.sampling, 1, eng.device)
         eos = s.req.eos_token_ids if s.req.eos_token_ids is not None else eng._eos_value(None)
         decode = eng.decode if eng.tokenizer is not None else None
