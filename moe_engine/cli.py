@@ -116,6 +116,9 @@ def _add_simulate_parser(sub) -> None:
                     "(e.g. 4.25 for int4 with group-64 scales); default: the checkpoint's dtype")
     sm.add_argument("--cache-experts", default=None, help="experts cached per layer: 8, 4,8,16, 4-32 or 4-32:4 "
                     "(default: k, 2k, ... E and the moe-lrc suggestion)")
+    sm.add_argument("--gpu-mem", default=None, help="compute-tier budget (e.g. 8G) instead of --cache-experts: "
+                    "experts per layer = what fits after the non-expert weights and --max-kv-tokens of KV cache")
+    sm.add_argument("--max-kv-tokens", type=int, default=4096, help="KV reserve counted in --gpu-mem (default 4096)")
     sm.add_argument("--policy", default="default", help="eviction policy: default, lru, lfu")
     sm.add_argument("--predictor", default="none", help="none, oracle (the trace itself), or one that works "
                     "from routing alone (path, path:FILE)")
@@ -324,7 +327,13 @@ def cmd_simulate(args) -> int:
     hw = pick_hardware(args.hardware, args.bandwidth, args.compute, args.load_latency, args.no_overlap)
     trace.num_experts = max(int(trace.num_experts), shape.num_experts)
     lrc = lrc_metrics(trace)
-    sizes = parse_cache_sizes(args.cache_experts, trace.top_k, shape.num_experts, lrc["suggested_cache_experts"])
+    if args.gpu_mem is not None and args.cache_experts is not None:
+        raise ConfigError("give --gpu-mem or --cache-experts, not both (--gpu-mem decides the experts per layer)")
+    if args.gpu_mem is not None:
+        from .config import parse_size
+        sizes = [shape.experts_per_layer(parse_size(args.gpu_mem, "--gpu-mem"), args.max_kv_tokens)]
+    else:
+        sizes = parse_cache_sizes(args.cache_experts, trace.top_k, shape.num_experts, lrc["suggested_cache_experts"])
     report = simulate(trace, shape, hw, sizes, args.policy, args.predictor, not args.no_reset, args.model_dir)
     report["lrc"] = lrc
     render(report)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from moe_engine.cli import main
+from moe_engine.errors import ConfigError
 from moe_engine.experts.policies import make_policy
 from moe_engine.profiling.hardware import Hardware, parse_rate
 from moe_engine.profiling.replay import replay
@@ -116,6 +117,31 @@ def test_presets_sizes():
     assert SHAPES["mixtral-8x7b"].expert_bytes == 3 * 4096 * 14336 * 2           # 352 MB in bf16
     assert SHAPES["gpt-oss-20b"].total_expert_bytes / 1e9 == pytest.approx(10.2, rel=0.05)
     assert parse_rate("2.2G", "--bandwidth") == 2.2e9 and parse_rate("25GB/s", "--bandwidth") == 25e9
+
+
+def test_gpu_mem_decides_experts_per_layer():
+    shape = SHAPES["gpt-oss-20b"]
+    fixed = shape.resident_dense_bytes + 4096 * shape.kv_bytes_per_token
+    per_slot = shape.expert_bytes * shape.num_layers                     # one more expert in every layer
+    assert shape.experts_per_layer(fixed + 7 * per_slot) == 7
+    assert shape.experts_per_layer(fixed + 7 * per_slot - 1) == 6
+    assert shape.experts_per_layer(fixed + 7 * per_slot, kv_tokens=8192) < 7
+    assert shape.experts_per_layer(fixed + 100 * per_slot) == shape.num_experts
+    with pytest.raises(ConfigError, match="top_k=4 need at least"):
+        shape.experts_per_layer(fixed + 3 * per_slot)
+    with pytest.raises(ConfigError, match="--gpu-mem"):                  # Mixtral in bf16 on an 8 GB card
+        SHAPES["mixtral-8x7b"].experts_per_layer(int(7.5 * 2**30))
+
+
+def test_cli_gpu_mem(small_trace, tmp_path):
+    path, out = tmp_path / "t.npz", tmp_path / "sim.json"
+    save_trace(path, small_trace)
+    assert main(["simulate", "--trace", str(path), "--model-shape", "gpt-oss-20b", "--gpu-mem", "7.5G",
+                 "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert [r["cache_experts"] for r in rep["results"]] == [SHAPES["gpt-oss-20b"].experts_per_layer(int(7.5 * 2**30))]
+    assert main(["simulate", "--trace", str(path), "--model-shape", "gpt-oss-20b", "--gpu-mem", "8G",
+                 "--cache-experts", "8"]) == 2
 
 
 def test_cli_json_contract(small_trace, tmp_path, capsys):
