@@ -10,6 +10,14 @@ from .rope import RopeSpec
 
 
 @dataclass(frozen=True)
+class ClampedSwiGlu:
+    """GPT-OSS expert gating: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit)."""
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+@dataclass(frozen=True)
 class MoeSpec:
     """Routed experts of one MoE layer kind (all MoE layers of a model share it)."""
 
@@ -19,6 +27,9 @@ class MoeSpec:
     norm_topk_prob: bool              # renormalize the top-k probabilities to sum to 1
     shared_intermediate_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False  # sigmoid(x @ w) scales the shared expert output (Qwen2-MoE)
+    router_bias: bool = False          # router logits = x @ W^T + b (GPT-OSS)
+    expert_bias: bool = False          # each routed expert has gate, up and down biases (GPT-OSS)
+    expert_act: ClampedSwiGlu | None = None   # None: act(gate) * up with the model's hidden_act
 
     def __post_init__(self):
         if not 0 < self.top_k <= self.num_experts:
@@ -57,6 +68,11 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = field(default=())
     pad_token_id: int | None = None
+    attention_sinks: bool = False      # a learned logit per head joins each softmax's denominator (GPT-OSS)
+    attention_scale: float | None = None   # softmax scale; None: head_dim ** -0.5 (Granite: attention_multiplier)
+    embedding_multiplier: float = 1.0  # embeddings scaled before the first layer (Granite)
+    residual_multiplier: float = 1.0   # attention and FFN outputs scaled before each residual add (Granite)
+    logits_scaling: float = 1.0        # logits divided by it (Granite)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
