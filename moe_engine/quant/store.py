@@ -124,6 +124,10 @@ class QuantizedExperts:
     def expert_nbytes(self) -> int:
         return self.max_expert_bytes
 
+    def raw_is_packed(self, dtype: torch.dtype) -> bool:
+        """Quantized experts are stored exactly as they are packed in memory."""
+        return True
+
     def read_expert(self, layer: int, expert: int, dtype: torch.dtype = torch.uint8,
                     out: torch.Tensor | None = None) -> torch.Tensor:
         r = self.experts[(layer, expert)]

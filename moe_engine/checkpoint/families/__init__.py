@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from ...errors import UnsupportedArchitectureError
-from . import mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import gpt_oss, granitemoe, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .base import Family
 
-FAMILIES: tuple[Family, ...] = (mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY)
+FAMILIES: tuple[Family, ...] = (mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY,
+                                gpt_oss.FAMILY, granitemoe.FAMILY)
 
 
 def supported_architectures() -> list[str]:
