@@ -90,7 +90,11 @@ RANDOM_SUFFIXES = {"sinks": 1.0, "_bias": 0.3, "router.bias": 0.5, "proj.bias": 
 
 def write_checkpoint(path: Path, case: str, seed: int = 0) -> Path:
     """Save a random model of `case` (optionally sharded / in half precision) to `path`."""
-    config_cls, model_cls, cfg_kw, save_kw = CASES[case]
+    return write_model(path, *CASES[case], seed=seed)
+
+
+def write_model(path: Path, config_cls, model_cls, cfg_kw: dict, save_kw: dict, seed: int = 0) -> Path:
+    """Save a random model of config_cls(**BASE, **cfg_kw); save_kw: save_pretrained's, plus dtype."""
     cfg = config_cls(**{**BASE, **cfg_kw})
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
