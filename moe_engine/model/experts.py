@@ -97,7 +97,7 @@ class ExpertLayout:
         """gate, up [I, D] and down [D, I] (+ biases (gate [I], up [I], down [D])) -> packed (into `out` when given)."""
         if out is None:
             out = torch.empty(self.numel, dtype=gate.dtype, device=gate.device)
-        parts = [gate, up, down] + (list(biases) if self.bias else [])
+        parts = [gate, up, down] + list(biases or ())
         if len(parts) != len(self.section_shapes):
             raise ValueError(f"an expert layout with bias={self.bias} packs {len(self.section_shapes)} tensors, "
                              f"got {len(parts)}")
