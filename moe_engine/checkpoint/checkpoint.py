@@ -63,6 +63,7 @@ class Checkpoint:
         self.index = SafetensorsIndex(self.model_dir)
         self.layout = ExpertLayout.of(self.spec)
         self.expert_format = self.family.expert_format_for(self.config)
+        self._raw_packed: dict[torch.dtype, bool] = {}     # raw_is_packed per dtype
 
     @property
     def dtype(self) -> torch.dtype:
@@ -124,8 +125,10 @@ class Checkpoint:
 
     def raw_is_packed(self, dtype: torch.dtype) -> bool:
         """True when an expert's bytes on disk, back to back, are its packed buffer in `dtype` (read in place)."""
-        infos = self.expert_infos(self.spec.moe_layers[0], 0)
-        return self.expert_format.to_sections is None and all(i.dtype == dtype for i in infos)
+        if dtype not in self._raw_packed:
+            infos = self.expert_infos(self.spec.moe_layers[0], 0)
+            self._raw_packed[dtype] = self.expert_format.to_sections is None and all(i.dtype == dtype for i in infos)
+        return self._raw_packed[dtype]
 
     def pack_raw(self, layer: int, expert: int, raw: torch.Tensor, dest: torch.Tensor, dtype: torch.dtype) -> None:
         """Convert one expert's raw bytes (uint8, its tensors back to back) into its packed buffer `dest` (uint8)."""
