@@ -87,7 +87,46 @@ CASES = {
                               "long_factor": [2.0 + 0.5 * i for i in range(8)],
                               "short_mscale": 1.2, "long_mscale": 1.4}),
         {"random_biases": True}),
+    # GPT-OSS: sliding + full layers with windows shorter than the prompts, sinks, biases, clamped SwiGLU
+    # (limits low enough that the clamps bite), yarn rope; initializer_range makes the experts matter
+    "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
+                dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=5,
+                     swiglu_limit=0.4, initializer_range=0.1,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64}),
+                {}),
+    "gpt_oss-gqa-layer-types-sharded-bf16": (
+        tf.GptOssConfig, tf.GptOssForCausalLM,
+        dict(num_hidden_layers=4, num_key_value_heads=1, intermediate_size=20, num_local_experts=6,
+             num_experts_per_tok=3, head_dim=12, sliding_window=3, swiglu_alpha=1.2, swiglu_limit=0.6,
+             attention_bias=False, initializer_range=0.08,
+             layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"]),
+        dict(max_shard_size="30KB", dtype="bfloat16")),
+    # Granite-MoE: every multiplier away from 1 so a missing one fails
+    "granitemoe": (tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
+                   dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=6.0,
+                        attention_multiplier=0.3, residual_multiplier=0.4, logits_scaling=2.5,
+                        initializer_range=0.1), {}),
+    "granitemoe-mha-tied-fp16": (
+        tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
+        dict(intermediate_size=20, num_local_experts=6, num_experts_per_tok=3, num_key_value_heads=4,
+             tie_word_embeddings=True, attention_bias=True, embedding_multiplier=3.0, attention_multiplier=0.125,
+             residual_multiplier=0.6, logits_scaling=1.5, initializer_range=0.1), dict(dtype="float16")),
+    "granitemoeshared": (tf.GraniteMoeSharedConfig, tf.GraniteMoeSharedForCausalLM,
+                         dict(intermediate_size=24, shared_intermediate_size=16, num_local_experts=5,
+                              num_experts_per_tok=2, embedding_multiplier=4.0, attention_multiplier=0.2,
+                              residual_multiplier=0.5, logits_scaling=3.0, initializer_range=0.1), {}),
+    "granitemoeshared-sharded-bf16": (
+        tf.GraniteMoeSharedConfig, tf.GraniteMoeSharedForCausalLM,
+        dict(num_hidden_layers=2, intermediate_size=16, shared_intermediate_size=40, num_local_experts=8,
+             num_experts_per_tok=4, head_dim=16, embedding_multiplier=2.0, attention_multiplier=0.0625,
+             residual_multiplier=0.7, logits_scaling=0.5, initializer_range=0.1),
+        dict(max_shard_size="30KB", dtype="bfloat16")),
 }
+
+ROUTER_SUFFIXES = ("gate.weight", "router.weight", "router.layer.weight")
+# parameters transformers may initialize to zero (or near it); randomized so that dropping them fails a test
+RANDOM_SUFFIXES = {"sinks": 1.0, "_bias": 0.3, "router.bias": 0.5, "proj.bias": 0.1}
 
 
 def _randomize(model: torch.nn.Module, random_biases: bool) -> None:
@@ -107,9 +146,22 @@ def write_checkpoint(path: Path, case: str, seed: int = 0, overrides: dict | Non
     """Save a random model of `case` (config kwargs changed by `overrides`; optionally sharded / in half
     precision) to `path`."""
     config_cls, model_cls, cfg_kw, save_kw = CASES[case]
-    cfg = config_cls(**{**BASE, **cfg_kw, **(overrides or {})})
+    return write_model(path, config_cls, model_cls, {**cfg_kw, **(overrides or {})}, save_kw, seed=seed)
+
+
+def write_model(path: Path, config_cls, model_cls, cfg_kw: dict, save_kw: dict, seed: int = 0) -> Path:
+    """Save a random model of config_cls(**BASE, **cfg_kw); save_kw: save_pretrained's, plus dtype and
+    random_biases."""
+    cfg = config_cls(**{**BASE, **cfg_kw})
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
+    with torch.no_grad():   # spread router logits so that top-k choices are not near-ties
+        for name, p in model.named_parameters():
+            if name.endswith(ROUTER_SUFFIXES) and p.shape[0] > 1:
+                p.normal_(0, 0.5)
+            for suffix, std in RANDOM_SUFFIXES.items():
+                if name.endswith(suffix):
+                    p.normal_(0, std)
     save_kw = dict(save_kw)
     with torch.no_grad():
         _randomize(model, save_kw.pop("random_biases", False))

@@ -19,7 +19,8 @@ from moe_engine.cli import main
 from tokenized import CONTEXT, copy_checkpoint
 
 SUPPORTED = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
-             "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "PhimoeForCausalLM")
+             "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "PhimoeForCausalLM", "GptOssForCausalLM",
+             "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM")
 EXPERT = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
 
 

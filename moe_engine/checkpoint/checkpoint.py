@@ -3,7 +3,8 @@
 Everything that can be checked without reading tensor data is checked in the constructor:
 config.json, the architecture, the safetensors index and headers, and that every tensor the
 decoder needs is present with the right shape. Experts are read one at a time, straight
-into a packed buffer, from byte ranges known up front (`expert_infos`).
+into a packed buffer, from byte ranges known up front (`expert_infos`); a family whose experts
+are stored otherwise (stacked, fused, quantized) converts them through its ExpertFormat.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from ..errors import CheckpointError
 from ..model.experts import ExpertLayout
 from ..model.spec import ModelSpec
+from .expert_format import expert_slice, pack, split_raw
 from .families import family_for
 from .families.base import torch_dtype
 from .safetensors_index import SafetensorsIndex, TensorInfo
@@ -59,7 +61,9 @@ class Checkpoint:
         gen_path = self.model_dir / "generation_config.json"
         self.generation_config: dict = read_json(gen_path, "generation config") if gen_path.is_file() else {}
         self.index = SafetensorsIndex(self.model_dir)
-        self.layout = ExpertLayout(self.spec.hidden_size, self.spec.moe.intermediate_size)
+        self.layout = ExpertLayout.of(self.spec)
+        self.expert_format = self.family.expert_format_for(self.config)
+        self._raw_packed: dict[torch.dtype, bool] = {}     # raw_is_packed per dtype
 
     @property
     def dtype(self) -> torch.dtype:
@@ -69,12 +73,24 @@ class Checkpoint:
     def validate(self, non_expert_shapes: dict[str, tuple[int, ...]]) -> None:
         """Check every needed tensor exists with the expected shape; name the first one that does not."""
         for generic, shape in non_expert_shapes.items():
-            self._check(self.family.checkpoint_name(generic), shape)
-        d, i = self.spec.hidden_size, self.spec.moe.intermediate_size
+            fused = self.family.fused_source(generic)
+            if fused is None:
+                self._check(self.family.checkpoint_name(generic), shape)
+            else:
+                name, _, parts = fused
+                self._check(name, (shape[0] * parts, *shape[1:]))
+        fmt = self.expert_format
         for layer in self.spec.moe_layers:
-            for e in range(self.spec.moe.num_experts):
-                for name, shape in zip(self.family.expert_tensor_names(layer, e), ((i, d), (i, d), (d, i))):
+            for template, shape, dtype, stacked in fmt.expected(self.spec):
+                experts = [0] if stacked else range(self.spec.moe.num_experts)
+                for e in experts:
+                    name = template.format(l=layer, e=e)
                     self._check(name, shape)
+                    found = self.index.info(name).dtype
+                    if dtype is not None and found != dtype:
+                        raise CheckpointError(f"tensor {name} is {found}, expected {dtype} for experts stored as "
+                                              f"{fmt.description or 'this family describes'}; the checkpoint "
+                                              f"and config.json do not match")
 
     def _check(self, name: str, shape: tuple[int, ...]) -> None:
         if name not in self.index:
@@ -90,29 +106,47 @@ class Checkpoint:
     # ---- reading -----------------------------------------------------------------------------
     def read(self, generic: str, dtype: torch.dtype) -> torch.Tensor:
         """One non-expert tensor by its generic decoder name, converted to `dtype`."""
+        fused = self.family.fused_source(generic)
+        if fused is not None:
+            name, part, parts = fused
+            return self.index.read(name).chunk(parts, dim=0)[part].to(dtype)
         return self.index.read(self.family.checkpoint_name(generic)).to(dtype)
 
-    def expert_infos(self, layer: int, expert: int) -> tuple[TensorInfo, TensorInfo, TensorInfo]:
-        """Byte ranges (file, offset, nbytes) of the gate, up and down tensors of one expert."""
-        return tuple(self.index.info(n) for n in self.family.expert_tensor_names(layer, expert))
+    def expert_infos(self, layer: int, expert: int) -> tuple[TensorInfo, ...]:
+        """Byte ranges (file, offset, nbytes) of one expert's tensors, in the order of its ExpertFormat."""
+        fmt = self.expert_format
+        return tuple(expert_slice(self.index.info(fmt.tensor_name(j, layer, expert)), expert) if fmt.stacked(j)
+                     else self.index.info(fmt.tensor_name(j, layer, expert)) for j in range(len(fmt.names)))
 
     def expert_nbytes(self) -> int:
-        """Bytes of one expert on disk (all three tensors)."""
+        """Bytes of one expert on disk (all its tensors)."""
         layer = self.spec.moe_layers[0]
         return sum(info.nbytes for info in self.expert_infos(layer, 0))
 
+    def raw_is_packed(self, dtype: torch.dtype) -> bool:
+        """True when an expert's bytes on disk, back to back, are its packed buffer in `dtype` (read in place)."""
+        if dtype not in self._raw_packed:
+            infos = self.expert_infos(self.spec.moe_layers[0], 0)
+            self._raw_packed[dtype] = self.expert_format.to_sections is None and all(i.dtype == dtype for i in infos)
+        return self._raw_packed[dtype]
+
+    def pack_raw(self, layer: int, expert: int, raw: torch.Tensor, dest: torch.Tensor, dtype: torch.dtype) -> None:
+        """Convert one expert's raw bytes (uint8, its tensors back to back) into its packed buffer `dest` (uint8)."""
+        infos = self.expert_infos(layer, expert)
+        pack(self.expert_format, self.spec, self.layout, split_raw(raw, infos), dest.view(dtype))
+
     def read_expert(self, layer: int, expert: int, dtype: torch.dtype, out: torch.Tensor | None = None):
-        """Packed [3 I D] buffer of one expert in `dtype` (written into `out` when given)."""
+        """Packed buffer of one expert in `dtype` (written into `out` when given)."""
         if out is None:
             out = torch.empty(self.layout.numel, dtype=dtype)
+        infos = self.expert_infos(layer, expert)
+        if not self.raw_is_packed(dtype):
+            pack(self.expert_format, self.spec, self.layout, [self.index.read_info(i) for i in infos], out)
+            return out
         offset = 0
-        for info in self.expert_infos(layer, expert):
+        for info in infos:
             n = info.nbytes // info.dtype.itemsize
-            dst = out[offset:offset + n]
-            if info.dtype == dtype:
-                self.index.read(info.name, out=dst.view(info.shape))
-            else:
-                dst.copy_(self.index.read(info.name).flatten())
+            self.index.read_info(info, out=out[offset:offset + n].view(info.shape))
             offset += n
         return out
 

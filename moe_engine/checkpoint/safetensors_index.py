@@ -197,7 +197,10 @@ class SafetensorsIndex:
         return sum(self.info(n).nbytes for n in (self._infos if names is None else names))
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        info = self.info(name)
+        return self.read_info(self.info(name), out)
+
+    def read_info(self, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The bytes of `info` (a tensor of this index, or a contiguous slice of one) as a tensor of its dtype/shape."""
         if out is None:
             raw = torch.empty(info.nbytes, dtype=torch.uint8)  # [nbytes], owns its memory
             self._read_exact(info, memoryview(raw.numpy()))

@@ -43,8 +43,8 @@ class OffloadedExperts:
         self._on_host: set[int] = set()                   # experts of this layer pass computed on the host
         self._last_slot: int | None = None                # device slot the last get() handed to compute
         self.reader = _ops.DirectReader(num_threads=io_threads) if host is None else None
-        self.same_dtype = all(i.dtype == dtype for i in checkpoint.expert_infos(checkpoint.spec.moe_layers[0], 0))
-        self.staging = [] if self.same_dtype or host is not None else \
+        self.direct = checkpoint.raw_is_packed(dtype)    # bytes on disk are the packed expert: read into slots
+        self.staging = [] if self.direct or host is not None else \
             [_ops.alloc_aligned(plan.slot_bytes) for _ in range(io_threads)]
         self.shift = [0] * self.table.capacity            # where in its slot each expert starts (see _work)
         self.jobs: dict[tuple[int, int], LoadJob] = {}    # loads not yet consumed by compute
@@ -303,16 +303,16 @@ class OffloadedExperts:
         n = self.size(job.layer, job.expert)
         dest = self.storage[start + shift: start + shift + n]
         read_expert_bytes(self.ckpt, self.reader, job.layer, job.expert, dest, self.dtype,
-                          None if self.same_dtype else self.staging[worker])
+                          None if self.direct else self.staging[worker])
         self.counters.loaded(job.layer, n, 0, time.perf_counter() - t0)
 
     def _in_place_shift(self, job: LoadJob, start: int) -> int:
         """Offset within the slot that puts the expert at the same address modulo 4 KiB as its file bytes.
 
         Direct IO then reads straight into the slot instead of through a bounce buffer (slots have
-        4 KiB of slack for this). 0 when the dtype is converted or the offset would misalign the dtype.
+        4 KiB of slack for this). 0 when the expert is converted or the offset would misalign the dtype.
         """
-        if not self.same_dtype or self.host is not None:
+        if not self.direct or self.host is not None:
             return 0
         shift = (self.ckpt.expert_infos(job.layer, job.expert)[0].offset - start) % ALIGN
         return shift if shift % self.dtype.itemsize == 0 else 0
@@ -339,30 +339,32 @@ class OffloadedExperts:
 
 def read_expert_bytes(ckpt, reader, layer: int, expert: int, dest: torch.Tensor, dtype: torch.dtype,
                       staging: torch.Tensor | None = None) -> None:
-    """Read one expert's gate, up and down tensors from disk into `dest` (uint8), packed, in `dtype`.
+    """Read one expert's tensors from disk into `dest` (uint8), packed, in `dtype`.
 
-    When the checkpoint stores another dtype, the raw bytes go to `staging` first and are
-    converted into `dest`. Sizes are checked: a checkpoint that does not match the plan fails.
+    When the bytes on disk are not the packed buffer itself (another dtype, or a family whose
+    experts are stored stacked, transposed or quantized: `ckpt.raw_is_packed`), they go to
+    `staging` first and `ckpt.pack_raw` converts them into `dest`. Sizes are checked: a
+    checkpoint that does not match the plan fails.
     """
     infos = ckpt.expert_infos(layer, expert)
     raw = sum(i.nbytes for i in infos)
-    same = all(i.dtype == dtype for i in infos)
-    if same and raw != dest.numel():
+    direct = ckpt.raw_is_packed(dtype)
+    if direct and raw != dest.numel():
         raise ExpertReadError(f"expert {expert} of layer {layer} has {raw} bytes in {infos[0].path}, "
                               f"expected {dest.numel()}; the checkpoint does not match config.json")
-    target = dest if same else (staging if staging is not None and staging.numel() >= raw
-                                else torch.empty(raw, dtype=torch.uint8))
+    target = dest if direct else (staging if staging is not None and staging.numel() >= raw
+                                  else torch.empty(raw, dtype=torch.uint8))
     ranges, offset = [], 0
     for info in infos:
         ranges.append(_ops.ReadRange(info.path, info.offset, info.nbytes, target, offset))
         offset += info.nbytes
     reader.read(ranges)
-    if not same:
-        out, src, pos = dest.view(dtype), 0, 0
-        for info in infos:
-            n = info.nbytes // info.dtype.itemsize
-            out[pos:pos + n].copy_(target[src:src + info.nbytes].view(info.dtype))
-            pos, src = pos + n, src + info.nbytes
+    if not direct:
+        try:
+            ckpt.pack_raw(layer, expert, target[:raw], dest, dtype)
+        except (ValueError, RuntimeError) as e:
+            raise ExpertReadError(f"expert {expert} of layer {layer} in {infos[0].path} cannot be converted to "
+                                  f"the packed layout ({e}); the checkpoint does not match config.json") from None
 
 
 PRECISION_DECAY = 0.9          # moving average of per-layer prediction precision

@@ -17,6 +17,7 @@ import torch
 
 from ..config import format_size
 from ..errors import ConfigError
+from ..model.experts import ExpertLayout
 from ..model.spec import ModelSpec
 
 ALIGN = 4096                     # slot stride alignment (direct IO wants 4 KiB-aligned buffers)
@@ -109,7 +110,7 @@ def make_plan(spec: ModelSpec, device: torch.device, dtype: torch.dtype, non_exp
     from .policies import layer_quotas
     moe = spec.moe
     n_layers = len(spec.moe_layers)
-    expert_bytes = expert_bytes or 3 * spec.hidden_size * moe.intermediate_size * dtype.itemsize
+    expert_bytes = expert_bytes or ExpertLayout.of(spec).nbytes(dtype)
     slot_bytes = round_up(expert_bytes) + ALIGN
     kv_tokens = kv_tokens or min(spec.max_position_embeddings, DEFAULT_KV_TOKENS)
     kv_bytes = kv_tokens * kv_bytes_per_token(spec, dtype)

@@ -3,6 +3,9 @@
 The KV cache is any object with `update(layer, k, v) -> (k_all, v_all)` that appends this
 step's keys/values (k, v [B, Hkv, T, Dh]) and returns everything cached for the layer
 ([B, Hkv, S, Dh]); masks are built by the decoder and passed in.
+
+Attention sinks (GPT-OSS): a learned logit per head joins every softmax's denominator and is
+dropped from its output, so a query may give part of its attention to "nothing".
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.dh, d, bias=spec.o_bias)
         self.qk_norm = spec.qk_norm
         self.clip_qkv = spec.clip_qkv
+        self.scale = spec.attention_scale if spec.attention_scale is not None else self.dh ** -0.5
+        self.sinks = nn.Parameter(torch.zeros(self.h)) if spec.attention_sinks else None   # [H] logits
         if spec.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(self.dh, spec.rms_norm_eps), RMSNorm(self.dh, spec.rms_norm_eps)
         elif spec.qk_norm == "full":
@@ -64,7 +69,26 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)
         q, k = apply_rotary(q, k, cos, sin)
         k, v = kv_cache.update(self.layer, k, v)                          # [B, Hkv, S, Dh]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.dh ** -0.5,
+        if self.sinks is not None:
+            k, v, mask = with_sink(k, v, mask, self.sinks)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                            enable_gqa=self.h != self.hkv)  # [B, H, T, Dh]
         b, _, t, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.dh))
+
+
+def with_sink(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor):
+    """Attention sinks as one extra key: k, v [B, Hkv, S, Dh], mask bool [B, 1, T, S], sinks [H] ->
+    k, v [B, Hkv, S+1, Dh] and an additive float mask [B, H, T, S+1].
+
+    The extra key and value are zero, so its score is exactly the mask's value there, the sink
+    logit: softmax over [scores, sink] with the sink's share dropped (its value is 0), as in
+    softmax(concat(scores, sink))[..., :-1] @ v.
+    """
+    b, hkv, s, dh = k.shape
+    t, h = mask.shape[2], sinks.shape[0]
+    zero = k.new_zeros(b, hkv, 1, dh)
+    k, v = torch.cat([k, zero], dim=2), torch.cat([v, zero], dim=2)
+    bias = torch.zeros(mask.shape, dtype=k.dtype, device=k.device).masked_fill(~mask, float("-inf"))   # [B, 1, T, S]
+    sink = sinks.to(k.dtype).view(1, h, 1, 1).expand(b, h, t, 1)
+    return k, v, torch.cat([bias.expand(b, h, t, s), sink], dim=-1)        # [B, H, T, S+1]

@@ -23,6 +23,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, layer: int, spec: ModelSpec, lspec: LayerSpec):
         super().__init__()
         self.sliding_window = lspec.sliding_window
+        self.residual_multiplier = spec.residual_multiplier
         self.attn_norm = make_norm(spec)
         self.attn = Attention(layer, spec) if spec.mla is None else MlaAttention(layer, spec)
         self.ffn_norm = make_norm(spec)
@@ -32,7 +33,7 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMlp(spec.hidden_size, lspec.dense_intermediate_size, spec.hidden_act)
 
     def forward(self, x, cos, sin, kv_cache, mask, token_mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, mask)
+        x = x + self._scaled(self.attn(self.attn_norm(x), cos, sin, kv_cache, mask))
         h = self.ffn_norm(x)
         if not hasattr(self, "moe"):
             out = self.mlp(h)
@@ -41,7 +42,10 @@ class DecoderLayer(nn.Module):
         else:
             out = torch.zeros_like(h)
             out[token_mask] = self.moe(h[token_mask])      # real tokens only: [N, D]
-        return x + out
+        return x + self._scaled(out)
+
+    def _scaled(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.residual_multiplier == 1.0 else h * self.residual_multiplier
 
 
 class Decoder(nn.Module):
@@ -92,13 +96,18 @@ class Decoder(nn.Module):
             begin(input_ids[token_mask], rows.to(input_ids.device)[:, None].expand(b, t)[token_mask])
         start = kv_cache.begin(token_mask)
         x = self.embed(input_ids)                                                # [B, T, D]
+        if self.spec.embedding_multiplier != 1.0:
+            x = x * self.spec.embedding_multiplier
         cos, sin = self.rotary.cos_sin(positions, x.dtype, seq_len=int(positions.max()) + 1)
         masks = {w: attention_mask(kv_cache.valid, start, t, w) for w in {layer.sliding_window for layer in self.layers}}
         for layer in self.layers:
             x = layer(x, cos, sin, kv_cache, masks[layer.sliding_window], token_mask)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x))
+        if self.spec.logits_scaling != 1.0:
+            logits = logits / self.spec.logits_scaling
+        return logits.float()
 
 
 def make_norm(spec: ModelSpec) -> nn.Module:

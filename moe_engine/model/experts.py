@@ -3,6 +3,7 @@
 One expert is one contiguous 1-D buffer, so moving it between tiers is one copy:
 
     packed = [ gate  I x D | up  I x D | down  D x I ]      (row-major, the model dtype)
+           (+ [ gate bias I | up bias I | down bias D ] when the experts have biases, GPT-OSS)
 
 The MoE block never owns routed experts. It asks an `ExpertProvider` for the packed buffer of
 (layer, expert); the provider decides where the bytes live and when they move. This module
@@ -10,6 +11,7 @@ defines the protocol only; implementations live in moe_engine/experts/.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,16 +28,56 @@ ACTIVATIONS = {
 }
 
 
+def glu(gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
+    """The gated activation of an expert: act(gate) * up for a named activation (str), or GPT-OSS's
+    clamped SwiGLU for a spec.ClampedSwiGlu. gate, up [N, I] -> [N, I]."""
+    if isinstance(act, str):
+        return ACTIVATIONS[act](gate) * up
+    gate = gate.clamp(max=act.limit)
+    up = up.clamp(-act.limit, act.limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
+
+
 @dataclass(frozen=True)
 class ExpertLayout:
-    """Where gate, up and down sit inside one packed expert of hidden size D and FFN width I."""
+    """Where gate, up and down (and their biases, if any) sit inside one packed expert of hidden size D and FFN width I."""
 
     hidden_size: int        # D
     intermediate_size: int  # I
+    bias: bool = False      # biases appended: gate [I], up [I], down [D]
+
+    @classmethod
+    def of(cls, spec) -> "ExpertLayout":
+        """The layout of a model.spec.ModelSpec's routed experts."""
+        return cls(spec.hidden_size, spec.moe.intermediate_size, spec.moe.expert_bias)
 
     @property
     def numel(self) -> int:
-        return 3 * self.hidden_size * self.intermediate_size
+        d, i = self.hidden_size, self.intermediate_size
+        return 3 * d * i + (2 * i + d if self.bias else 0)
+
+    @property
+    def section_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the sections in packed order: gate [I, D], up [I, D], down [D, I] (+ biases [I], [I], [D])."""
+        d, i = self.hidden_size, self.intermediate_size
+        return [(i, d), (i, d), (d, i)] + ([(i,), (i,), (d,)] if self.bias else [])
+
+    def sections(self, packed: torch.Tensor) -> list[torch.Tensor]:
+        """Views of each section of `packed`, in the order of section_shapes."""
+        out, pos = [], 0
+        for shape in self.section_shapes:
+            n = math.prod(shape)
+            out.append(packed[pos:pos + n].view(shape))
+            pos += n
+        return out
+
+    def biases(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """(gate_up bias [2I], down bias [D]) views, or (None, None) without biases."""
+        if not self.bias:
+            return None, None
+        d, i = self.hidden_size, self.intermediate_size
+        start = 3 * d * i
+        return packed[start:start + 2 * i], packed[start + 2 * i:start + 2 * i + d]
 
     def nbytes(self, dtype: torch.dtype) -> int:
         return self.numel * dtype.itemsize
@@ -48,29 +90,32 @@ class ExpertLayout:
     def down(self, packed: torch.Tensor) -> torch.Tensor:
         """[D, I] view."""
         d, i = self.hidden_size, self.intermediate_size
-        return packed[2 * i * d:].view(d, i)
+        return packed[2 * i * d:3 * i * d].view(d, i)
 
     def pack(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-        """gate, up [I, D] and down [D, I] -> packed [3 I D] (into `out` when given)."""
-        d, i = self.hidden_size, self.intermediate_size
+             out: torch.Tensor | None = None, biases: tuple | None = None) -> torch.Tensor:
+        """gate, up [I, D] and down [D, I] (+ biases (gate [I], up [I], down [D])) -> packed (into `out` when given)."""
         if out is None:
             out = torch.empty(self.numel, dtype=gate.dtype, device=gate.device)
-        out[: i * d].view(i, d).copy_(gate)
-        out[i * d: 2 * i * d].view(i, d).copy_(up)
-        out[2 * i * d:].view(d, i).copy_(down)
+        parts = [gate, up, down] + list(biases or ())
+        if len(parts) != len(self.section_shapes):
+            raise ValueError(f"an expert layout with bias={self.bias} packs {len(self.section_shapes)} tensors, "
+                             f"got {len(parts)}")
+        for view, t in zip(self.sections(out), parts):
+            view.copy_(t)
         return out
 
-    def ffn(self, x: torch.Tensor, packed: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    def ffn(self, x: torch.Tensor, packed: torch.Tensor, act="silu") -> torch.Tensor:
         """Run the expert stored in `packed` (quant.format.QuantLayout has the same method for quantized buffers)."""
         return expert_ffn(x, packed, self, act)
 
 
-def expert_ffn(x: torch.Tensor, packed: torch.Tensor, layout: ExpertLayout, act: str = "silu") -> torch.Tensor:
-    """SwiGLU-style expert: down(act(gate(x)) * up(x)). x [N, D] -> [N, D]."""
-    gate_up = F.linear(x, layout.gate_up(packed))             # [N, 2I]
+def expert_ffn(x: torch.Tensor, packed: torch.Tensor, layout: ExpertLayout, act="silu") -> torch.Tensor:
+    """SwiGLU-style expert: down(glu(gate(x), up(x))) (+ biases). x [N, D] -> [N, D]; act: see glu."""
+    b_gate_up, b_down = layout.biases(packed)
+    gate_up = F.linear(x, layout.gate_up(packed), b_gate_up)  # [N, 2I]
     gate, up = gate_up.split(layout.intermediate_size, dim=-1)
-    return F.linear(ACTIVATIONS[act](gate) * up, layout.down(packed))
+    return F.linear(glu(gate, up, act), layout.down(packed), b_down)
 
 
 class ExpertProvider(Protocol):

@@ -48,10 +48,10 @@ class MoeBlock(nn.Module):
         super().__init__()
         self.layer = layer
         self.spec = spec
-        self.act = act
-        self.layout = ExpertLayout(hidden, spec.intermediate_size)
+        self.act = spec.expert_act or act          # a hidden_act name, or spec.ClampedSwiGlu (see experts.glu)
+        self.layout = ExpertLayout(hidden, spec.intermediate_size, spec.expert_bias)
         self.expert_layouts: list | None = None    # per-expert layouts (quantized experts, set by the runtime)
-        self.router = nn.Linear(hidden, spec.num_experts, bias=False)
+        self.router = nn.Linear(hidden, spec.num_experts, bias=spec.router_bias)
         # DeepSeek-V3's selection bias [E]; kept in float32 whatever the model dtype (Decoder.cast)
         self.correction_bias = nn.Parameter(torch.zeros(spec.num_experts)) if spec.correction_bias else None
         self.shared = GatedMlp(hidden, spec.shared_intermediate_size, act) if spec.shared_intermediate_size else None

@@ -10,6 +10,14 @@ from .rope import RopeSpec
 
 
 @dataclass(frozen=True)
+class ClampedSwiGlu:
+    """GPT-OSS expert gating: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit)."""
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+@dataclass(frozen=True)
 class MoeSpec:
     """Routed experts of one MoE layer kind (all MoE layers of a model share it)."""
 
@@ -27,6 +35,9 @@ class MoeSpec:
     routed_scaling_factor: float = 1.0  # multiplies the routed experts' combined output
     router_fp32: bool = False         # router matmul in float32 whatever the model dtype (DeepSeek)
     jitter_eps: float = 0.0           # sparsemixer: experts within a relative margin 2 * jitter_eps share the softmax
+    router_bias: bool = False          # router logits = x @ W^T + b (GPT-OSS)
+    expert_bias: bool = False          # each routed expert has gate, up and down biases (GPT-OSS)
+    expert_act: ClampedSwiGlu | None = None   # None: act(gate) * up with the model's hidden_act
 
     def __post_init__(self):
         if not 0 < self.top_k <= self.num_experts:
@@ -107,6 +118,11 @@ class ModelSpec:
     mla: MlaSpec | None = None         # None: grouped-query attention; else multi-head latent attention
     norm: str = "rms"                  # "rms" (RMSNorm) | "layer" (LayerNorm with bias, Phi-MoE)
     lm_head_bias: bool = False
+    attention_sinks: bool = False      # a learned logit per head joins each softmax's denominator (GPT-OSS)
+    attention_scale: float | None = None   # softmax scale; None: head_dim ** -0.5 (Granite: attention_multiplier)
+    embedding_multiplier: float = 1.0  # embeddings scaled before the first layer (Granite)
+    residual_multiplier: float = 1.0   # attention and FFN outputs scaled before each residual add (Granite)
+    logits_scaling: float = 1.0        # logits divided by it (Granite)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

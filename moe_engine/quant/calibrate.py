@@ -86,19 +86,18 @@ def record_calibration(engine, path, max_tokens: int, samples: int, progress: bo
 
 
 def expert_errors(ckpt, layer: int, inputs: torch.Tensor, bits: tuple[int, ...], group: int,
-                  act: str) -> np.ndarray:
+                  act) -> np.ndarray:
     """[E, len(bits)] mean squared output error of each expert of `layer` quantized at each width."""
     spec = ckpt.spec
-    dense = ExpertLayout(spec.hidden_size, spec.moe.intermediate_size)
+    dense = ExpertLayout.of(spec)
     d, i = spec.hidden_size, spec.moe.intermediate_size
     out = np.zeros((spec.moe.num_experts, len(bits)))
     for e in range(spec.moe.num_experts):
         packed = ckpt.read_expert(layer, e, torch.float32)
         ref = dense.ffn(inputs, packed, act)                                        # [S, D]
-        gate, up = packed[: i * d].view(i, d), packed[i * d: 2 * i * d].view(i, d)
-        down = packed[2 * i * d:].view(d, i)
+        sections = dense.sections(packed)                                           # gate, up, down (+ biases)
         for j, b in enumerate(bits):
-            q = QuantLayout(d, i, b, group)
-            y = q.ffn(inputs, q.quantize(gate, up, down), act)
+            q = QuantLayout(d, i, b, group, dense.bias)
+            y = q.ffn(inputs, q.quantize(*sections[:3], biases=sections[3:] or None), act)
             out[e, j] = (y - ref).square().sum(-1).mean().item()
     return out

@@ -15,7 +15,8 @@ One quantized expert is one contiguous uint8 buffer (so it still moves between t
 copy); every section starts at a multiple of 16 bytes:
 
     [ gate_up W1 [2I, D]: planes..., scales [2I, D/G], zeros [2I, D/G] |
-      down    W2 [D, I]:  planes..., scales [D, I/G],  zeros [D, I/G] ]
+      down    W2 [D, I]:  planes..., scales [D, I/G],  zeros [D, I/G]
+      (+ biases, float32, not quantized: gate_up [2I], down [D], when the experts have biases) ]
 
 This module is the readable reference: quantize, pack, unpack, dequantize. The fast kernels
 (C++ on CPU, Triton on GPU) read the same buffers; see kernels.py.
@@ -32,6 +33,7 @@ PLANES = {8: (8,), 4: (4,), 3: (2, 1), 2: (2,)}        # plane widths, low bits 
 GROUP_SIZES = (32, 64, 128)
 SCALE_DTYPE = torch.float16
 SECTION_ALIGN = 16
+BIAS_DTYPE = torch.float32
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)       # range shrink factors tried per group at <= 4 bits
 
 
@@ -119,6 +121,7 @@ class QuantLayout:
     intermediate_size: int  # I
     bits: int
     group_size: int
+    bias: bool = False      # float32 biases (gate_up [2I], down [D]) after W2
 
     def __post_init__(self):
         check_format(self.bits, self.group_size, self.hidden_size, self.intermediate_size)
@@ -132,18 +135,39 @@ class QuantLayout:
         return QMatrixLayout(self.hidden_size, self.intermediate_size, self.bits, self.group_size, self.w1.end)
 
     @cached_property
+    def bias_count(self) -> int:
+        return 2 * self.intermediate_size + self.hidden_size if self.bias else 0
+
+    @cached_property
     def numel(self) -> int:
         """Bytes of one quantized expert (its buffer is uint8)."""
-        return self.w2.end
+        return self.w2.end + _align(self.bias_count * BIAS_DTYPE.itemsize)
+
+    def biases(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """(gate_up bias [2I], down bias [D]) float32 views of the expert's buffer, or (None, None)."""
+        if not self.bias:
+            return None, None
+        start, two_i = self.w2.end, 2 * self.intermediate_size
+        b = buf[start: start + self.bias_count * BIAS_DTYPE.itemsize].view(BIAS_DTYPE)
+        return b[:two_i], b[two_i:]
 
     def nbytes(self, dtype: torch.dtype | None = None) -> int:
         return self.numel
 
     def quantize(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-        """gate, up [I, D] and down [D, I] (any float dtype) -> the expert's uint8 buffer."""
+                 out: torch.Tensor | None = None, biases: tuple | None = None) -> torch.Tensor:
+        """gate, up [I, D] and down [D, I] (any float dtype) (+ biases (gate [I], up [I], down [D]) when the
+        layout has them; zeros if not given) -> the expert's uint8 buffer."""
         if out is None:
             out = torch.zeros(self.numel, dtype=torch.uint8)
+        if self.bias:
+            b1, b2 = self.biases(out)
+            if biases is None:
+                b1.zero_()
+                b2.zero_()
+            else:
+                b1.copy_(torch.cat([biases[0], biases[1]]))
+                b2.copy_(biases[2])
         for lay, w in ((self.w1, torch.cat([gate, up])), (self.w2, down)):
             codes, scales, zeros = quantize_matrix(w, self.bits, self.group_size)
             v = lay.views(out)
@@ -157,7 +181,7 @@ class QuantLayout:
         """The expert's buffer -> (W1 [2I, D], W2 [D, I]) in `dtype`."""
         return dequantize_matrix(self.w1.views(buf), dtype), dequantize_matrix(self.w2.views(buf), dtype)
 
-    def ffn(self, x: torch.Tensor, buf: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    def ffn(self, x: torch.Tensor, buf: torch.Tensor, act="silu") -> torch.Tensor:
         from .kernels import quant_expert_ffn
         return quant_expert_ffn(x, buf, self, act)
 

@@ -47,10 +47,14 @@ def qlinear(x: torch.Tensor, m: QMatrix, kernel: str | None = None) -> torch.Ten
     return _ops.qlinear(x, m)
 
 
-def quant_expert_ffn(x: torch.Tensor, buf: torch.Tensor, layout: QuantLayout, act: str = "silu",
+def quant_expert_ffn(x: torch.Tensor, buf: torch.Tensor, layout: QuantLayout, act="silu",
                      kernel: str | None = None) -> torch.Tensor:
-    """SwiGLU expert over a quantized buffer: down(act(gate(x)) * up(x)). x [N, D] -> [N, D]."""
-    from ..model.experts import ACTIVATIONS
+    """SwiGLU expert over a quantized buffer: down(glu(gate(x), up(x))) (+ float32 biases). x [N, D] -> [N, D]."""
+    from ..model.experts import glu
+    b1, b2 = layout.biases(buf)
     gate_up = qlinear(x, layout.w1.views(buf), kernel)                 # [N, 2I]
+    if b1 is not None:
+        gate_up = gate_up + b1.to(gate_up.dtype)
     gate, up = gate_up.split(layout.intermediate_size, dim=-1)
-    return qlinear(ACTIVATIONS[act](gate) * up, layout.w2.views(buf), kernel)
+    out = qlinear(glu(gate, up, act), layout.w2.views(buf), kernel)     # [N, D]
+    return out if b2 is None else out + b2.to(out.dtype)

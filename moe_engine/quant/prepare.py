@@ -75,7 +75,8 @@ def choose_bits(ckpt, settings: QuantSettings, float_engine: Callable | None, pr
                   leave=False):
         s = stats[m]
         inputs = torch.stack(s.inputs)                                          # [S, D]
-        err = expert_errors(ckpt, m, inputs, settings.candidates, settings.group_size, spec.hidden_act)
+        err = expert_errors(ckpt, m, inputs, settings.candidates, settings.group_size,
+                            spec.moe.expert_act or spec.hidden_act)
         cost = importance(s.tokens, s.weights)[:, None] * err                   # [E, widths]
         bits[m] = allocate_bits(cost, settings.candidates, settings.avg_bits)
         log.info("layer %d widths %s (mean %.2f)", m, bits[m], np.mean(bits[m]))

@@ -101,7 +101,8 @@ class QuantizedExperts:
         self.experts = {(r["layer"], r["expert"]): r for r in manifest["experts"]}
         self.bits = {m: [self.experts[(m, e)]["bits"] for e in range(self.spec.moe.num_experts)]
                      for m in self.spec.moe_layers}
-        self._layouts = {b: QuantLayout(d, i, b, self.group_size) for b in {r["bits"] for r in manifest["experts"]}}
+        bias = self.spec.moe.expert_bias
+        self._layouts = {b: QuantLayout(d, i, b, self.group_size, bias) for b in {r["bits"] for r in manifest["experts"]}}
         self.layout = self.layouts(self.spec.moe_layers[0])[0]
         self.max_expert_bytes = max(r["nbytes"] for r in manifest["experts"])
         self.dtype = torch.uint8
@@ -123,6 +124,10 @@ class QuantizedExperts:
 
     def expert_nbytes(self) -> int:
         return self.max_expert_bytes
+
+    def raw_is_packed(self, dtype: torch.dtype) -> bool:
+        """Quantized experts are stored exactly as they are packed in memory."""
+        return True
 
     def read_expert(self, layer: int, expert: int, dtype: torch.dtype = torch.uint8,
                     out: torch.Tensor | None = None) -> torch.Tensor:
@@ -213,9 +218,9 @@ def write_entry(root: Path, key: str, ckpt, settings, bits: dict[int, list[int]]
                      disable=not progress, leave=False) as bar:
             for m in spec.moe_layers:
                 for e in range(spec.moe.num_experts):
-                    lay = QuantLayout(d, i, bits[m][e], settings.group_size)
-                    w = ckpt.read_expert(m, e, torch.float32)
-                    buf = lay.quantize(w[: i * d].view(i, d), w[i * d: 2 * i * d].view(i, d), w[2 * i * d:].view(d, i))
+                    lay = QuantLayout(d, i, bits[m][e], settings.group_size, spec.moe.expert_bias)
+                    sections = ckpt.layout.sections(ckpt.read_expert(m, e, torch.float32))
+                    buf = lay.quantize(*sections[:3], biases=sections[3:] or None)
                     data = buf.numpy().tobytes()
                     f.write(data + b"\0" * (-len(data) % ALIGN))
                     records.append({"layer": m, "expert": e, "bits": bits[m][e], "offset": offset,

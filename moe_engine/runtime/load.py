@@ -113,7 +113,7 @@ def load(model_dir: str | Path | None = None, device: str = "auto", dtype: str =
             expert_dt = torch.uint8
         plan = None
         if gpu_bytes is not None or cpu_bytes is not None:
-            staging = 0 if qs is not None or ckpt.dtype == dt else io_threads
+            staging = 0 if qs is not None or ckpt.raw_is_packed(dt) else io_threads
             plan = make_plan(ckpt.spec, dev, dt, non_expert_bytes(ckpt, dt), gpu_bytes, cpu_bytes,
                              max_kv_tokens, io_threads, staging,
                              expert_bytes=experts.max_expert_bytes if qs is not None else None,

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from ...errors import UnsupportedArchitectureError
-from . import deepseek_v2, deepseek_v3, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
+from . import deepseek_v2, deepseek_v3, gpt_oss, granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
 from .base import Family
 
 FAMILIES: tuple[Family, ...] = (mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY, deepseek_v2.FAMILY,
-                                deepseek_v3.FAMILY, phimoe.FAMILY)
+                                deepseek_v3.FAMILY, phimoe.FAMILY, gpt_oss.FAMILY, granitemoe.FAMILY)
 
 
 def supported_architectures() -> list[str]:

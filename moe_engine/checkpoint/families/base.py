@@ -3,16 +3,22 @@
 The generic decoder names its weights `embed.weight`, `layers.{l}.attn.q_proj.weight`, ... (see
 model/decoder.py). A family maps each generic name onto the checkpoint's name and names the
 three tensors of each routed expert. Most families only override a few prefixes.
+
+Families whose checkpoints differ more say so with two optional fields: `expert_format` (experts
+stored stacked, fused, transposed or quantized; see checkpoint/expert_format.py) and `fused`
+(a generic tensor that is one of several equal row blocks of a checkpoint tensor, e.g. gate and
+up of a fused input_linear).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ...model.rope import RopeSpec
 from ...model.spec import ModelSpec
+from ..expert_format import ExpertFormat
 
 # generic prefix -> checkpoint prefix, applied longest first; {l} is the layer index
 LLAMA_STYLE_NAMES = {
@@ -43,7 +49,11 @@ class Family:
     model_types: tuple[str, ...]              # config.json "model_type" values it handles
     build_spec: Callable[[object], ModelSpec]  # transformers config -> spec
     names: dict                               # generic prefix -> checkpoint prefix
-    expert_names: tuple[str, str, str]        # gate, up, down templates with {l} and {e}
+    expert_names: tuple[str, ...]             # gate, up, down templates with {l} and {e}
+    # config -> how experts are stored, when not as the three expert_names per expert
+    expert_format: Callable[[object], ExpertFormat] | None = None
+    # generic name template -> (checkpoint name template, part, parts): rows block `part` of `parts` (dim 0)
+    fused: dict = field(default_factory=dict)
 
     def checkpoint_name(self, generic: str) -> str:
         """'layers.3.attn.q_proj.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
@@ -56,6 +66,17 @@ class Family:
 
     def expert_tensor_names(self, layer: int, expert: int) -> tuple[str, str, str]:
         return tuple(t.format(l=layer, e=expert) for t in self.expert_names)
+
+    def expert_format_for(self, cfg) -> ExpertFormat:
+        return self.expert_format(cfg) if self.expert_format is not None else ExpertFormat(self.expert_names)
+
+    def fused_source(self, generic: str) -> tuple[str, int, int] | None:
+        """(checkpoint name, part, parts) when `generic` is a row block of a fused checkpoint tensor, else None."""
+        layer = generic.split(".")[1] if generic.startswith("layers.") else ""
+        for gen, (ckpt, part, parts) in self.fused.items():
+            if gen.replace("{l}", layer) == generic:
+                return ckpt.replace("{l}", layer), part, parts
+        return None
 
 
 def _dtype_name(cfg) -> str:
