@@ -222,8 +222,9 @@ def table(rows: list[dict]) -> str:
 def oracle_table(rows: list[dict]) -> str:
     if not rows:
         return ""
-    lines = ["", "", ("Bound on what prediction can give (GPT-OSS reported dev sequences, reset per sequence, uniform quotas): "
-             "the default policy fed by an oracle that knows the experts of the next tokens."), "",
+    lines = ["", "", ("Bound on what prediction can give (GPT-OSS reported dev sequences, reset per sequence, "
+                      "uniform quotas): the default policy fed by an oracle that knows the experts of the next tokens."),
+             "",
              "| slots | oracle knows | hit rate | loads / Belady |", "|---|---|---|---|"]
     lines += [f"| {r['cap']} | next {r['horizon']} token{'s' if r['horizon'] > 1 else ''} | {r['hit_rate']:.3f} | "
               f"{r['ratio']:.2f}x |" for r in rows]
