@@ -7,15 +7,24 @@ the same way for both; each measurement is the median of --repeats runs, engines
     python bench/make_checkpoint.py /tmp/mixtral-1g --no-tokenizer --hidden 1024 --ffn 3584 --layers 6 \\
         --experts 8 --heads 16 --kv-heads 4 --vocab 32000 --dtype bfloat16
     python bench/bench_decode.py /tmp/mixtral-1g --dtype bfloat16
+    python bench/bench_decode.py moe_engine/models/tiny-moe --dtype float32 --new-tokens 8 --repeats 1 --no-record
+
+Prints the JSON of the run and a markdown table with the ratio engine / transformers; the table is
+appended to bench/RESULTS.md (bench/results.py) unless --no-record.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_record_flag, record, wants_record  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -39,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_record_flag(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -76,7 +86,24 @@ def main(argv=None) -> int:
     }
     result["engine_over_transformers"] = result["engine_decode_tok_s"] / result["transformers_decode_tok_s"]
     print(json.dumps(result, indent=2))
+    text = table(result)
+    print(text)
+    compare = f"moe-engine / transformers decode tok/s: {result['engine_over_transformers']:.2f}x"
+    if wants_record(args):
+        record(f"decode tok/s all in RAM, moe-engine vs transformers, {Path(args.model_dir).name} {args.dtype}", text,
+               compare, f"Same process, same dtype, batch 1, {args.prompt_len}-token random prompt, greedy, eos off; "
+               f"decode = (N - 1) / (time(N new) - time(1 new)), N = {args.new_tokens}; median of {args.repeats} "
+               f"repeats, engines interleaved.")
     return 0
+
+
+def table(r: dict) -> str:
+    runs = {k: ", ".join(f"{x:.1f}" for x in v) for k, v in r["all_runs"].items()}
+    return ("| checkpoint | dtype | threads | expert bytes | transformers tok/s (runs) | moe-engine tok/s (runs) | "
+            "engine / transformers | same first 16 greedy tokens |\n|---|---|---|---|---|---|---|---|\n"
+            f"| {Path(r['model_dir']).name} | {r['dtype']} | {r['threads']} | {r['expert_bytes'] / 1e6:.1f} MB | "
+            f"{r['transformers_decode_tok_s']:.1f} ({runs['transformers']}) | {r['engine_decode_tok_s']:.1f} "
+            f"({runs['engine']}) | **{r['engine_over_transformers']:.2f}x** | {r['same_greedy_tokens_first16']} |")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,18 @@ Making the GGUF (llama-cpp-python 0.3.36 from PyPI, built from source; its sdist
   python bench/llama_tokenizer.py SRC     # a made-up 32000-token Llama tokenizer: the converter needs one
   python llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py SRC --outtype bf16 --outfile MODEL.gguf
 
-One JSON line is printed per thread count, e.g.
+One JSON line is printed per thread count and side, then a markdown table: llama.cpp and
+moe-engine (all experts in RAM, --engine-model: the safetensors checkpoint the GGUF was converted
+from, in its own dtype, bf16 for the bench checkpoint) on the same prompt ids with the same
+protocol (prefill, then `n_decode` timed greedy single-token steps: time(prompt + n_decode + 1 new)
+- time(prompt + 1 new) for the engine), and the ratio engine / llama.cpp, e.g.
 
   python bench/bench_llamacpp.py --model /work/bench_data/mixtral-1.4g-bf16.gguf --threads 2 1
+  python bench/bench_llamacpp.py --threads 1 --n-decode 4 --repeats 1 --warmup-decode 1 --no-record   # quick check
+
+The run is appended to bench/RESULTS.md (bench/results.py) unless --no-record. When llama-cpp-python
+cannot be imported or the GGUF is missing, the script says why and what to run, and records that
+instead of numbers (the issue asks for the reason in RESULTS.md when llama.cpp cannot be built).
 """
 from __future__ import annotations
 
@@ -34,7 +43,12 @@ import statistics
 import sys
 import time
 
+from pathlib import Path
+
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_record_flag, record, wants_record  # noqa: E402
 
 
 def _greedy_sampler(llama_cpp):
@@ -77,8 +91,7 @@ def bench(model_path, n_threads, n_batch, n_prompt, n_decode, repeats, warmup_de
     n_vocab = llm.n_vocab()
     assert n_prompt + n_decode + 1 <= llm.n_ctx(), "context too small"
 
-    rng = np.random.default_rng(seed)
-    prompt = [int(x) for x in rng.integers(100, min(32000, n_vocab), size=n_prompt)]
+    prompt = prompt_ids(seed, n_prompt, n_vocab)
 
     sampler = _greedy_sampler(llama_cpp)
     try:
@@ -117,6 +130,65 @@ def bench(model_path, n_threads, n_batch, n_prompt, n_decode, repeats, warmup_de
     return result
 
 
+def prompt_ids(seed: int, n_prompt: int, n_vocab: int) -> list[int]:
+    """The benchmark prompt: the same ids for llama.cpp and the engine."""
+    rng = np.random.default_rng(seed)
+    return [int(x) for x in rng.integers(100, min(32000, n_vocab), size=n_prompt)]
+
+
+def bench_engine(model_dir, n_threads, n_prompt, n_decode, repeats, warmup_decode, seed):
+    """moe-engine, every expert in RAM, the checkpoint's own dtype, the same prompt and decode protocol."""
+    import torch
+
+    import moe_engine
+    torch.set_num_threads(n_threads)
+    eng = moe_engine.load(model_dir, device="cpu", progress=False)
+    ids = torch.tensor([prompt_ids(seed, n_prompt, eng.spec.vocab_size)])
+
+    def timed(new):
+        t0 = time.perf_counter()
+        out = eng.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=[])
+        return time.perf_counter() - t0, out[0, n_prompt:].tolist()
+
+    timed(warmup_decode + 1)
+    decode, gens = [], []
+    for _ in range(repeats):
+        t1, _ = timed(1)
+        tn, out = timed(n_decode + 1)
+        decode.append(n_decode / max(tn - t1, 1e-9))
+        gens.append(out)
+    result = {"engine": "moe-engine", "decode_tokens_per_s": round(statistics.median(decode), 3),
+              "runs": [round(x, 3) for x in decode], "n_threads": n_threads, "n_prompt": n_prompt,
+              "n_decode": n_decode, "dtype": str(eng.dtype).replace("torch.", ""),
+              "deterministic": all(g == gens[0] for g in gens)}
+    eng.close()
+    return result
+
+
+def unavailable(model_path: str) -> str | None:
+    """Why llama.cpp cannot be measured here (None when it can)."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        return (f"llama-cpp-python cannot be imported ({e}); build it from the registry with "
+                f"`pip install llama-cpp-python` (needs a C++ compiler and cmake), see this script's docstring")
+    if not os.path.exists(model_path):
+        return (f"no GGUF at {model_path} (llama-cpp-python {llama_cpp.__version__} is installed); make it with "
+                f"the conversion steps in bench/bench_llamacpp.py's docstring, or pass --model")
+    return None
+
+
+def table(rows: list[tuple[dict, dict | None]]) -> str:
+    lines = ["| threads | llama.cpp decode tok/s (runs) | moe-engine decode tok/s (runs) | engine / llama.cpp |",
+             "|---|---|---|---|"]
+    for lc, en in rows:
+        e_cell = f"{en['decode_tokens_per_s']:.1f} ({', '.join(f'{x:.1f}' for x in en['runs'])})" if en else "not run"
+        ratio = f"**{en['decode_tokens_per_s'] / lc['decode_tokens_per_s']:.2f}x**" if en else ""
+        lines.append(f"| {lc['n_threads']} | {lc['decode_tokens_per_s']:.1f} "
+                     f"({', '.join(f'{x:.1f}' for x in lc['runs'])}) | {e_cell} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="/work/bench_data/mixtral-1.4g-bf16.gguf")
@@ -128,12 +200,47 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup-decode", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine-model", default="/work/bench_data/mixtral-1.4g",
+                    help="the safetensors checkpoint the GGUF was made from; moe-engine runs it all in RAM")
+    ap.add_argument("--no-engine", action="store_true", help="measure llama.cpp only")
+    add_record_flag(ap)
     args = ap.parse_args(argv)
-
+    title = "decode tok/s all in RAM: llama.cpp (llama-cpp-python) vs moe-engine, same checkpoint and precision"
+    why = unavailable(args.model)
+    if why:
+        print(f"llama.cpp not measured: {why}", file=sys.stderr)
+        if wants_record(args):
+            record(title, "| llama.cpp | moe-engine |\n|---|---|\n| not measured | not measured |",
+                   None, f"llama.cpp could not be measured on this machine: {why}.")
+        return 1
+    if not args.no_engine and not os.path.isdir(args.engine_model):
+        raise SystemExit(f"--engine-model {args.engine_model} is not a directory; pass the safetensors checkpoint "
+                         f"the GGUF was converted from, or --no-engine to measure llama.cpp alone")
+    rows = []
     for t in args.threads:
         res = bench(args.model, t, args.n_batch, args.n_prompt, args.n_decode,
                     args.repeats, args.warmup_decode, args.seed)
         print(json.dumps(res), flush=True)
+        eng = None
+        if not args.no_engine:
+            eng = bench_engine(args.engine_model, t, args.n_prompt, args.n_decode, args.repeats,
+                               args.warmup_decode, args.seed)
+            print(json.dumps(eng), flush=True)
+        rows.append((res, eng))
+    text = table(rows)
+    print(text)
+    compare = "; ".join(f"{lc['n_threads']} thread(s): engine / llama.cpp "
+                        f"{en['decode_tokens_per_s'] / lc['decode_tokens_per_s']:.2f}x"
+                        for lc, en in rows if en) or "moe-engine not run (--no-engine)"
+    print(compare)
+    if wants_record(args):
+        lc = rows[0][0]
+        record(title, text, compare,
+               f"GGUF {args.model} ({lc['gguf_bytes'] / 1e9:.2f} GB), llama.cpp via llama-cpp-python "
+               f"{lc['llama_cpp_python']}; moe-engine on {args.engine_model} "
+               f"({rows[0][1]['dtype'] if rows[0][1] else 'not run'}). {args.n_prompt}-token random prompt "
+               f"(seed {args.seed}), {args.n_decode} timed greedy decode steps, median of {args.repeats} runs, "
+               f"sides run one after the other per thread count. llama.cpp system info: {lc['system_info']}")
     return 0
 
 

@@ -4,14 +4,22 @@ Every memory-limited run is a separate process started under ../shared/tools/in_
 limits the whole process memory (page cache included) and evicts the checkpoint from the page
 cache first, so "disk" reads are disk reads for both sides.
 
-    python bench/bench_offload.py all MODEL_DIR [--fractions 0.25 0.5] [--tokens 128] [--record]
+    python bench/bench_offload.py all MODEL_DIR [--fractions 0.25 0.5] [--tokens 128] [--no-record]
     python bench/bench_offload.py quant MODEL_DIR [--quants none int8 int4]   (issue 6: same budget, quantized)
+    python bench/bench_offload.py all moe_engine/models/tiny-moe --tokens 4 --offload-root /tmp/off --no-record
+                                                                             (a quick check of the pipeline)
 
 runs, for each expert-budget fraction: the engine (random routing), the engine with routing
 replayed from the real GPT-OSS traces (benchmark-only hook), and accelerate; plus, unlimited:
 the engine with every expert in RAM (the compute bound) and a cold direct-IO read of the
 checkpoint (the bandwidth). The bound of the issue is 1 / max(Belady loads per token x expert
 bytes / direct-IO bandwidth, all-in-RAM seconds per token). `one ...` is one measured run.
+
+`all` prints one markdown table: at each budget the engine, the engine on trace routing and
+accelerate side by side, with the all-in-RAM engine as the first row, and the ratios engine /
+accelerate and run / all-in-RAM. `all` and `quant` append their table to bench/RESULTS.md
+(bench/results.py) unless given --no-record. (The old docstring offered `--record`, which no
+version of this script accepted; recording is now the default, as in every bench/ script.)
 """
 from __future__ import annotations
 
@@ -26,6 +34,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_record_flag, record, wants_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMCG = ROOT.parent / "shared" / "tools" / "in_memcg.sh"
@@ -214,7 +225,25 @@ def run_all(args) -> None:
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    print(table(report))
+    text = table(report)
+    print(text)
+    print(comparison(report))
+    if wants_record(args):
+        record(f"disk-tier offloading: moe-engine vs transformers + accelerate vs all in RAM, {Path(args.model).name}",
+               text, comparison(report), ALL_NOTES.format(io=report["io"].get("bytes_per_s", 0) / 1e9,
+                                                          ram=report["ram"].get("decode_tokens_per_s", 0),
+                                                          tokens=args.tokens, prompt=args.prompt_len,
+                                                          policy=args.policy, predictor=args.predictor))
+
+
+ALL_NOTES = """Checkpoint evicted from the page cache before each run; each memory-limited run is its own process
+under ../shared/tools/in_memcg.sh (whole-process memory incl. page cache limited to the `limit` column).
+The engine gets `--gpu-mem` = non-expert weights + KV reserve + IO buffers + the budget's expert slots;
+accelerate gets `max_memory={{"cpu": non-expert + the same expert bytes}}` and an offload folder for the
+rest. {prompt}-token random prompt, {tokens} greedy tokens, decode only; policy {policy}, predictor
+{predictor}. "engine_trace": routing replaced by the GPT-OSS-20B test trace folded onto the model's
+experts. Bound = 1 / max(Belady decode loads x expert bytes / direct-IO bandwidth, all-in-RAM s/token);
+this run: direct-IO cold read {io:.2f} GB/s, all-in-RAM engine decode {ram:.2f} tok/s."""
 
 
 def run_quant(args) -> None:
@@ -246,21 +275,33 @@ def run_quant(args) -> None:
               "torch_threads": torch.get_num_threads(), "tokens": args.tokens, "model": args.model, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    print("| --gpu-mem | memcg limit | experts | slots | decode tok/s | vs bf16 | loads/token | memcg peak |")
-    print("|---|---|---|---|---|---|---|---|")
+    text = quant_table(rows, args.tokens)
+    print(text)
+    if wants_record(args):
+        record(f"disk-tier offloading, quantized experts at the same --gpu-mem, {Path(args.model).name}", text,
+               "decode tok/s of each quantization / bf16 at the same budget: the `vs bf16` column",
+               f"{args.tokens} greedy tokens after a {args.prompt_len}-token random prompt; each run in its own "
+               f"process under in_memcg.sh at the `memcg limit`; policy {args.policy}, predictor {args.predictor}.")
+
+
+def quant_table(rows: list[dict], tokens: int) -> str:
+    lines = ["| --gpu-mem | memcg limit | experts | slots | decode tok/s | vs bf16 | loads/token | memcg peak |",
+             "|---|---|---|---|---|---|---|---|"]
     base = {}
     for r in rows:
         run = r["run"]
         if "error" in run:
-            print(f"| {r['gpu_mem'] / 2**20:.0f} MiB | | {r['quant']} | error: {run['error'][-200:]!r} |")
+            lines.append(f"| {r['gpu_mem'] / 2**20:.0f} MiB | {r['limit'] / 2**30:.2f} GiB | {r['quant']} | "
+                         f"error: {run['error'][-200:]!r} | | | | |".replace("\n", " "))
             continue
         tps = run["decode_tokens_per_s"]
         base.setdefault(r["fraction"], tps)
         slots = run["stats"]["cache"]["capacity_experts"]              # all resident: no cache, no loads
-        loads = run.get("decode_loads", 0) / args.tokens
-        print(f"| {r['gpu_mem'] / 2**20:.0f} MiB | {r['limit'] / 2**30:.2f} GiB | {r['quant']} | "
-              f"{slots} | {tps:.2f} | {tps / base[r['fraction']]:.2f}x | "
-              f"{loads:.2f} | {run.get('memcg_peak', 0) / 2**30:.2f} GiB |")
+        loads = run.get("decode_loads", 0) / tokens
+        lines.append(f"| {r['gpu_mem'] / 2**20:.0f} MiB | {r['limit'] / 2**30:.2f} GiB | {r['quant']} | "
+                     f"{slots} | {tps:.2f} | {tps / base[r['fraction']]:.2f}x | "
+                     f"{loads:.2f} | {run.get('memcg_peak', 0) / 2**30:.2f} GiB |")
+    return "\n".join(lines)
 
 
 def bound(row_run: dict, io_bps: float, ram_tps: float, tokens: int) -> float:
@@ -269,29 +310,48 @@ def bound(row_run: dict, io_bps: float, ram_tps: float, tokens: int) -> float:
 
 
 def table(rep: dict) -> str:
-    io_bps, ram_tps = rep["io"]["bytes_per_s"], rep["ram"]["decode_tokens_per_s"]
+    """One row per run: the all-in-RAM engine first, then at each budget engine, engine on trace routing, accelerate."""
+    io_bps, ram_tps = rep["io"].get("bytes_per_s"), rep["ram"].get("decode_tokens_per_s")
+    tok = rep.get("tokens", 128)
     head = ("| budget (experts) | limit | run | decode tok/s | loads/token | Belady loads/token | bound tok/s | "
-            "of bound | vs accelerate | memcg peak |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+            "of bound | vs accelerate | vs all-in-RAM | memcg peak |")
+    lines = [head, "|---" * 11 + "|"]
+    ram_cell = f"{ram_tps:.2f}" if ram_tps else "error"
+    lines.append(f"| all (100%) | none | all-in-RAM (engine) | {ram_cell} | 0.00 | 0.00 | {ram_cell} | | | 1.00x | |")
     for r in rep["rows"]:
         acc = r.get("accelerate", {}).get("decode_tokens_per_s")
         for name in ("engine", "engine_trace", "accelerate"):
             run = r.get(name)
-            if not run or "error" in run:
-                lines.append(f"| {r['fraction']:.0%} | {r['limit'] / 2**30:.2f} GiB | {name} | error | | | | | | |")
+            if not run:
+                continue                                   # --skip-accelerate
+            cells = [f"{r['fraction']:.0%}", f"{r['limit'] / 2**30:.2f} GiB", name]
+            if "error" in run:
+                lines.append("| " + " | ".join(cells + ["error"] + [""] * 7) + " |")
                 continue
             tps = run["decode_tokens_per_s"]
-            if name.startswith("engine"):
-                steps = run["decode_loads"]
-                tok = rep.get("tokens", 128)
+            cells.append(f"{tps:.2f}")
+            if name.startswith("engine") and io_bps and ram_tps:
                 b = bound(run, io_bps, ram_tps, tok)
-                extra = (f"{steps / tok:.2f} | {run['belady_decode_loads'] / tok:.2f} | {b:.2f} | {tps / b:.0%} | "
-                         f"{tps / acc:.2f}x" if acc else "")
+                cells += [f"{run['decode_loads'] / tok:.2f}", f"{run['belady_decode_loads'] / tok:.2f}", f"{b:.2f}",
+                          f"{tps / b:.0%}", f"**{tps / acc:.2f}x**" if acc else ""]
             else:
-                extra = " | | | | "
-            lines.append(f"| {r['fraction']:.0%} | {r['limit'] / 2**30:.2f} GiB | {name} | {tps:.2f} | {extra} | "
-                         f"{run.get('memcg_peak', 0) / 2**30:.2f} GiB |")
+                cells += [""] * 5
+            cells += [f"{tps / ram_tps:.2f}x" if ram_tps else "", f"{run.get('memcg_peak', 0) / 2**30:.2f} GiB"]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def comparison(rep: dict) -> str:
+    """engine / accelerate and engine / all-in-RAM decode tok/s at each budget."""
+    ram = rep["ram"].get("decode_tokens_per_s")
+    parts = []
+    for r in rep["rows"]:
+        eng, acc = (r.get(k, {}).get("decode_tokens_per_s") for k in ("engine", "accelerate"))
+        if eng:
+            vs = [f"engine / accelerate {eng / acc:.2f}x" if acc else "accelerate not run or failed",
+                  f"engine / all-in-RAM {eng / ram:.2f}x" if ram else "all-in-RAM failed"]
+            parts.append(f"budget {r['fraction']:.0%}: " + ", ".join(vs))
+    return "; ".join(parts) or "no engine run succeeded"
 
 
 def main(argv=None) -> int:
@@ -325,6 +385,8 @@ def main(argv=None) -> int:
     qa.add_argument("--policy", default="default")
     qa.add_argument("--predictor", default="gate-lookahead")
     qa.add_argument("--json")
+    for q in (a, qa):
+        add_record_flag(q)
     for q in (a, o, qa):
         q.add_argument("--tokens", type=int, default=128)
         q.add_argument("--prompt-len", type=int, default=16)

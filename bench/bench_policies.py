@@ -15,11 +15,15 @@ Caches: per-sequence reset (README) and one continuous run over the reported seq
 
     PYTHONPATH=. python bench/bench_policies.py                  # ~20 min on 2 cores; appends to RESULTS.md
     PYTHONPATH=. python bench/bench_policies.py --fit            # refit the shipped coefficients (dev only)
+    PYTHONPATH=. python bench/bench_policies.py --smoke          # seconds: a few sequences, prints only
+
+Both GPT-OSS splits are reported by default (--splits dev test). The run is appended to
+bench/RESULTS.md through bench/results.py unless --no-record is given (formerly --no-write, still
+accepted).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
@@ -31,6 +35,9 @@ from moe_engine.experts.policy_default import COEF_SCORES, DefaultPolicy, fit_ha
 from moe_engine.profiling.belady import belady
 from moe_engine.profiling.replay import ContextScorer, replay
 from moe_engine.profiling.trace import Trace, load_trace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_record_flag, record, wants_record  # noqa: E402
 
 ROUTING = Path("/work/shared/data/routing")
 POLICIES = ("lru", "lfu", "default", "default+scores")
@@ -74,15 +81,26 @@ def evaluate(name: str, report: Trace, tune: Trace, caps: list[int], scorer, log
     return rows
 
 
-def gptoss_rows(caps: list[int], log) -> list[dict]:
-    dev, test = load_trace(ROUTING / "gptoss20b_dev.npz"), load_trace(ROUTING / "gptoss20b_test.npz")
-    tune = dev.sequences(100)
+def gptoss_rows(caps: list[int], log, splits=("dev", "test"), max_seqs: int | None = None) -> list[dict]:
+    """Rows on the reported GPT-OSS splits (dev sequences 0-99, the whole test split), each capped at max_seqs."""
+    dev = load_trace(ROUTING / "gptoss20b_dev.npz")
+    cap = (lambda n: n) if max_seqs is None else (lambda n: min(n, max_seqs))
+    tune = dev.sequences(100, 100 + cap(dev.num_sequences - 100))
     t0 = time.perf_counter()
     scorer = ContextScorer.fit(tune)
-    print(f"ContextScorer fitted on dev sequences 100-606 in {time.perf_counter() - t0:.0f} s", flush=True)
-    rows = (evaluate("GPT-OSS-20B dev seqs 0-99", dev.sequences(0, 100), tune, caps, scorer, log)
-            + evaluate("GPT-OSS-20B test (all 96)", test, tune, caps, scorer, log))
-    return rows, oracle_rows(dev.sequences(0, 100), caps, log)
+    print(f"ContextScorer fitted on dev sequences 100-{99 + tune.num_sequences} in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    rows, oracle = [], []
+    if "dev" in splits:
+        report = dev.sequences(0, cap(100))
+        rows += evaluate(f"GPT-OSS-20B dev seqs 0-{report.num_sequences - 1}", report, tune, caps, scorer, log)
+        oracle = oracle_rows(report, caps, log)
+    if "test" in splits:
+        test = load_trace(ROUTING / "gptoss20b_test.npz")
+        test = test.sequences(0, cap(test.num_sequences))
+        rows += evaluate(f"GPT-OSS-20B test (all {test.num_sequences})" if max_seqs is None
+                         else f"GPT-OSS-20B test seqs 0-{test.num_sequences - 1}", test, tune, caps, scorer, log)
+    return rows, oracle
 
 
 class NextTokensOracle:
@@ -204,8 +222,9 @@ def table(rows: list[dict]) -> str:
 def oracle_table(rows: list[dict]) -> str:
     if not rows:
         return ""
-    lines = ["", "", ("Bound on what prediction can give (GPT-OSS dev seqs 0-99, reset per sequence, uniform quotas): "
-             "the default policy fed by an oracle that knows the experts of the next tokens."), "",
+    lines = ["", "", ("Bound on what prediction can give (GPT-OSS reported dev sequences, reset per sequence, "
+                      "uniform quotas): the default policy fed by an oracle that knows the experts of the next tokens."),
+             "",
              "| slots | oracle knows | hit rate | loads / Belady |", "|---|---|---|---|"]
     lines += [f"| {r['cap']} | next {r['horizon']} token{'s' if r['horizon'] > 1 else ''} | {r['hit_rate']:.3f} | "
               f"{r['ratio']:.2f}x |" for r in rows]
@@ -231,6 +250,25 @@ def fit_coefficients() -> None:
     print(f"COEF_SCORES = np.array({np.round(with_scores, 4).tolist()})")
 
 
+NOTES = """Replays run the engine's own SlotTable + policy objects, demand loading, a step's K experts kept
+together. Cells: hit rate / loads as a multiple of Belady's loads at the same quotas (policy / Belady).
+"default + scores": the default policy fed by profiling.replay.ContextScorer (ridge regressions from
+routing history, fitted on the tuning split) as a stand-in predictor. Tuning splits: GPT-OSS dev
+sequences 100-606 (policy coefficients, scorer, quota curves); tiny-moe first half of the recorded
+windows. Quota rows list per-layer slots chosen by `quotas_from_curves` on Belady miss curves of the
+tuning split (same total as uniform); their last column compares with Belady at uniform quotas."""
+
+
+def comparison(rows: list[dict]) -> str:
+    """Loads / Belady's loads per policy, at uniform quotas with per-sequence reset, for each data set and size."""
+    parts = []
+    for r in rows:
+        if r["reset"] and r["quotas"] == "uniform":
+            ratios = ", ".join(f"{p} {r[p]['loads'] / r['belady_loads']:.2f}x" for p in POLICIES)
+            parts.append(f"{r['data']} at {r['cap']}: {ratios}")
+    return "loads / Belady's loads (reset per sequence, uniform quotas): " + "; ".join(parts)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fit", action="store_true", help="refit and print the default policy's coefficients")
@@ -238,45 +276,32 @@ def main(argv=None) -> int:
     p.add_argument("--bundled-caps", type=int, nargs="+", default=[4, 8], help="tiny-moe slots per layer (of 16)")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--windows", type=int, default=400)
+    p.add_argument("--splits", nargs="+", default=["dev", "test"], choices=["dev", "test"],
+                   help="GPT-OSS splits to report: dev sequences 0-99 and/or the whole test split")
+    p.add_argument("--max-seqs", type=int, default=None,
+                   help="cap every GPT-OSS split (tuning and reported) at N sequences (quick checks)")
     p.add_argument("--skip-gptoss", action="store_true")
-    p.add_argument("--no-write", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds-long check of the whole pipeline (3 sequences, one size each); never records")
+    add_record_flag(p)
+    p.add_argument("--no-write", dest="no_record", action="store_true", help=argparse.SUPPRESS)   # old name
     args = p.parse_args(argv)
     if args.fit:
         fit_coefficients()
         return 0
+    if args.smoke:
+        args.caps, args.bundled_caps, args.window, args.windows = args.caps[:1], args.bundled_caps[:1], 64, 6
+        args.max_seqs = args.max_seqs or 3
     t0 = time.perf_counter()
-    rows, oracle = ([], []) if args.skip_gptoss else gptoss_rows(args.caps, log_row)
+    rows, oracle = ([], []) if args.skip_gptoss else gptoss_rows(args.caps, log_row, args.splits, args.max_seqs)
     rows += bundled_rows(args.bundled_caps, args.window, args.windows, log_row)
     text = table(rows) + oracle_table(oracle)
     print(text)
-    if not args.no_write:
-        append_results(text, args, time.perf_counter() - t0)
+    print(comparison(rows))
+    if wants_record(args):
+        record("expert-cache policies vs Belady on routing traces (issue 8: LRU, LFU, default, Belady)", text,
+               comparison(rows), NOTES + f"\n\nWall time {(time.perf_counter() - t0) / 60:.0f} min.")
     return 0
-
-
-def append_results(text: str, args, seconds: float) -> None:
-    import torch
-    cmd = "PYTHONPATH=. python bench/bench_policies.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
-    section = f"""
-
-## {datetime.date.today()} — expert-cache policies vs Belady on routing traces (issue: eviction policy)
-
-Machine: the developer VM, 2 cores, no GPU; torch {torch.__version__}, numpy {np.__version__}. Wall time {seconds / 60:.0f} min.
-```bash
-{cmd}
-```
-Replays run the engine's own SlotTable + policy objects, demand loading, a step's K experts kept
-together. Cells: hit rate / loads as a multiple of Belady's loads at the same quotas. "default +
-scores": the default policy fed by profiling.replay.ContextScorer (ridge regressions from routing
-history, fitted on the tuning split) as a stand-in predictor. Tuning splits: GPT-OSS dev sequences
-100-606 (policy coefficients, scorer, quota curves); tiny-moe first half of the recorded windows.
-Quota rows list per-layer slots chosen by `quotas_from_curves` on Belady miss curves of the tuning
-split (same total as uniform); their last column compares with Belady at uniform quotas.
-
-{text}
-"""
-    with open(Path(__file__).parent / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(section)
 
 
 if __name__ == "__main__":

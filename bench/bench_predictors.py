@@ -12,6 +12,12 @@ when layer m - d ran; averaged over all forecast layers as RecallMeter.summary()
 
     python bench/bench_predictors.py trace --train T_TRAIN.npz --eval T_EVAL.npz [--depth 2] [--json OUT]
     python bench/bench_predictors.py trace --train T_TRAIN.npz --holdout 100      # validation on train seqs
+    python bench/bench_predictors.py trace                    # GPT-OSS-20B: fit on dev, report on test (~3 min)
+    python bench/bench_predictors.py trace --smoke            # seconds: 8 sequences each, 1 epoch; prints only
+
+Without --train / --eval / --holdout it fits on ../shared/data/routing's dev split and reports on its
+test split. The recall table gives each predictor's recall@2k at lookahead 1 as a ratio to the
+co-occurrence baseline. A run is appended to bench/RESULTS.md (bench/results.py) unless --no-record.
 """
 from __future__ import annotations
 
@@ -26,6 +32,11 @@ import torch
 
 from predictors.evaluate import replay
 from predictors.path import PathPredictor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_record_flag, record, wants_record  # noqa: E402
+
+ROUTING = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "routing"
 
 
 class Frequency:
@@ -131,10 +142,13 @@ def predict_cost_us(pred, n_layers: int, top_k: int, num_experts: int, depth: in
     return out
 
 
-def recall_table(results: dict, keys: list[str]) -> str:
-    lines = ["| predictor | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+def recall_table(results: dict, keys: list[str], headline: str, base: str = "cooc") -> str:
+    """Recall per predictor and key, and the `headline` recall as a ratio to the `base` predictor's."""
+    lines = ["| predictor | " + " | ".join(keys) + f" | {headline} / {base} |", "|---" * (len(keys) + 2) + "|"]
+    ref = results[base]["recall"][headline]
     for name, s in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{s['recall'][k]:.4f}" for k in keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{s['recall'][k]:.4f}" for k in keys)
+                     + f" | {s['recall'][headline] / ref:.2f}x |")
     return "\n".join(lines)
 
 
@@ -147,14 +161,24 @@ def layer_table(results: dict, keys: list[str], n_layers: int) -> str:
     return "\n".join(lines)
 
 
+def first(trace: tuple, n: int | None) -> tuple:
+    """The first n sequences of a trace (all when n is None)."""
+    return trace if n is None else take(trace, np.arange(min(n, len(trace[2]) - 1)))
+
+
 def cmd_trace(args) -> dict:
     torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.max_seqs, args.epochs = args.max_seqs or 8, 1
+    if args.eval is None and not args.holdout:
+        args.eval = str(ROUTING / "gptoss20b_test.npz")
     train = load_trace(args.train)
     if args.holdout:
         perm = np.random.default_rng(args.seed).permutation(len(train[2]) - 1)
         train, evaluation = take(train, np.sort(perm[args.holdout:])), take(train, np.sort(perm[:args.holdout]))
     else:
         evaluation = load_trace(args.eval)
+    train, evaluation = first(train, args.max_seqs), first(evaluation, args.max_seqs)
     num_experts = int(max(train[0].max(), evaluation[0].max())) + 1
     n_layers, top_k = train[0].shape[1:]
 
@@ -186,10 +210,23 @@ def cmd_trace(args) -> dict:
     print(f"path training: {train_s:.1f} s on {args.threads} thread(s), {len(train[0])} tokens, depth {args.depth}, "
           f"{args.epochs} epochs")
     print("path observe+predict per layer (us, CPU): " + ", ".join(f"{k} {v:.0f}" for k, v in cost.items()))
+    headline = f"k{2 * top_k}_d1"
+    text = recall_table(results, keys, headline) + "\n\n" + layer_table(results, keys[1::2] if args.depth > 1
+                                                                       else keys, n_layers)
     print()
-    print(recall_table(results, keys))
-    print()
-    print(layer_table(results, keys[1::2] if args.depth > 1 else keys, n_layers))
+    print(text)
+    vs = ", ".join(f"{name} {s['recall'][headline] / results['cooc']['recall'][headline]:.2f}x"
+                   for name, s in results.items())
+    compare = f"recall@{2 * top_k} at lookahead 1 as a ratio to cooc: {vs}"
+    print(compare)
+    if wants_record(args):
+        record("expert predictors' recall@k on routing traces: path vs cooc, prev-token, frequency", text, compare,
+               f"Fit on {args.train}" + (f" minus {args.holdout} held-out sequences" if args.holdout else "")
+               + f"; reported on {args.eval or f'{args.holdout} held-out train sequences (seed {args.seed})'} "
+               f"({len(evaluation[0])} tokens, {len(evaluation[2]) - 1} sequences). `path` trained in {train_s:.0f} s "
+               f"({args.threads} thread(s), depth {args.depth}, {args.epochs} epochs); observe+predict per layer: "
+               + ", ".join(f"{k} {v:.0f} us" for k, v in cost.items()) + ". Replayed with predictors.evaluate.replay;"
+               " recall@k at lookahead d averaged over the forecast layers (RecallMeter.summary()).")
     out = dict(train=args.train, eval=args.eval, holdout=args.holdout, depth=args.depth, epochs=args.epochs,
                seed=args.seed, train_seconds=train_s, threads=args.threads, path_observe_predict_us=cost,
                results=results)
@@ -202,9 +239,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("trace", help="train `path` on one routing trace, compare with baselines on another")
-    tr.add_argument("--train", required=True, help="routing trace (npz) to fit on")
-    src = tr.add_mutually_exclusive_group(required=True)
-    src.add_argument("--eval", help="routing trace (npz) to report on")
+    tr.add_argument("--train", default=str(ROUTING / "gptoss20b_dev.npz"),
+                    help="routing trace (npz) to fit on (default: the GPT-OSS-20B dev split)")
+    src = tr.add_mutually_exclusive_group()
+    src.add_argument("--eval", help="routing trace (npz) to report on (default, without --holdout: the test split)")
     src.add_argument("--holdout", type=int, default=0, help="report on N random train sequences held out of fitting")
     tr.add_argument("--depth", type=int, default=2, help="lookahead in MoE layers")
     tr.add_argument("--epochs", type=int, default=3)
@@ -212,6 +250,9 @@ def main(argv=None) -> None:
     tr.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     tr.add_argument("--save", help="write the trained predictor here (predictor-path.pt)")
     tr.add_argument("--json", help="write all figures here")
+    tr.add_argument("--max-seqs", type=int, default=None, help="use the first N sequences of each trace (quick checks)")
+    tr.add_argument("--smoke", action="store_true", help="8 sequences each, 1 epoch; never records")
+    add_record_flag(tr)
     tr.set_defaults(func=cmd_trace)
     args = ap.parse_args(argv)
     args.func(args)

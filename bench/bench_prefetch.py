@@ -10,7 +10,11 @@ expert loads are O_DIRECT reads in any case). The budget is the smallest --gpu-m
 every MoE layer `fraction` x E slots. Reported per predictor: stall seconds (compute waiting for a
 load), loads, hit rate, prefetch precision/recall, recall@top_k at lookahead 1, decode tokens/s, and
 whether the generated text is identical to demand loading's. `oracle` replays a trace recorded from
-the same prompts first (the bound of what prediction can do).
+the same prompts first (the bound of what prediction can do). The table (ratios: demand-loading
+stall / each predictor's stall) is appended to bench/RESULTS.md (bench/results.py) unless --no-record.
+
+    python bench/bench_prefetch.py --prompts 1 --prompt-tokens 16 --tokens 4 --repeats 1 \
+        --predictors none gate-lookahead --no-record                                        # quick check
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from results import add_record_flag, record, wants_record  # noqa: E402
+
 MEMCG = ROOT.parent / "shared" / "tools" / "in_memcg.sh"
 MODEL = ROOT / "moe_engine" / "models" / "tiny-moe"
 ALLOWANCE = 450 << 20
@@ -117,6 +123,25 @@ def record_oracle(prompts: list[list[int]], tokens: int, out: Path) -> None:
     eng.close()
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown rows per predictor; the first row (demand loading) is the base of the ratios."""
+    base = rows[0]
+    lines = ["| predictor | stall s (runs) | stall vs demand | decode stall s | decode stall vs demand | loads | "
+             "hit rate (Belady) | prefetch precision / recall | recall@2 d1 | lookahead | decode tok/s | same text |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cut = base["stall_s"] / r["stall_s"] if r["stall_s"] else float("inf")
+        dcut = base["stall_decode_s"] / r["stall_decode_s"] if r["stall_decode_s"] else float("inf")
+        rec = "-" if r["recall_k_d1"] is None else f"{r['recall_k_d1']:.3f}"
+        name = r["predictor"].split(":")[0]
+        lines.append(f"| {name} | {r['stall_s']:.3f} ({', '.join(map(str, r['stall_runs']))}) | "
+                     f"{'1.00x' if r is base else f'{cut:.2f}x less'} | {r['stall_decode_s']:.3f} | "
+                     f"{'1.00x' if r is base else f'{dcut:.2f}x less'} | {r['loads']} | {r['hit_rate']:.3f} "
+                     f"({r['belady_hit_rate']:.3f}) | {r['precision']:.2f} / {r['prefetch_recall']:.2f} | {rec} | "
+                     f"{r['lookahead']} | {r['decode_tok_s']:.0f} | {r['outputs'] == base['outputs']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
@@ -132,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--predictors", nargs="+", default=["none", "gate-lookahead", "learned", "path", "oracle"])
     ap.add_argument("--repeats", type=int, default=3, help="runs per predictor; the median stall is reported")
     ap.add_argument("--json", default=None)
+    add_record_flag(ap)
     args = ap.parse_args(argv)
     if args.cmd == "one":
         one(args)
@@ -153,22 +179,19 @@ def main(argv=None) -> int:
         r["stall_runs"] = [round(x["stall_s"], 4) for x in runs]
         rows.append(r)
     base = rows[0]
-    print(f"bundled model, budget {budget} bytes ({base['slots_per_layer']} slots per layer of 16 experts), "
-          f"{args.prompts} held-out prompts x {args.prompt_tokens} tokens, {args.tokens} new tokens each, "
-          f"median of {args.repeats} runs\n")
-    print("| predictor | stall s (runs) | stall vs demand | decode stall s | decode stall vs demand | loads | hit rate (Belady) | prefetch precision / recall "
-          "| recall@2 d1 | lookahead | decode tok/s | same text |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        cut = base["stall_s"] / r["stall_s"] if r["stall_s"] else float("inf")
-        dcut = base["stall_decode_s"] / r["stall_decode_s"] if r["stall_decode_s"] else float("inf")
-        rec = "-" if r["recall_k_d1"] is None else f"{r['recall_k_d1']:.3f}"
-        name = r["predictor"].split(":")[0]
-        print(f"| {name} | {r['stall_s']:.3f} ({', '.join(map(str, r['stall_runs']))}) | "
-              f"{'1.00x' if r is base else f'{cut:.2f}x less'} | {r['stall_decode_s']:.3f} | "
-              f"{'1.00x' if r is base else f'{dcut:.2f}x less'} | {r['loads']} | {r['hit_rate']:.3f} "
-              f"({r['belady_hit_rate']:.3f}) | {r['precision']:.2f} / {r['prefetch_recall']:.2f} | {rec} | "
-              f"{r['lookahead']} | {r['decode_tok_s']:.0f} | {r['outputs'] == base['outputs']} |")
+    setup = (f"bundled model, budget {budget} bytes ({base['slots_per_layer']} slots per layer of 16 experts), "
+             f"{args.prompts} held-out prompts x {args.prompt_tokens} tokens, {args.tokens} new tokens each, "
+             f"median of {args.repeats} runs")
+    text = table(rows)
+    print(setup + "\n")
+    print(text)
+    compare = "stall of demand loading / stall with each predictor: " + ", ".join(
+        f"{r['predictor'].split(':')[0]} {base['stall_s'] / r['stall_s']:.2f}x" if r["stall_s"] else
+        f"{r['predictor'].split(':')[0]} no stall" for r in rows[1:])
+    print(compare)
+    if wants_record(args):
+        record("prefetching vs demand loading, bundled model, cache at a fraction of the experts", text, compare,
+               setup + ". Each predictor in its own process under in_memcg.sh (budget + runtime allowance).")
     if args.json:
         Path(args.json).write_text(json.dumps({"budget": budget, "rows": rows}, indent=1))
     return 0

@@ -16,18 +16,27 @@ Times: median of --repeats calls, or of at least 3 once a measurement has taken 
 
     PYTHONPATH=. python bench/bench_qmatmul.py                      # ~6 min on 2 cores; a markdown table
     PYTHONPATH=. python bench/bench_qmatmul.py --models tiny mixtral-bench --threads 1 --flush never
+    PYTHONPATH=. python bench/bench_qmatmul.py --models tiny --bits 4 --tokens 1 --dtypes float32 --no-record
+
+The tables (ratio reference / fast per shape, and the smallest ratio per model) are appended to
+bench/RESULTS.md (bench/results.py) unless --no-record.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from moe_engine import _ops
 from moe_engine.quant.format import QuantLayout
 from moe_engine.quant.kernels import quant_expert_ffn, qlinear_reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_record_flag, record, wants_record  # noqa: E402
 
 MODELS = {"tiny": (192, 128), "mixtral-bench": (1024, 3584), "mixtral-8x7b": (4096, 14336)}   # name -> (D, I)
 COLD = {"tiny": False, "mixtral-bench": True, "mixtral-8x7b": True}   # --flush auto: evict caches between calls
@@ -127,22 +136,37 @@ def main(argv=None) -> int:
                     help="read 64 MiB before every timed call (auto: for the Mixtral shapes only)")
     ap.add_argument("--flush-with", default="numpy", choices=["numpy", "torch"],
                     help="numpy: one thread; torch: --threads OpenMP threads, which then spin for a while")
+    add_record_flag(ap)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     evict = torch.ones(64 << 20 >> 3, dtype=torch.int64)   # 64 MiB
     flush = evict.sum if args.flush_with == "torch" else evict.numpy().sum
-    print(f"torch {torch.__version__}, {args.threads} threads, moe_engine._C loaded: {_ops.HAS_C_EXT} "
-          f"(SIMD paths: {', '.join(_ops.qlinear_isas()) or 'none'}), group {GROUP}, "
-          f"flush {args.flush} with {args.flush_with}\n")
+    setup = (f"torch {torch.__version__}, {args.threads} threads, moe_engine._C loaded: {_ops.HAS_C_EXT} "
+             f"(SIMD paths: {', '.join(_ops.qlinear_isas()) or 'none'}), group {GROUP}, "
+             f"flush {args.flush} with {args.flush_with}")
+    print(setup + "\n")
     print(header(args.tokens))
     rows = [row for name in args.models for row in model_rows(name, args, flush)]
+    worst = worst_table(rows, args.models, args.tokens)
     print("\nSmallest ref/fast over ops, bits and x dtypes (target: >= 2x at decode shapes):\n")
-    print("| model | " + " | ".join(f"N={n}" for n in args.tokens) + " |\n|" + "---|" * (len(args.tokens) + 1))
-    for name in args.models:
-        worst = [min(r[n][0] / r[n][1] for r in rows if r["model"] == name) for n in args.tokens]
-        print(f"| {name} | " + " | ".join(f"{w:.1f}x" for w in worst) + " |")
+    print(worst)
+    text = "\n".join([header(args.tokens), *(format_row(r, args.tokens) for r in rows), "", worst])
+    compare = "reference / fast (smallest over ops, bits, dtypes): " + "; ".join(
+        line.strip("| ").replace(" | ", " ") for line in worst.splitlines()[2:])
+    if wants_record(args):
+        record("fused dequantize+matmul on the CPU vs the reference, decode shapes", text, compare,
+               setup + ". Times in ms, median of --repeats calls.")
     return 0
+
+
+def worst_table(rows: list[dict], models: list[str], tokens) -> str:
+    """Per model, the smallest reference / fast ratio at each N."""
+    lines = ["| model | " + " | ".join(f"N={n}" for n in tokens) + " |", "|" + "---|" * (len(tokens) + 1)]
+    for name in models:
+        worst = [min(r[n][0] / r[n][1] for r in rows if r["model"] == name) for n in tokens]
+        lines.append(f"| {name} | " + " | ".join(f"{w:.1f}x" for w in worst) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

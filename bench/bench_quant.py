@@ -7,7 +7,10 @@ experts (the checkpoint), int8, int4, int3, int2, mixed:3 and mixed:2.5 (widths 
 integer program from the calibration text), and the uniform 2.5-bit baseline (experts drawn at
 random to get 3 bits, the rest 2; one row per seed). Held-out files 0-1 of the model card's
 held-out split are the calibration text (moe_engine/models/tiny-moe/calibration.txt), so they
-are left out of the scored tokens. Prints a markdown table (ratio to bf16) and the targets.
+are left out of the scored tokens. Prints a markdown table (ratio to bf16), appended to
+bench/RESULTS.md (bench/results.py) unless --no-record.
+
+    python bench/bench_quant.py --tokens 512 --seq 128 --seeds 0 --settings bf16 int4 --no-record   # quick check
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_record_flag, record, wants_record  # noqa: E402
 from train_tiny_moe import corpus_files, encode_files  # noqa: E402
 
 CALIBRATION_FILES = 2          # held-out files 0..1 make calibration.txt
@@ -57,6 +61,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--cache", default="/tmp/moe-quant-bench", help="quantized-expert cache directory")
     p.add_argument("--plot", default=None)
+    p.add_argument("--settings", nargs="+", default=None,
+                   help="only the settings whose name starts with one of these (e.g. bf16 int4 mixed:2.5); bf16 first")
+    add_record_flag(p)
     args = p.parse_args(argv)
     import moe_engine
     eng = moe_engine.load(dtype="float32", progress=False)
@@ -65,7 +72,10 @@ def main(argv=None) -> int:
     spec = eng.spec
     eng.close()
     results = []
-    for name, quant, bits in settings_list(args.seeds, len(spec.moe_layers), spec.moe.num_experts):
+    settings = settings_list(args.seeds, len(spec.moe_layers), spec.moe.num_experts)
+    if args.settings:
+        settings = [x for x in settings if x[0] == settings[0][0] or x[0].startswith(tuple(args.settings))]
+    for name, quant, bits in settings:
         t0 = time.perf_counter()
         eng = moe_engine.load(dtype="float32", quant=quant, quant_cache=args.cache, progress=False)
         load_s = time.perf_counter() - t0
@@ -78,16 +88,29 @@ def main(argv=None) -> int:
         results.append((name, bits, ppl, nbytes, load_s))
         print(f"{name}: ppl {ppl:.4f} (load {load_s:.1f} s)", file=sys.stderr, flush=True)
         eng.close()
-    base = results[0][2]
-    print(f"held-out tokens scored: {(len(held) - 1) // args.seq * args.seq}, windows of {args.seq}, float32")
-    print("| setting | mean bits | held-out ppl | vs bf16 | mean bytes per expert | smaller than bf16 |")
-    print("|---|---|---|---|---|---|")
-    for name, bits, ppl, nbytes, _ in results:
-        print(f"| {name} | {bits:g} | {ppl:.4f} | {100 * (ppl / base - 1):+.2f}% | {nbytes:,.0f} | "
-              f"{results[0][3] / nbytes:.2f}x |")
+    scored = f"held-out tokens scored: {(len(held) - 1) // args.seq * args.seq}, windows of {args.seq}, float32"
+    text = table(results)
+    print(scored)
+    print(text)
+    compare = "held-out perplexity / bf16's: " + ", ".join(f"{name} {ppl / results[0][2]:.4f}x"
+                                                          for name, _, ppl, _, _ in results[1:])
+    if wants_record(args):
+        record("held-out perplexity of the bundled model with quantized experts", text, compare,
+               scored + "; calibration files left out of the scored tokens.")
     if args.plot:
         plot(results, args.plot)
     return 0
+
+
+def table(results: list[tuple]) -> str:
+    """One row per setting; the first (bf16) is the base of the ratios."""
+    base, base_bytes = results[0][2], results[0][3]
+    lines = ["| setting | mean bits | held-out ppl | vs bf16 | mean bytes per expert | smaller than bf16 |",
+             "|---|---|---|---|---|---|"]
+    for name, bits, ppl, nbytes, _ in results:
+        lines.append(f"| {name} | {bits:g} | {ppl:.4f} | {100 * (ppl / base - 1):+.2f}% | {nbytes:,.0f} | "
+                     f"{base_bytes / nbytes:.2f}x |")
+    return "\n".join(lines)
 
 
 def plot(results, path: str) -> None:

@@ -23,12 +23,17 @@ the most used of them). Waits: a token's wait is the steps since its sequence's 
 
     OMP_NUM_THREADS=1 python bench/bench_scheduling.py --split dev --seqs 150 --tune   # choose max_wait, miss_weight
     OMP_NUM_THREADS=1 python bench/bench_scheduling.py --split test                   # the reported table (~3 min)
+    OMP_NUM_THREADS=1 python bench/bench_scheduling.py --split dev --seqs 12 --configs 8x4 --no-record   # quick check
+
+The table (ratio: loads per token / FIFO's) is appended to bench/RESULTS.md (bench/results.py)
+unless --no-record; --tune sweeps are printed only.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -37,6 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from scheduling import Candidate, make_scheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_record_flag, record, wants_record  # noqa: E402
 
 ROUTING = Path("/work/shared/data/routing")
 CONFIGS = ((16, 4), (16, 8), (32, 8))
@@ -177,7 +185,7 @@ def markdown(rows: list[dict]) -> str:
         f"{r['wait_max']} | {r['total_p50']:g} / {r['total_p99']:g} |" for r in rows)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--split", default="test", choices=("dev", "test"))
     ap.add_argument("--seqs", type=int, default=0, help="use the first N sequences of the split (0: all)")
@@ -188,7 +196,8 @@ def main() -> None:
     ap.add_argument("--miss-weight", type=float, default=2.0, help="tuned on dev (1, 2, 4, 8 tried)")
     ap.add_argument("--tune", action="store_true", help="sweep max_wait x miss_weight x signal (use on dev)")
     ap.add_argument("--json", help="write every row here")
-    args = ap.parse_args()
+    add_record_flag(ap)
+    args = ap.parse_args(argv)
     seqs = load_split(args.split, args.seqs or None)
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     print(f"{args.split}: {len(seqs)} sequences, {sum(len(q) for q in seqs)} tokens, {args.slots} slots/layer",
@@ -204,10 +213,22 @@ def main() -> None:
         rows = [r for s, b in configs
                 for r in run_config(seqs, s, b, report_variants(s, b, args.wait_mult, args.miss_weight), args.slots,
                                     log)]
-    print(markdown(rows))
+    text = markdown(rows)
+    print(text)
+    compare = "loads per token / FIFO's: " + "; ".join(
+        f"S x B {r['S']} x {r['B']} {r['scheduler']}" + (f" (max_wait {r['max_wait']})" if "max_wait" in r else "")
+        + f" {r['vs_fifo']:.3f}x" for r in rows if r["signal"] != "none")
+    print(compare)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if wants_record(args) and not args.tune:
+        record(f"token rescheduling on GPT-OSS-20B routing traces ({args.split} split), FIFO vs expert-aware "
+               f"(simulation)", text, compare,
+               f"{len(seqs)} sequences of the {args.split} split, {args.slots} LRU slots per layer shared by all "
+               f"sequences; miss_weight {args.miss_weight}, max_wait = {args.wait_mult:g} x ceil(S/B) - 1 (and twice "
+               f"that in the second expert-aware row).")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -5,8 +5,11 @@
 Starts the real server (`moe-engine serve`, a subprocess) with the given flags, waits for /health,
 then for each concurrency runs that many client threads, each sending streaming /v1/completions
 one after another (greedy, `max_tokens` new tokens, prompts from the bundled calibration text).
-Reports generated tokens/s over the wall time of each concurrency level, p50/p99 time to first
-token and request latency as the clients see them.
+Reports generated tokens/s over the wall time of each concurrency level (and as a ratio to the
+first level's), p50/p99 time to first token and request latency as the clients see them. Appended
+to bench/RESULTS.md (bench/results.py) unless --no-record.
+
+    python bench/bench_server.py --clients 1 2 --requests-per-client 1 --max-tokens 8 --no-record   # quick check
 """
 from __future__ import annotations
 
@@ -17,9 +20,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_record_flag, record, wants_record  # noqa: E402
 
 
 def free_port() -> int:
@@ -69,11 +76,23 @@ def level(base: str, prompts: list[str], clients: int, per_client: int, max_toke
             "latency_p99": float(np.percentile(lat, 99))}
 
 
+def table(rows: list[dict]) -> str:
+    base = rows[0]["tokens_per_s"]
+    lines = [f"| concurrent clients | requests | generated tokens | tokens/s | vs {rows[0]['clients']} client(s) | "
+             "TTFT p50 s | TTFT p99 s | latency p50 s | latency p99 s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['tokens_per_s'] / base:.2f}x | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | "
+                     f"{r['latency_p50']:.2f} | {r['latency_p99']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=64)
+    add_record_flag(p)
     p.add_argument("serve_flags", nargs=argparse.REMAINDER, help="after --: flags for moe-engine serve")
     args = p.parse_args(argv)
     flags = [f for f in args.serve_flags if f != "--"]
@@ -98,14 +117,17 @@ def main(argv=None) -> int:
     finally:
         server.terminate()
         server.wait(60)
-    print(f"moe-engine serve {' '.join(flags)} (bundled model), {args.requests_per_client} streaming requests per "
-          f"client, {args.max_tokens} tokens each, greedy")
-    print("| concurrent clients | requests | generated tokens | tokens/s | TTFT p50 s | TTFT p99 s | latency p50 s | "
-          "latency p99 s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['ttft_p50']:.3f} | "
-              f"{r['ttft_p99']:.3f} | {r['latency_p50']:.2f} | {r['latency_p99']:.2f} |")
+    setup = (f"moe-engine serve {' '.join(flags)} (bundled model), {args.requests_per_client} streaming requests "
+             f"per client, {args.max_tokens} tokens each, greedy")
+    text = table(rows)
+    print(setup)
+    print(text)
+    compare = f"tokens/s / {rows[0]['clients']} client(s)'s: " + ", ".join(
+        f"{r['clients']} clients {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x" for r in rows[1:])
+    print(compare)
+    if wants_record(args):
+        record("server throughput by concurrent streaming clients (moe-engine serve, bundled model)", text, compare,
+               setup + ".")
     return 0
 
 

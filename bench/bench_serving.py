@@ -8,7 +8,10 @@ with --gpu-mem giving every MoE layer 4 of 16 expert slots and serves the load t
 continuous-batching loop (runtime/loop.py), at most `max_batch` sequences per decode step, so
 the scheduler decides which ready sequences share a step. Reported per scheduler (runs
 alternate, medians over repeats): expert loads per generated token, p50/p99 request latency
-(submit -> last token), tokens/s; and the ratios expert/FIFO from the same session.
+(submit -> last token), tokens/s; and the ratios expert/FIFO from the same session, as the last
+row of the table. Appended to bench/RESULTS.md (bench/results.py) unless --no-record.
+
+    python bench/bench_serving.py --requests 4 --rate 50 --repeats 1 --no-record          # quick check
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prefetch import budget_for  # noqa: E402
+from results import add_record_flag, record, wants_record  # noqa: E402
 
 
 def workload(tok, n: int, rate: float, seed: int = 0) -> list[dict]:
@@ -81,6 +85,19 @@ def serve(load: list[dict], scheduler: str, budget: int, kv_tokens: int, max_num
             "steps": loop.steps}
 
 
+def table(med: dict) -> str:
+    """Medians per scheduler, then the ratio expert / fifo of each column."""
+    keys = ("loads_per_token", "hit_rate", "p50_s", "p99_s", "tokens_per_s")
+    fmt = ("{:.3f}", "{:.3f}", "{:.2f}", "{:.2f}", "{:.1f}")
+    lines = ["| scheduler | loads / generated token | hit rate | p50 latency s | p99 latency s | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for s in ("fifo", "expert"):
+        lines.append(f"| {s} | " + " | ".join(f.format(med[s][k]) for k, f in zip(keys, fmt)) + " |")
+    ratios = [med["expert"][k] / med["fifo"][k] if med["fifo"][k] else float("nan") for k in keys]
+    lines.append("| **expert / fifo** | " + " | ".join(f"{r:.3f}x" for r in ratios) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=48)
@@ -97,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-wait", type=int, default=None, help="steps admission may wait to prefill a fuller "
                    "group (expert; default max-wait; 0 = admit at once like fifo)")
     p.add_argument("--json")
+    add_record_flag(p)
     args = p.parse_args(argv)
     import moe_engine
     eng = moe_engine.load(progress=False)
@@ -113,19 +131,19 @@ def main(argv=None) -> int:
             runs[sched].append(r)
     med = {s: {k: statistics.median(r[k] for r in rs) for k in ("loads_per_token", "p50_s", "p99_s", "tokens_per_s",
                                                                   "hit_rate")} for s, rs in runs.items()}
-    print(f"bundled model, --gpu-mem {budget} ({args.slots} of 16 slots per layer), {args.requests} requests at "
-          f"{args.rate}/s, max-num-seqs {args.max_num_seqs}, max-batch {args.max_batch}, "
-          f"torch threads {torch.get_num_threads()}, median of {args.repeats}")
-    print("| scheduler | loads / generated token | hit rate | p50 latency s | p99 latency s | tokens/s |")
-    print("|---|---|---|---|---|---|")
-    for s in ("fifo", "expert"):
-        m = med[s]
-        print(f"| {s} | {m['loads_per_token']:.3f} | {m['hit_rate']:.3f} | {m['p50_s']:.2f} | {m['p99_s']:.2f} | "
-              f"{m['tokens_per_s']:.1f} |")
+    setup = (f"bundled model, --gpu-mem {budget} ({args.slots} of 16 slots per layer), {args.requests} requests at "
+             f"{args.rate}/s, max-num-seqs {args.max_num_seqs}, max-batch {args.max_batch}, "
+             f"torch threads {torch.get_num_threads()}, median of {args.repeats}")
+    text = table(med)
+    print(setup)
+    print(text)
     f, e = med["fifo"], med["expert"]
-    print(f"expert vs fifo: loads/token {e['loads_per_token'] / f['loads_per_token']:.3f}x "
-          f"({100 * (1 - e['loads_per_token'] / f['loads_per_token']):.1f}% fewer), p99 latency "
-          f"{e['p99_s'] / f['p99_s']:.3f}x, tokens/s {e['tokens_per_s'] / f['tokens_per_s']:.3f}x")
+    compare = (f"expert vs fifo: loads/token {e['loads_per_token'] / f['loads_per_token']:.3f}x "
+               f"({100 * (1 - e['loads_per_token'] / f['loads_per_token']):.1f}% fewer), p99 latency "
+               f"{e['p99_s'] / f['p99_s']:.3f}x, tokens/s {e['tokens_per_s'] / f['tokens_per_s']:.3f}x")
+    print(compare)
+    if wants_record(args):
+        record("token rescheduling vs FIFO batching in the engine, bundled model", text, compare, setup + ".")
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
     return 0
