@@ -32,6 +32,9 @@ from moe_engine.profiling.shapes import shape_preset
 from moe_engine.profiling.simulate import simulate
 from moe_engine.profiling.trace import Trace, load_trace
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_record_flag, record, wants_record  # noqa: E402
+
 ROUTING = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing"
 CARDS = {"8 GB (RTX 4060-class, PCIe 4.0 x8)": ("pcie4-x8-8gb", 7.5), "24 GB (RTX 4090-class, PCIe 4.0 x16)":
          ("pcie4-x16", 22.5)}
@@ -70,7 +73,7 @@ def rows(sequences: int):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sequences", type=int, default=16, help="trace sequences per model (GPT-OSS: test split)")
-    p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    add_record_flag(p)
     args = p.parse_args(argv)
     lines = ["| model | GPU | experts | experts cached / layer | hit rate | decode tok/s (no predictor) | "
              "decode tok/s (oracle prefetch) | compute bound tok/s | trace |", "|---|---|---|---|---|---|---|---|---|"]
@@ -85,9 +88,7 @@ def main(argv=None) -> int:
         print(lines[-1], file=sys.stderr, flush=True)
     table = "\n".join(lines)
     print(table)
-    if not args.no_record:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from results import record
+    if wants_record(args):
         record("Predicted decode speed on consumer GPUs (moe-engine simulate)", table,
                notes=__doc__.split("\n\n", 2)[2])
     return 0

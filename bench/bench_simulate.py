@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_offload  # noqa: E402
+from results import add_record_flag, record, wants_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,6 +115,16 @@ def calibrated(preset_name: str, shape, io_bps: float, ram_tps: float):
 
 
 def compare(args) -> None:
+    lines = _compare_lines(args)
+    print("\n".join(lines))
+    if wants_record(args):
+        ratios = [float(x.split("**")[1]) for x in lines if x.startswith("|") and "**" in x and "| measured |" in x]
+        record("Simulator vs measured decode tokens/s, disk tier (moe-engine simulate)", "\n".join(lines[1:]),
+               comparison="sim / measured on the calibrated ('measured') hardware: " + ", ".join(f"{r:.2f}" for r in ratios),
+               notes=lines[0])
+
+
+def _compare_lines(args) -> list[str]:
     from moe_engine.profiling.hardware import preset
     from moe_engine.profiling.shapes import shape_from_config
     from moe_engine.profiling.simulate import Simulator
@@ -122,26 +133,28 @@ def compare(args) -> None:
     shape = shape_from_config(rep["model"])
     hws = [calibrated(args.hardware, shape, rep["io"]["bytes_per_s"], rep["ram"]["decode_tokens_per_s"]),
            preset(args.hardware)]
-    print(f"model {rep['model']}: {shape.expert_bytes / 2**20:.1f} MiB per expert; direct-IO "
+    out = []
+    out.append(f"model {rep['model']}: {shape.expert_bytes / 2**20:.1f} MiB per expert; direct-IO "
           f"{rep['io']['bytes_per_s'] / 1e9:.2f} GB/s, all-in-RAM {rep['ram']['decode_tokens_per_s']:.2f} tok/s; "
           f"predictor {rep['predictor']}, policy {args.policy or rep['policy']}")
-    print("| budget | slots/layer | hardware | measured tok/s | simulated tok/s | sim / measured | measured loads "
+    out.append("| budget | slots/layer | hardware | measured tok/s | simulated tok/s | sim / measured | measured loads "
           "| simulated loads | measured decode loads | simulated decode loads | measured hit rate | simulated hit rate | measured stall s | simulated stall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rep["rows"]:
         run = row["run"]
         if "error" in run:
-            print(f"| {row['fraction']:.1%} | | | error: {run['error'][-200:]!r} |")
+            out.append(f"| {row['fraction']:.1%} | | | error: {run['error'][-200:]!r} |")
             continue
         trace = load_trace(run["trace"], shape.num_experts)
         for hw in hws:
             sim = Simulator(trace, shape, hw, run["quotas"], args.policy or rep["policy"], None).run().to_dict()
             ratio = sim["tokens_per_s"] / run["decode_tokens_per_s"]
-            print(f"| {row['fraction']:.1%} | {run['quotas'][0]} | {hw.name} | {run['decode_tokens_per_s']:.2f} | "
+            out.append(f"| {row['fraction']:.1%} | {run['quotas'][0]} | {hw.name} | {run['decode_tokens_per_s']:.2f} | "
                   f"{sim['tokens_per_s']:.2f} | **{ratio:.2f}** | {run['loads']} | {sim['loads']} | "
                   f"{run.get('decode_loads', '')} | {sim['decode_loads']} | "
                   f"{run['hit_rate']:.3f} | {sim['hit_rate']:.3f} | {run['stall_seconds']:.2f} | "
                   f"{sim['stall_seconds']:.2f} |")
+    return out
 
 
 def main(argv=None) -> int:
@@ -165,6 +178,7 @@ def main(argv=None) -> int:
     c.add_argument("measured")
     c.add_argument("--hardware", default="this-cpu-disk")
     c.add_argument("--policy", default=None, help="default: the policy of the measured run")
+    add_record_flag(c)
     args = p.parse_args(argv)
     if args.cmd == "one":
         print("RESULT " + json.dumps(run_one(args)), flush=True)

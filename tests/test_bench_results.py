@@ -15,7 +15,7 @@ sys.path.insert(0, str(BENCH))
 import results  # noqa: E402
 
 # scripts whose full runs are subcommands: the subcommands that record (`one` is a single measured run)
-SUBCOMMANDS = {"bench_offload": [["all"], ["quant"]], "bench_predictors": [["trace"]]}
+SUBCOMMANDS = {"bench_offload": [["all"], ["quant"]], "bench_predictors": [["trace"]], "bench_simulate": [["compare"]]}
 COMPARISON_SCRIPTS = sorted(p.stem for p in BENCH.glob("bench_*.py"))
 TABLE = "| a | b | a / b |\n|---|---|---|\n| 2.0 | 1.0 | 2.00x |"
 ARGV = [str(BENCH / "bench_demo.py"), "--tokens", "4", "--prompt", "two words"]
