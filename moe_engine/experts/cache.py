@@ -16,13 +16,13 @@ import math
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from .. import _ops
 from ..errors import ExpertReadError
 from .loader import DEMAND, FAILED, QUEUED, RUNNING, Loader, LoadJob
 from .plan import ALIGN, Placement
+from .prefetch_gate import PrefetchGate
 from .table import SlotTable, expert_size
 from .tracker import CacheCounters
 
@@ -53,9 +53,7 @@ class OffloadedExperts:
         self._needed: list[int] = []                      # experts of the current layer pass, not yet computed
         self._deferred: list[int] = []                    # misses waiting for a slot (more experts than slots)
         self._predictions: dict[int, torch.Tensor] = {}
-        self._shadow: dict[int, set[int]] = {}           # target layer -> experts last predicted for it
-        self._fetched_this_step: dict[int, set[int]] = {}   # target layer -> experts prefetched for it this step
-        self.precision = [1.0] * len(plan.quotas)         # per layer: moving average of prediction precision
+        self.gate = PrefetchGate(len(plan.quotas), checkpoint.spec.moe.top_k)   # what to prefetch, when to evict
         self._upcoming: dict[int, frozenset[int]] = {}    # layer -> experts the next scheduled step is forecast to use
         self.loader = Loader(self._work, num_workers=io_threads)
 
@@ -97,14 +95,14 @@ class OffloadedExperts:
         self._note_last_use()
         if layer <= self._layer:
             self.step += 1
-            self._fetched_this_step = {}
+            self.gate.new_step()
         self.timing.layer_start(layer <= self._layer, self.counters.stall_seconds)
         self._layer = layer
         experts = list(experts)
         tokens = dict(zip(experts, counts or [1] * len(experts)))
         self._needed, self._deferred = list(experts), []
         self._cancel_stale(layer, experts)
-        self._score_prediction(layer, experts)
+        self.gate.score(layer, experts)
         self._drop_failed(layer)
         missing = self.table.lookup(layer, experts, self.step)
         self.counters.accessed(layer, self.step, experts)
@@ -220,46 +218,15 @@ class OffloadedExperts:
             self.jobs.pop((layer, e), None)          # a finished load nobody used
             self.counters.evicted(layer, e)
 
-    def _score_prediction(self, layer: int, experts: Sequence[int]) -> None:
-        """Precision of the last prediction for this layer (issued or not), as a moving average."""
-        predicted = self._shadow.pop(layer, None)
-        if predicted:
-            hit = len(predicted & set(experts)) / len(predicted)
-            self.precision[layer] = PRECISION_DECAY * self.precision[layer] + (1 - PRECISION_DECAY) * hit
-
     def _prefetch(self, layer: int) -> None:
-        """Load the experts the predictor expects in the next layers, nearest layer first.
-
-        A prefetch that needs an eviction is issued only while the layer's predictions have been
-        right at least MIN_PRECISION of the time: a wrong one costs a load and may evict an expert
-        that is used again (on near-random routing, prefetching with 2 slots per layer quadrupled
-        the loads). Predictions keep being scored while gated, so prefetching resumes when they improve.
-        Experts prefetched for a layer earlier in the same step (from a farther lookahead) are not
-        evicted by later, nearer predictions for it.
-        """
-        for distance, (target, probs) in enumerate(sorted(self._predictions.items()), start=1):
-            if target <= layer or not self.table.quotas[target]:
-                continue
-            scores, guessed = summed_scores(probs, self.ckpt.spec.moe.top_k)     # [E] expected tokens
-            k = min(self.table.quotas[target], probs.shape[-1])
-            wanted = sorted(np.flatnonzero(guessed).tolist(), key=lambda e: -scores[e])[:k]
-            self._shadow.setdefault(target, set(wanted))     # scored: the step's first (farthest) guess
-            confident = self.precision[target] >= MIN_PRECISION
-            for e in wanted:
-                if self.table.contains(target, e):
-                    continue
-                if not confident and not self.table.free[target]:
-                    break
-                fetched = self._fetched_this_step.setdefault(target, set())
-                keep = self._inflight(target) | set(wanted) | fetched      # earlier rounds' picks stay
-                placed = self.table.place(target, e, self.step, protected=keep, scores=scores,
-                                          avoid=self._avoid(target))
-                if placed is None:
-                    break
-                self._evicted(target, placed[1])
-                self._submit(target, e, placed[0], distance)
-                fetched.add(e)
+        """Load the experts the predictor expects in the next layers (prefetch_gate.PrefetchGate decides)."""
+        self.gate.issue(layer, self._predictions, self.table, self.step, self._inflight, self._issue_prefetch,
+                        self._avoid)
         self._predictions = {}
+
+    def _issue_prefetch(self, target: int, e: int, placed: tuple[int, int | None], distance: int) -> None:
+        self._evicted(target, placed[1])
+        self._submit(target, e, placed[0], distance)
 
     def _inflight(self, layer: int) -> set[int]:
         """Experts of `layer` whose slot a loader thread may still write: never evicted."""
@@ -326,7 +293,7 @@ class OffloadedExperts:
         out = self.counters.sections(self.table, disk)
         if self.forecaster is not None:
             out["prediction"] = {**self.forecaster.stats(), **self.timing.stats(),
-                                 "per_layer_precision": [round(p, 4) for p in self.precision]}
+                                 "per_layer_precision": [round(p, 4) for p in self.gate.precision]}
         return out
 
     def close(self) -> None:
@@ -367,10 +334,6 @@ def read_expert_bytes(ckpt, reader, layer: int, expert: int, dest: torch.Tensor,
                                   f"the packed layout ({e}); the checkpoint does not match config.json") from None
 
 
-PRECISION_DECAY = 0.9          # moving average of per-layer prediction precision
-MIN_PRECISION = 0.7            # below it, prefetches that would evict are not issued (tuned: see RESULTS)
-
-
 class LookaheadClock:
     """Moving averages of load time, compute time per layer and loads per layer pass (for `lookahead`)."""
 
@@ -404,18 +367,3 @@ class LookaheadClock:
     def stats(self) -> dict:
         return {"load_seconds": self.load_s or 0.0, "layer_seconds": self.layer_s or 0.0,
                 "loads_per_layer": self.loads_per_layer}
-
-
-def summed_scores(scores: torch.Tensor, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Predictor scores [N, E] -> (expected tokens routed to each expert [E], guessed by some token [E] bool).
-
-    Each token is predicted to use its top_k highest-scored experts (the predictor's guess of its
-    routing), so an expert's expectation is the number of tokens whose guess includes it; the
-    summed normalized scores (rows with negative entries are treated as logits) break ties.
-    """
-    s = scores.float()
-    neg = (s < 0).any(-1, keepdim=True)
-    probs = torch.where(neg, torch.softmax(s, -1), s / s.sum(-1, keepdim=True).clamp_min(1e-12))
-    picked = torch.zeros_like(probs).scatter_(1, torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1).indices, 1.0)
-    counts = picked.sum(0)
-    return (counts + 1e-3 * probs.sum(0)).cpu().numpy(), (counts > 0).cpu().numpy()

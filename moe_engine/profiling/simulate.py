@@ -9,11 +9,12 @@
         stalls compute until its job finishes; then lm_head.
 
 What comes from the engine: SlotTable and the eviction policy objects (experts/table.py, policies.py),
-CacheCounters (hits, loads, prefetch used/wasted: experts/tracker.py), `summed_scores` and the prefetch
-gate's constants (experts/cache.py), predictors through the ExpertPredictor protocol. What is modelled:
-time (hardware.py), one link with the aggregate bandwidth of the loader threads, and the prefetch issue
-loop, which mirrors OffloadedExperts._prefetch/_score_prediction/_cancel_stale (those are methods of a
-provider that owns threads and buffers, so they cannot run without moving bytes).
+CacheCounters (hits, loads, prefetch used/wasted: experts/tracker.py), the prefetch decisions (which
+predicted experts to load, the precision gate, protection of the step's prefetches:
+experts/prefetch_gate.PrefetchGate, the object OffloadedExperts runs), predictors through the
+ExpertPredictor protocol. What is modelled: time (hardware.py), one link with the aggregate bandwidth
+of the loader threads, and the cancelling of stale queued prefetches (mirrors
+OffloadedExperts._cancel_stale, a method of the provider that owns the loader's jobs).
 
 Every trace row is one decode step (batch 1). Rows of a sequence's prompt (`prompt_len` in the trace,
 when present) are replayed the same way to warm the cache but reported apart, as the engine's
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..experts.cache import MIN_PRECISION, PRECISION_DECAY, summed_scores
+from ..experts.prefetch_gate import PrefetchGate
 from ..experts.policies import make_policy
 from ..experts.table import SlotTable
 from ..experts.tracker import CacheCounters
@@ -158,8 +159,7 @@ class Simulator:
             self.misses = [a + b for a, b in zip(self.misses, self.table.misses)]
         self.table = SlotTable(self.quotas, int(self.trace.num_experts), make_policy(self.policy_name))
         self.jobs: dict[tuple[int, int], Job] = {}
-        self.shadow: dict[int, set[int]] = {}
-        self.precision = [1.0] * len(self.quotas)
+        self.gate = PrefetchGate(len(self.quotas), self.trace.top_k)   # the engine's prefetch decisions
         self.loads_per_layer = 0.0
 
     def run(self) -> SimResult:
@@ -203,7 +203,7 @@ class Simulator:
     def _token(self, row: int, seq: int) -> None:
         tr = self.trace
         step = row
-        self.fetched_this_step: dict[int, set[int]] = {}
+        self.gate.new_step()
         for layer in range(tr.num_layers):
             self._advance(self.dense_s)
             need = [int(e) for e in tr.experts[row, layer]]
@@ -244,7 +244,7 @@ class Simulator:
         """Lookup, demand loads; returns the compute order (as OffloadedExperts.prepare)."""
         self.link.run_until(self.now)
         self._cancel_stale(layer, need)
-        self._score_prediction(layer, need)
+        self.gate.score(layer, need)
         missing = self.table.lookup(layer, need, step)
         self.counters.accessed(layer, step, need)
         for e in need:
@@ -305,35 +305,13 @@ class Simulator:
                 self.counters.loads -= 1                  # never moved
                 self.counters.bytes_loaded -= self.shape.expert_bytes
 
-    def _score_prediction(self, layer: int, need: list[int]) -> None:
-        predicted = self.shadow.pop(layer, None)
-        if predicted:
-            hit = len(predicted & set(need)) / len(predicted)
-            self.precision[layer] = PRECISION_DECAY * self.precision[layer] + (1 - PRECISION_DECAY) * hit
-
     def _prefetch(self, layer: int, preds: dict[int, torch.Tensor], step: int) -> None:
-        """OffloadedExperts._prefetch on the modelled link (same gate, same protection, same scores)."""
-        for distance, (target, probs) in enumerate(sorted(preds.items()), start=1):
-            if target <= layer or not self.quotas[target]:
-                continue
-            scores, guessed = summed_scores(probs, self.trace.top_k)
-            k = min(self.quotas[target], probs.shape[-1])
-            wanted = sorted(np.flatnonzero(guessed).tolist(), key=lambda e: -scores[e])[:k]
-            self.shadow.setdefault(target, set(wanted))
-            confident = self.precision[target] >= MIN_PRECISION
-            for e in wanted:
-                if self.table.contains(target, e):
-                    continue
-                if not confident and not self.table.free[target]:
-                    break
-                fetched = self.fetched_this_step.setdefault(target, set())
-                keep = self._inflight(target) | set(wanted) | fetched
-                placed = self.table.place(target, e, step, protected=keep, scores=scores)
-                if placed is None:
-                    break
-                self._evicted(target, placed[1])
-                self._submit(target, e, distance)
-                fetched.add(e)
+        """OffloadedExperts._prefetch on the modelled link: the same PrefetchGate makes the decisions."""
+        self.gate.issue(layer, preds, self.table, step, self._inflight, self._issue_prefetch)
+
+    def _issue_prefetch(self, target: int, e: int, placed: tuple[int, int | None], distance: int) -> None:
+        self._evicted(target, placed[1])
+        self._submit(target, e, distance)
 
 
 def compute_bound_tokens_per_s(shape: ModelShape, hw: Hardware) -> float:
