@@ -97,9 +97,12 @@ def run_engine(args) -> dict:
     out = {"mode": "engine", "decode_tokens_per_s": stats["latency"]["decode_tokens_per_s"],
            "prefill_s": eng.timings.prefill_s, "stats": stats}
     provider = eng.provider
-    if hasattr(provider, "counters"):       # Belady over decode steps only (step 0 is the prefill)
+    if hasattr(provider, "counters"):       # Belady's decode loads (step 0 is the prefill)
         log, quotas = provider.counters.log, provider.table.quotas
-        out["belady_decode_loads"] = sum(belady_loads(log[i][1:], quotas[i]) for i in range(len(log)) if log[i])
+        # Belady over every step, minus the prefill's loads (each of its experts once, from an empty cache):
+        # decode then starts from what the prefill left resident, as the engine's decode does
+        out["belady_decode_loads"] = sum(belady_loads(log[i], quotas[i]) - len(set(log[i][0]))
+                                         for i in range(len(log)) if log[i])
         out["decode_loads"] = counters.loads - at_first_token.get("loads", 0)
         out["expert_bytes"] = provider.expert_bytes
         out["capacity_experts"] = provider.capacity_experts
