@@ -1,12 +1,13 @@
 // bf16 GEMV / small GEMM on the CPU; see bf16_gemv.h for the math and the paths.
 //
 //   bf16_linear: check arguments -> pick the path -> x as the path wants it (float32 copy, even/odd
-//   deinterleaved blocks) -> split rows over the pool -> per block of 4 rows and <= 8 tokens: one kernel
-//   call with RB x NT accumulators in registers -> horizontal sum + tail columns (scalar) + bias -> y.
+//   deinterleaved blocks) -> split rows over the pool -> per row and block of <= 4 tokens: one kernel call
+//   with 4 x NT accumulators in registers -> fixed-order sum + tail columns (scalar) + bias -> y.
 //
-// Per row and token the order of operations is fixed by the path alone (a row computed in a block of 4 or
-// alone does the same operations), so neither the thread count nor the chunking changes any result.
-// The next block of rows is prefetched into L1 while the current one is read (one line per row per step).
+// Per row and token the order of operations is fixed by the path alone (neither the thread count, the
+// chunking nor the other tokens of the call change it), so results do not depend on the thread count, and
+// a token's result does not depend on the batch it came in. Each thread reads its rows as one sequential
+// stream and prefetches 1 KiB ahead in it.
 #include "bf16_gemv.h"
 
 #include <algorithm>
@@ -27,8 +28,10 @@
 namespace moe {
 namespace {
 
-constexpr int kTokenBlock = 8;                   // tokens whose accumulators stay in registers
-constexpr int kRowStep = 4;                      // rows per block (and the granularity of thread chunks)
+constexpr int kTokenBlock = 4;                   // tokens whose accumulators stay in registers
+constexpr int kUnroll = 4;                       // accumulators per token (SIMD blocks in flight)
+constexpr int kRowStep = 4;                      // granularity of thread chunks (rows)
+constexpr int64_t kPrefetch = 512;               // weights (bf16) ahead of the current block to prefetch (1 KiB)
 constexpr int64_t kMinBytesPerThread = 96 << 10; // weights worth a second thread (~5 us at 20 GB/s)
 
 struct Ctx {
@@ -76,14 +79,13 @@ inline void store(const Ctx& c, int64_t r, int64_t t, float acc) {
   }
 }
 
-// Rows [r, r + RB) for tokens [t0, t0 + NT).
-using BlockFn = void (*)(const Ctx&, int64_t r, int64_t t0);
+// Row r for tokens [t0, t0 + NT).
+using RowFn = void (*)(const Ctx&, int64_t r, int64_t t0);
 
-// The kernels of one SIMD path: wide[NT - 1] computes rb[NT - 1] rows (a divisor of kRowStep), single[NT - 1]
-// one row; block: columns per SIMD step (the deinterleaving block, 2L).
+// The kernels of one SIMD path: row[NT - 1] for NT tokens; block: columns per SIMD step (the deinterleaving
+// block, 2L).
 struct Kernels {
-  std::array<BlockFn, kTokenBlock> wide, single;
-  std::array<int, kTokenBlock> rb;
+  std::array<RowFn, kTokenBlock> row;
   int block;
 };
 
@@ -95,72 +97,77 @@ void rows_scalar(const Ctx& c, int64_t r0, int64_t r1) {
 }
 
 #if defined(__x86_64__)
+// Each kernel computes one row for NT tokens with kUnroll accumulators per token over consecutive SIMD
+// blocks of columns (independent FMA chains; a thread reads its rows as one sequential stream, which the
+// hardware prefetchers follow best), then sums them in a fixed order. Leftover whole blocks go to
+// accumulator 0, leftover columns to the scalar tail.
+
 // ------------------------------------------------------------------------------------ AVX-512F
 // A 512-bit load holds 32 bf16 = 16 pairs: (pair << 16) is the even column as float32, (pair & 0xffff0000)
 // the odd one; they meet x's even and odd columns of the block.
 
-template <int NT, int RB>
-MOE_AVX512 void block_avx512(const Ctx& c, int64_t r, int64_t t0) {
-  const uint16_t* w[RB];
-  for (int i = 0; i < RB; ++i) w[i] = c.w + (r + i) * c.cols;
-  const int64_t ahead = RB * c.cols;
-  const __m512i odd = _mm512_set1_epi32(int(0xffff0000u));
-  __m512 acc[RB][NT];
-#pragma GCC unroll 32
-  for (int q = 0; q < RB * NT; ++q) acc[q / NT][q % NT] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < c.main; b += 32) {
-    __m512 we[RB], wo[RB];
+MOE_AVX512 inline void fma_block512(const uint16_t* w, const float* x, __m512& acc) {
+  const __m512i v = _mm512_loadu_si512(w);
+  const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u))));
+  acc = _mm512_fmadd_ps(wo, _mm512_loadu_ps(x + 16), _mm512_fmadd_ps(we, _mm512_loadu_ps(x), acc));
+}
+
+template <int NT>
+MOE_AVX512 void row_avx512(const Ctx& c, int64_t r, int64_t t0) {
+  const uint16_t* w = c.w + r * c.cols;
+  const float* x = c.xd + t0 * c.main;
+  __m512 acc[kUnroll][NT];
+#pragma GCC unroll 16
+  for (int q = 0; q < kUnroll * NT; ++q) acc[q / NT][q % NT] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 32 * kUnroll <= c.main; b += 32 * kUnroll) {
+    __builtin_prefetch(w + b + kPrefetch, 0, 3);
+    __builtin_prefetch(w + b + kPrefetch + 32, 0, 3);
 #pragma GCC unroll 4
-    for (int i = 0; i < RB; ++i) {
-      const __m512i v = _mm512_loadu_si512(w[i] + b);
-      __builtin_prefetch(w[i] + ahead + b, 0, 3);
-      we[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-      wo[i] = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
-    }
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) {
-      const float* x = c.xd + (t0 + t) * c.main + b;
-      const __m512 xe = _mm512_loadu_ps(x), xo = _mm512_loadu_ps(x + 16);
+    for (int u = 0; u < kUnroll; ++u)
 #pragma GCC unroll 4
-      for (int i = 0; i < RB; ++i) acc[i][t] = _mm512_fmadd_ps(wo[i], xo, _mm512_fmadd_ps(we[i], xe, acc[i][t]));
-    }
+      for (int t = 0; t < NT; ++t) fma_block512(w + b + 32 * u, x + t * c.main + b + 32 * u, acc[u][t]);
   }
-#pragma GCC unroll 32
-  for (int q = 0; q < RB * NT; ++q) {
-    const int i = q / NT, t = q % NT;
-    store(c, r + i, t0 + t, _mm512_reduce_add_ps(acc[i][t]) + tail_dot(c, r + i, t0 + t, c.main));
+  for (; b < c.main; b += 32)
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) fma_block512(w + b, x + t * c.main + b, acc[0][t]);
+#pragma GCC unroll 4
+  for (int t = 0; t < NT; ++t) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]), _mm512_add_ps(acc[2][t], acc[3][t]));
+    store(c, r, t0 + t, _mm512_reduce_add_ps(sum) + tail_dot(c, r, t0 + t, c.main));
   }
 }
 
 // ------------------------------------------------------------------------------------ AVX512_BF16
 // vdpbf16ps: acc[j] += w[2j] * x[2j] + w[2j+1] * x[2j+1] on bf16 pairs straight from memory.
 
-template <int NT, int RB>
-MOE_AVX512BF16 void block_avx512bf16(const Ctx& c, int64_t r, int64_t t0) {
-  const uint16_t* w[RB];
-  for (int i = 0; i < RB; ++i) w[i] = c.w + (r + i) * c.cols;
-  const int64_t ahead = RB * c.cols;
-  __m512 acc[RB][NT];
-#pragma GCC unroll 32
-  for (int q = 0; q < RB * NT; ++q) acc[q / NT][q % NT] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < c.main; b += 32) {
-    __m512bh wv[RB];
+template <int NT>
+MOE_AVX512BF16 inline void dp_block(const uint16_t* w, const uint16_t* x, int64_t cols, __m512* acc) {
+  const __m512bh wv = (__m512bh)_mm512_loadu_si512(w);
 #pragma GCC unroll 4
-    for (int i = 0; i < RB; ++i) {
-      wv[i] = (__m512bh)_mm512_loadu_si512(w[i] + b);
-      __builtin_prefetch(w[i] + ahead + b, 0, 3);
-    }
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(c.xb + (t0 + t) * c.cols + b);
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_dpbf16_ps(acc[t], wv, (__m512bh)_mm512_loadu_si512(x + t * cols));
+}
+
+template <int NT>
+MOE_AVX512BF16 void row_avx512bf16(const Ctx& c, int64_t r, int64_t t0) {
+  const uint16_t* w = c.w + r * c.cols;
+  const uint16_t* x = c.xb + t0 * c.cols;
+  __m512 acc[kUnroll][NT];
+#pragma GCC unroll 16
+  for (int q = 0; q < kUnroll * NT; ++q) acc[q / NT][q % NT] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 32 * kUnroll <= c.main; b += 32 * kUnroll) {
+    __builtin_prefetch(w + b + kPrefetch, 0, 3);
+    __builtin_prefetch(w + b + kPrefetch + 32, 0, 3);
 #pragma GCC unroll 4
-      for (int i = 0; i < RB; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], wv[i], xv);
-    }
+    for (int u = 0; u < kUnroll; ++u) dp_block<NT>(w + b + 32 * u, x + b + 32 * u, c.cols, acc[u]);
   }
-#pragma GCC unroll 32
-  for (int q = 0; q < RB * NT; ++q) {
-    const int i = q / NT, t = q % NT;
-    store(c, r + i, t0 + t, _mm512_reduce_add_ps(acc[i][t]) + tail_dot(c, r + i, t0 + t, c.main));
+  for (; b < c.main; b += 32) dp_block<NT>(w + b, x + b, c.cols, acc[0]);
+#pragma GCC unroll 4
+  for (int t = 0; t < NT; ++t) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]), _mm512_add_ps(acc[2][t], acc[3][t]));
+    store(c, r, t0 + t, _mm512_reduce_add_ps(sum) + tail_dot(c, r, t0 + t, c.main));
   }
 }
 
@@ -172,66 +179,47 @@ MOE_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-template <int NT, int RB>
-MOE_AVX2 void block_avx2(const Ctx& c, int64_t r, int64_t t0) {
-  const uint16_t* w[RB];
-  for (int i = 0; i < RB; ++i) w[i] = c.w + (r + i) * c.cols;
-  const int64_t ahead = RB * c.cols;
-  const __m256i odd = _mm256_set1_epi32(int(0xffff0000u));
-  __m256 acc[RB][NT];
-#pragma GCC unroll 32
-  for (int q = 0; q < RB * NT; ++q) acc[q / NT][q % NT] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < c.main; b += 16) {
-    __m256 we[RB], wo[RB];
+MOE_AVX2 inline void fma_block256(const uint16_t* w, const float* x, __m256& acc) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u))));
+  acc = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + 8), _mm256_fmadd_ps(we, _mm256_loadu_ps(x), acc));
+}
+
+template <int NT>
+MOE_AVX2 void row_avx2(const Ctx& c, int64_t r, int64_t t0) {
+  const uint16_t* w = c.w + r * c.cols;
+  const float* x = c.xd + t0 * c.main;
+  __m256 acc[kUnroll][NT];
+#pragma GCC unroll 16
+  for (int q = 0; q < kUnroll * NT; ++q) acc[q / NT][q % NT] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 16 * kUnroll <= c.main; b += 16 * kUnroll) {
+    __builtin_prefetch(w + b + kPrefetch, 0, 3);
 #pragma GCC unroll 4
-    for (int i = 0; i < RB; ++i) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + b));
-      if (b % 32 == 0) __builtin_prefetch(w[i] + ahead + b, 0, 3);
-      we[i] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      wo[i] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
-    }
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) {
-      const float* x = c.xd + (t0 + t) * c.main + b;
-      const __m256 xe = _mm256_loadu_ps(x), xo = _mm256_loadu_ps(x + 8);
+    for (int u = 0; u < kUnroll; ++u)
 #pragma GCC unroll 4
-      for (int i = 0; i < RB; ++i) acc[i][t] = _mm256_fmadd_ps(wo[i], xo, _mm256_fmadd_ps(we[i], xe, acc[i][t]));
-    }
+      for (int t = 0; t < NT; ++t) fma_block256(w + b + 16 * u, x + t * c.main + b + 16 * u, acc[u][t]);
   }
-#pragma GCC unroll 32
-  for (int q = 0; q < RB * NT; ++q) {
-    const int i = q / NT, t = q % NT;
-    store(c, r + i, t0 + t, hsum_avx2(acc[i][t]) + tail_dot(c, r + i, t0 + t, c.main));
+  for (; b < c.main; b += 16)
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) fma_block256(w + b, x + t * c.main + b, acc[0][t]);
+#pragma GCC unroll 4
+  for (int t = 0; t < NT; ++t) {
+    const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0][t], acc[1][t]), _mm256_add_ps(acc[2][t], acc[3][t]));
+    store(c, r, t0 + t, hsum_avx2(sum) + tail_dot(c, r, t0 + t, c.main));
   }
 }
 
-// ------------------------------------------------------------------------------------ blocking
+// ------------------------------------------------------------------------------------ dispatch
 
-// Rows per call by tokens per call: 32 zmm registers hold RB * NT accumulators plus 2 * RB weights; 16 ymm fewer.
-constexpr int rb512(int nt) { return nt <= 4 ? 4 : 2; }
-constexpr int rb256(int nt) { return nt == 1 ? 4 : nt <= 4 ? 2 : 1; }
+const Kernels kAvx512{{row_avx512<1>, row_avx512<2>, row_avx512<3>, row_avx512<4>}, 32};
+const Kernels kAvx512Bf16{{row_avx512bf16<1>, row_avx512bf16<2>, row_avx512bf16<3>, row_avx512bf16<4>}, 32};
+const Kernels kAvx2{{row_avx2<1>, row_avx2<2>, row_avx2<3>, row_avx2<4>}, 16};
 
-#define MOE_GEMV_TABLE(K, RB) \
-  {K<1, RB(1)>, K<2, RB(2)>, K<3, RB(3)>, K<4, RB(4)>, K<5, RB(5)>, K<6, RB(6)>, K<7, RB(7)>, K<8, RB(8)>}
-#define MOE_ONE(nt) 1
-#define MOE_GEMV_RBS(RB) {RB(1), RB(2), RB(3), RB(4), RB(5), RB(6), RB(7), RB(8)}
-
-const Kernels kAvx512{MOE_GEMV_TABLE(block_avx512, rb512), MOE_GEMV_TABLE(block_avx512, MOE_ONE),
-                      MOE_GEMV_RBS(rb512), 32};
-const Kernels kAvx512Bf16{MOE_GEMV_TABLE(block_avx512bf16, rb512), MOE_GEMV_TABLE(block_avx512bf16, MOE_ONE),
-                          MOE_GEMV_RBS(rb512), 32};
-const Kernels kAvx2{MOE_GEMV_TABLE(block_avx2, rb256), MOE_GEMV_TABLE(block_avx2, MOE_ONE), MOE_GEMV_RBS(rb256), 16};
-
-void rows_blocked(const Ctx& c, int64_t r0, int64_t r1, const Kernels& k) {
-  int64_t r = r0;
-  for (; r + kRowStep <= r1; r += kRowStep) {
-    for (int64_t t0 = 0; t0 < c.n; t0 += kTokenBlock) {
-      const int nt = int(std::min<int64_t>(kTokenBlock, c.n - t0));
-      for (int i = 0; i < kRowStep; i += k.rb[nt - 1]) k.wide[nt - 1](c, r + i, t0);
-    }
-  }
-  for (; r < r1; ++r)
-    for (int64_t t0 = 0; t0 < c.n; t0 += kTokenBlock) k.single[std::min<int64_t>(kTokenBlock, c.n - t0) - 1](c, r, t0);
+void rows_simd(const Ctx& c, int64_t r0, int64_t r1, const Kernels& k) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t t0 = 0; t0 < c.n; t0 += kTokenBlock) k.row[std::min<int64_t>(kTokenBlock, c.n - t0) - 1](c, r, t0);
 }
 
 bool cpu_has(const char* feature) {
@@ -331,7 +319,7 @@ void bf16_linear(const Bf16LinearArgs& a, int num_threads, const std::string& is
       const int64_t r1 = std::min(a.rows, r0 + chunk);
 #if defined(__x86_64__)
       if (k) {
-        rows_blocked(c, r0, r1, *k);
+        rows_simd(c, r0, r1, *k);
         continue;
       }
 #endif

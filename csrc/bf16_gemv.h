@@ -3,7 +3,8 @@
 //   y [n, rows] = x [n, cols] @ W^T (+ b)      W bf16 [rows, cols] row-major, b bf16 [rows] or none
 //
 // x is bf16 or float32 and y has x's dtype. Products and sums are float32; a bf16 y is rounded once, at the
-// end (round to nearest even, as torch). The weights are read once per block of up to 8 tokens.
+// end (round to nearest even, as torch). Each row is read from memory once per call; blocks of up to 4 tokens
+// share every load of it (further blocks re-read the row from L1/L2).
 //
 // Paths (x86-64, chosen at run time from the CPU; the build needs none of these ISAs):
 //   avx512bf16  vdpbf16ps on bf16 pairs of W and x (bf16 x only; float32 x takes the avx512 path, since

@@ -18,6 +18,9 @@
 #include <thread>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define MOE_PAUSE() _mm_pause()
@@ -82,6 +85,14 @@ ThreadPool::~ThreadPool() = default;   // s_ is leaked on purpose: detached work
 
 void ThreadPool::run(int n, const std::function<void(int)>& fn) {
   if (n <= 1) return fn(0);
+#ifdef _OPENMP
+  // The OpenMP runtime torch already loaded (libgomp.so.1, shared by soname): its workers are the ones torch's
+  // own ops just used and are still spinning, so they start at once and no second set of threads competes
+  // with them for the cores. The team may be smaller than n; callers share work through a counter.
+#pragma omp parallel num_threads(n)
+  fn(omp_get_thread_num());
+  return;
+#endif
   State& s = *s_;
   std::lock_guard<std::mutex> one_job(s.run_mu);
   {
