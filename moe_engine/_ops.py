@@ -555,6 +555,27 @@ def _bf16_c_problem(x, weight, bias) -> str | None:
     return None
 
 
+def _bf16_fits(x, weight, bias) -> bool:
+    """The common case, cheaply: CPU, bf16 contiguous W (and bias), x bf16/float32 with <= BF16_N_MAX rows."""
+    return (weight.dtype == torch.bfloat16 and x.dtype in _BF16_X_DTYPES and x.is_cpu and weight.is_cpu
+            and weight.dim() == 2 and x.dim() > 0 and x.shape[-1] == weight.shape[1] and weight.is_contiguous()
+            and x.numel() <= BF16_N_MAX * weight.shape[1]
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_cpu and bias.is_contiguous()
+                                  and bias.shape == weight.shape[:1])))
+
+
+_BF16_X_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _bf16_linear_c(x, weight, bias, threads: int, isa: str) -> torch.Tensor:
+    rows, cols = weight.shape
+    xf = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, cols).contiguous()   # [N, C]
+    out = torch.empty(xf.shape[0], rows, dtype=x.dtype)                                 # [N, R]
+    _C.bf16_linear(xf.data_ptr(), x.dtype == torch.float32, xf.shape[0], weight.data_ptr(),
+                   0 if bias is None else bias.data_ptr(), rows, cols, out.data_ptr(), threads, isa)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], rows)
+
+
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str = "auto",
                 num_threads: int | None = None, isa: str = "auto") -> torch.Tensor:
     """x [..., C] @ W^T (+ bias) -> [..., R] in x.dtype, for a bf16 weight [R, C] (an nn.Linear's forward).
@@ -566,6 +587,11 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     when the extension loaded and the inputs fit it, else F.linear as torch computes it (prefill, GPU tensors,
     other dtypes), and the reference everywhere when MOE_ENGINE_LINEAR_KERNEL=reference.
     """
+    if backend == "auto" and HAS_C_EXT and isa == "auto" and num_threads is None and isinstance(x, torch.Tensor) \
+            and isinstance(weight, torch.Tensor) and _bf16_fits(x, weight, bias):   # decode: the hot path
+        if os.environ.get(LINEAR_KERNEL_ENV) == "reference":
+            return bf16_linear_reference(x, weight, bias)
+        return _bf16_linear_c(x, weight, bias, torch.get_num_threads(), "auto")
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or not isinstance(weight, torch.Tensor) \
             or weight.dim() != 2 or x.shape[-1] != weight.shape[-1]:
         raise ConfigError(f"bf16_linear: x [..., C] and weight [R, C] must agree on C, got x "
@@ -581,9 +607,4 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if problem is not None:
         raise ConfigError(f"bf16_linear: backend='c' cannot take these inputs: {problem}")
     threads = torch.get_num_threads() if num_threads is None else _check_size("num_threads", num_threads, 1)
-    rows, cols = weight.shape
-    xf = x.reshape(-1, cols).contiguous()                                   # [N, C]
-    out = torch.empty(xf.shape[0], rows, dtype=x.dtype)                     # [N, R]
-    _C.bf16_linear(xf.data_ptr(), x.dtype == torch.float32, xf.shape[0], weight.data_ptr(),
-                   0 if bias is None else bias.data_ptr(), rows, cols, out.data_ptr(), threads, isa)
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], rows)
+    return _bf16_linear_c(x, weight, bias, threads, isa)
