@@ -1,4 +1,4 @@
-// bf16 weights times a few activation rows on the CPU (decode: n = 1..16 tokens):
+// bf16 weights times a few activation rows on the CPU (decode: n = 1..8 tokens; any n works):
 //
 //   y [n, rows] = x [n, cols] @ W^T (+ b)      W bf16 [rows, cols] row-major, b bf16 [rows] or none
 //

@@ -518,7 +518,8 @@ def qlinear(x: torch.Tensor, m, *, backend: str = "auto", num_threads: int | Non
 
 # ----------------------------------------------------------------------------------------- bf16 matmul
 
-BF16_N_MAX = 16              # rows of x (tokens) up to which bf16_linear uses the C kernel; torch's GEMM above
+BF16_N_MAX = 8               # rows of x (tokens) up to which bf16_linear uses the C kernel; torch's GEMM above
+                             # (measured, bench_gemv.py: at 12-16 tokens torch is faster on the expert shapes)
 BF16_ISAS = ("auto", "avx512bf16", "avx512", "avx2", "scalar")
 LINEAR_KERNEL_ENV = "MOE_ENGINE_LINEAR_KERNEL"   # "reference": bf16_linear runs its twin everywhere (a test hook)
 
