@@ -7,6 +7,8 @@ The install never fails because of the extension: a missing compiler, pybind11 o
 warning and moe_engine/_ops.py falls back to torch. Environment switches:
   MOE_ENGINE_NO_EXT=1   skip the extension entirely
   MOE_ENGINE_NO_CUDA=1  build the extension without its CUDA parts
+The CPU kernels run their threads through OpenMP (-fopenmp; at run time torch's own libgomp, so both share
+one team of threads); a compiler without OpenMP builds them on csrc/thread_pool.cpp's std::thread pool.
 """
 import glob
 import os
@@ -17,6 +19,7 @@ from pathlib import Path
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
+OPENMP = "-fopenmp"
 CUDA_LIB_SUBDIRS = ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
                     os.path.join("targets", "sbsa-linux", "lib"))
 
@@ -47,8 +50,8 @@ def _cudart_dir(root):
 def _extension():
     """The moe_engine._C Extension, with CUDA flags when a toolkit is found."""
     kw = {"sources": sorted(glob.glob("csrc/*.cpp")), "depends": sorted(glob.glob("csrc/*.h")), "language": "c++",
-          "extra_compile_args": ["-std=c++17", "-O3", "-g0", "-fvisibility=hidden", "-pthread"],
-          "extra_link_args": ["-pthread"], "define_macros": [], "include_dirs": [], "library_dirs": [], "libraries": []}
+          "extra_compile_args": ["-std=c++17", "-O3", "-g0", "-fvisibility=hidden", "-pthread", OPENMP],
+          "extra_link_args": ["-pthread", OPENMP], "define_macros": [], "include_dirs": [], "library_dirs": [], "libraries": []}
     root = _cuda_home()
     if root:
         libdir = _cudart_dir(root)
@@ -79,7 +82,14 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as e:  # noqa: BLE001 - compiler/headers missing, link error: never fail the install
-            self._skip(f"{type(e).__name__}: {e}")
+            if not any(OPENMP in ext.extra_compile_args for ext in self.extensions):
+                self._skip(f"{type(e).__name__}: {e}")
+                return
+            for ext in self.extensions:   # once more without OpenMP (the kernels then use their own thread pool)
+                ext.extra_compile_args = [a for a in ext.extra_compile_args if a != OPENMP]
+                ext.extra_link_args = [a for a in ext.extra_link_args if a != OPENMP]
+            sys.stderr.write(f"\nWARNING: building moe_engine._C with {OPENMP} failed; building it without.\n")
+            self.run()
 
     def _skip(self, why):
         self.extensions = []

@@ -1,11 +1,12 @@
 // The one Python module moe_engine._C: aligned/pinned buffers, the threaded direct-IO reader, the fused
-// dequantize+matmul of quantized expert matrices on the CPU and, when built with CUDA, host-to-device
+// dequantize+matmul of quantized expert matrices and the bf16 GEMV on the CPU and, when built with CUDA, host-to-device
 // copies and events. Pointers and stream handles cross the boundary as Python ints; only
 // moe_engine/_ops.py imports this module.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "aligned_buffer.h"
+#include "bf16_gemv.h"
 #include "common.h"
 #include "cuda_ops.h"
 #include "direct_reader.h"
@@ -91,6 +92,26 @@ void bind_quant(py::module_& m) {
   m.def("qlinear_isas", &moe::qlinear_isas, "The CPU paths qlinear_f32 can take here, fastest first.");
 }
 
+void bind_bf16(py::module_& m) {
+  m.def(
+      "bf16_linear",
+      [](uintptr_t x, bool x_f32, int64_t n, uintptr_t w, uintptr_t bias, int64_t rows, int64_t cols, uintptr_t y,
+         int num_threads, const std::string& isa) {
+        moe::Bf16LinearArgs a;
+        a.x = reinterpret_cast<const void*>(x), a.x_f32 = x_f32, a.n = n;
+        a.w = reinterpret_cast<const uint16_t*>(w), a.bias = reinterpret_cast<const uint16_t*>(bias);
+        a.rows = rows, a.cols = cols, a.y = reinterpret_cast<void*>(y);
+        py::gil_scoped_release release;
+        moe::bf16_linear(a, num_threads, isa);
+      },
+      py::arg("x_ptr"), py::arg("x_f32"), py::arg("n"), py::arg("w_ptr"), py::arg("bias_ptr"), py::arg("rows"),
+      py::arg("cols"), py::arg("y_ptr"), py::arg("num_threads") = 1, py::arg("isa") = "auto",
+      "y [n, rows] = x [n, cols] @ W^T (+ bias) for bf16 W [rows, cols] and bias [rows] (bias_ptr 0: none), x and y "
+      "bf16 (x_f32 False) or float32 (True), all contiguous. Raises ValueError on bad arguments; the caller keeps "
+      "every buffer alive.");
+  m.def("bf16_linear_isas", &moe::bf16_linear_isas, "The CPU paths bf16_linear can take here, fastest first.");
+}
+
 #ifdef MOE_WITH_CUDA
 void bind_cuda(py::module_& m) {
   m.def("cuda_device_count", &moe::cuda_device_count);
@@ -112,13 +133,14 @@ void bind_cuda(py::module_& m) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moe-engine IO extension: aligned/pinned buffers, threaded direct-IO reads, async H2D copies, "
-            "quantized matmul on the CPU";
+            "quantized and bf16 matmuls on the CPU";
   py::register_exception<moe::ReadError>(m, "ReadError", PyExc_OSError);
   m.def("has_cuda", &has_cuda, "True when built with CUDA (a device may still be absent at run time).");
   m.attr("IO_ALIGNMENT") = moe::kIoAlignment;
   bind_buffer(m);
   bind_reader(m);
   bind_quant(m);
+  bind_bf16(m);
 #ifdef MOE_WITH_CUDA
   bind_cuda(m);
 #endif

@@ -12,19 +12,14 @@
 // by 1-8 tokens) stay in registers; the next block of rows is prefetched into L2.
 #include "qmatmul.h"
 
-#include <pthread.h>
-
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <condition_variable>
 #include <cstring>
-#include <functional>
-#include <mutex>
-#include <thread>
 #include <utility>
 
 #include "common.h"
+#include "thread_pool.h"
 
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -470,67 +465,6 @@ std::string pick_isa(const std::string& isa) {
   for (const auto& n : ok) names << " '" << n << "'";
   MOE_CHECK(false, "qlinear: isa '" << isa << "' is not available on this CPU; use 'auto' or one of" << names.str());
   return "";
-}
-
-// A pool of worker threads started on first use and grown on demand; run() executes fn(0..n-1) with
-// the caller as index 0. One job at a time (concurrent callers queue). After fork() the child starts a
-// fresh pool (the parent's workers do not exist there); pools are never destroyed, so no worker is
-// joined during interpreter shutdown.
-class ThreadPool {
- public:
-  void run(int n, const std::function<void(int)>& fn) {
-    if (n <= 1) return fn(0);
-    std::lock_guard<std::mutex> job(run_mu_);
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      while (int(workers_.size()) < n - 1) {
-        const int index = int(workers_.size()) + 1;
-        workers_.emplace_back([this, index, seen = gen_] { loop(index, seen); });
-        workers_.back().detach();
-      }
-      job_ = &fn, job_n_ = n, pending_ = n - 1, ++gen_;
-    }
-    cv_.notify_all();
-    fn(0);
-    std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [this] { return pending_ == 0; });
-  }
-
- private:
-  void loop(int index, uint64_t seen) {
-    std::unique_lock<std::mutex> lk(mu_);
-    for (;;) {
-      cv_.wait(lk, [&] { return gen_ != seen; });
-      seen = gen_;
-      if (index >= job_n_) continue;
-      const std::function<void(int)>* fn = job_;
-      lk.unlock();
-      (*fn)(index);
-      lk.lock();
-      if (--pending_ == 0) done_cv_.notify_one();
-    }
-  }
-
-  std::mutex run_mu_;
-  std::mutex mu_;
-  std::condition_variable cv_, done_cv_;
-  std::vector<std::thread> workers_;
-  const std::function<void(int)>* job_ = nullptr;
-  int job_n_ = 0, pending_ = 0;
-  uint64_t gen_ = 0;
-};
-
-std::atomic<ThreadPool*> g_pool{nullptr};
-
-ThreadPool& pool() {
-  ThreadPool* p = g_pool.load(std::memory_order_acquire);
-  if (p) return *p;
-  static std::once_flag atfork;
-  std::call_once(atfork, [] { pthread_atfork(nullptr, nullptr, [] { g_pool.store(nullptr); }); });
-  auto* fresh = new ThreadPool();
-  if (g_pool.compare_exchange_strong(p, fresh, std::memory_order_acq_rel)) return *fresh;
-  delete fresh;  // another thread won the race; this pool never started a worker
-  return *p;
 }
 
 void check_args(const float* x, int64_t n, const QMatrixView& w, const float* y, int num_threads) {

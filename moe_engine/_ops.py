@@ -5,6 +5,8 @@
     copy_h2d_async               a pinned-host -> device copy on a given stream, returning its event
     qlinear                      x [N, C] @ W^T for a quantized W (quant.format.QMatrix) on the CPU, fused:
                                  codes decoded in registers, never a dense W (twin: quant.kernels.qlinear_reference)
+    bf16_linear                  x [N, C] @ W^T (+ b) for a bf16 W on the CPU at decode sizes (N <= BF16_N_MAX)
+                                 (twin: bf16_linear_reference, F.linear in float32 rounded once)
 
 Every op takes `backend="auto" | "c" | "torch"`: "c" is moe_engine._C (O_DIRECT reads, in place or
 through aligned bounce buffers, GIL released), "torch" is the readable pure torch/Python twin with the same signature
@@ -23,6 +25,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .errors import ConfigError, ExpertReadError, MoeEngineError
 
@@ -511,3 +514,98 @@ def qlinear(x: torch.Tensor, m, *, backend: str = "auto", num_threads: int | Non
     if x.dim() != 2:
         out = out.reshape(*x.shape[:-1], m.rows)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------- bf16 matmul
+
+BF16_N_MAX = 8               # rows of x (tokens) up to which bf16_linear uses the C kernel; torch's GEMM above
+                             # (measured, bench_gemv.py: at 12-16 tokens torch is faster on the expert shapes)
+BF16_ISAS = ("auto", "avx512bf16", "avx512", "avx2", "scalar")
+LINEAR_KERNEL_ENV = "MOE_ENGINE_LINEAR_KERNEL"   # "reference": bf16_linear runs its twin everywhere (a test hook)
+
+
+def bf16_linear_isas() -> list[str]:
+    """The SIMD paths the C bf16_linear can take on this CPU, fastest first ([] without the extension)."""
+    return list(_C.bf16_linear_isas()) if HAS_C_EXT else []
+
+
+def bf16_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The slow twin of bf16_linear: F.linear in float32, rounded once to x.dtype (round to nearest even)."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def _bf16_c_problem(x, weight, bias) -> str | None:
+    """Why the C kernel cannot take (x, weight, bias) as they are; None when it can."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_contiguous():
+        return (f"weight must be a contiguous 2-D bfloat16 tensor, got {weight.dtype} {tuple(weight.shape)} "
+                f"with stride {weight.stride()}")
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        return f"x must be bfloat16 or float32, got {x.dtype}"
+    if not (x.is_cpu and weight.is_cpu and (bias is None or bias.is_cpu)):
+        return f"x, weight and bias must be CPU tensors, got x on {x.device} and weight on {weight.device}"
+    if bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != weight.shape[:1]
+                             or not bias.is_contiguous()):
+        return (f"bias must be a contiguous bfloat16 tensor of shape ({weight.shape[0]},), got {bias.dtype} "
+                f"{tuple(bias.shape)}")
+    n = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+    if n > BF16_N_MAX:
+        return f"x has {n} rows; the kernel takes at most BF16_N_MAX={BF16_N_MAX} (decode); larger use torch's GEMM"
+    return None
+
+
+def _bf16_fits(x, weight, bias) -> bool:
+    """The common case, cheaply: CPU, bf16 contiguous W (and bias), x bf16/float32 with <= BF16_N_MAX rows."""
+    return (weight.dtype == torch.bfloat16 and x.dtype in _BF16_X_DTYPES and x.is_cpu and weight.is_cpu
+            and weight.dim() == 2 and x.dim() > 0 and x.shape[-1] == weight.shape[1] and weight.is_contiguous()
+            and x.numel() <= BF16_N_MAX * weight.shape[1]
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_cpu and bias.is_contiguous()
+                                  and bias.shape == weight.shape[:1])))
+
+
+_BF16_X_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _bf16_linear_c(x, weight, bias, threads: int, isa: str) -> torch.Tensor:
+    rows, cols = weight.shape
+    xf = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, cols).contiguous()   # [N, C]
+    out = torch.empty(xf.shape[0], rows, dtype=x.dtype)                                 # [N, R]
+    _C.bf16_linear(xf.data_ptr(), x.dtype == torch.float32, xf.shape[0], weight.data_ptr(),
+                   0 if bias is None else bias.data_ptr(), rows, cols, out.data_ptr(), threads, isa)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], rows)
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str = "auto",
+                num_threads: int | None = None, isa: str = "auto") -> torch.Tensor:
+    """x [..., C] @ W^T (+ bias) -> [..., R] in x.dtype, for a bf16 weight [R, C] (an nn.Linear's forward).
+
+    "c": moe_engine._C's GEMV: CPU tensors, W and bias bf16 and contiguous, x bf16 or float32 with at most
+    BF16_N_MAX rows (leading dims flattened); float32 accumulation, one rounding to x.dtype at the end; the GIL
+    is released and rows are split over num_threads threads (default torch.get_num_threads()); isa picks the
+    SIMD path (a test and benchmark hook; see bf16_linear_isas()). "torch": bf16_linear_reference. "auto": "c"
+    when the extension loaded and the inputs fit it, else F.linear as torch computes it (prefill, GPU tensors,
+    other dtypes), and the reference everywhere when MOE_ENGINE_LINEAR_KERNEL=reference.
+    """
+    if backend == "auto" and HAS_C_EXT and isa == "auto" and num_threads is None and isinstance(x, torch.Tensor) \
+            and isinstance(weight, torch.Tensor) and _bf16_fits(x, weight, bias):   # decode: the hot path
+        if os.environ.get(LINEAR_KERNEL_ENV) == "reference":
+            return bf16_linear_reference(x, weight, bias)
+        return _bf16_linear_c(x, weight, bias, torch.get_num_threads(), "auto")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or not isinstance(weight, torch.Tensor) \
+            or weight.dim() != 2 or x.shape[-1] != weight.shape[-1]:
+        raise ConfigError(f"bf16_linear: x [..., C] and weight [R, C] must agree on C, got x "
+                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__} and weight "
+                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if isa not in BF16_ISAS:
+        raise ConfigError(f"bf16_linear: isa must be one of {BF16_ISAS}, got {isa!r}")
+    problem = _bf16_c_problem(x, weight, bias)
+    if backend == "auto" and (problem is not None or not HAS_C_EXT):
+        return F.linear(x, weight, bias)
+    if _resolve(backend) == "torch" or os.environ.get(LINEAR_KERNEL_ENV) == "reference":
+        return bf16_linear_reference(x, weight, bias)
+    if problem is not None:
+        raise ConfigError(f"bf16_linear: backend='c' cannot take these inputs: {problem}")
+    threads = torch.get_num_threads() if num_threads is None else _check_size("num_threads", num_threads, 1)
+    return _bf16_linear_c(x, weight, bias, threads, isa)

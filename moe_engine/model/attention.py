@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
 from .rope import apply_rotary
 from .spec import ModelSpec
 
@@ -37,10 +38,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.h, self.hkv, self.dh = spec.num_heads, spec.num_kv_heads, spec.head_dim
         d = spec.hidden_size
-        self.q_proj = nn.Linear(d, self.h * self.dh, bias=spec.qkv_bias)
-        self.k_proj = nn.Linear(d, self.hkv * self.dh, bias=spec.qkv_bias)
-        self.v_proj = nn.Linear(d, self.hkv * self.dh, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(self.h * self.dh, d, bias=spec.o_bias)
+        self.q_proj = Linear(d, self.h * self.dh, bias=spec.qkv_bias)
+        self.k_proj = Linear(d, self.hkv * self.dh, bias=spec.qkv_bias)
+        self.v_proj = Linear(d, self.hkv * self.dh, bias=spec.qkv_bias)
+        self.o_proj = Linear(self.h * self.dh, d, bias=spec.o_bias)
         self.qk_norm = spec.qk_norm
         self.clip_qkv = spec.clip_qkv
         self.scale = spec.attention_scale if spec.attention_scale is not None else self.dh ** -0.5

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .attention import Attention, RMSNorm
+from .linear import Linear, LinearKernel
 from .mla import MlaAttention
 from .moe import GatedMlp, MoeBlock
 from .rope import Rotary
@@ -55,7 +56,7 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(i, spec, ls) for i, ls in enumerate(spec.layers))
         self.norm = make_norm(spec)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
         self.tie_weights()
         self.rotary: Rotary | None = None     # built by init_rotary on the real device (not under meta)
         self.provider = None                  # the ExpertProvider, set by set_expert_provider
@@ -76,6 +77,15 @@ class Decoder(nn.Module):
 
     def init_rotary(self, device) -> None:
         self.rotary = Rotary(self.spec.rope, device=device)
+
+    def set_linear_kernel(self, kernel: LinearKernel | None) -> None:
+        """Every projection (attention, dense MLPs, routers, lm_head) and the routed experts compute their
+        matmuls with `kernel(x, weight, bias)` (see linear.py); None restores F.linear."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.kernel = kernel
+            elif isinstance(module, MoeBlock):
+                module.linear = kernel
 
     def set_expert_provider(self, provider) -> None:
         self.provider = provider

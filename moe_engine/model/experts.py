@@ -105,17 +105,20 @@ class ExpertLayout:
             view.copy_(t)
         return out
 
-    def ffn(self, x: torch.Tensor, packed: torch.Tensor, act="silu") -> torch.Tensor:
-        """Run the expert stored in `packed` (quant.format.QuantLayout has the same method for quantized buffers)."""
-        return expert_ffn(x, packed, self, act)
+    def ffn(self, x: torch.Tensor, packed: torch.Tensor, act="silu", linear=None) -> torch.Tensor:
+        """Run the expert stored in `packed` (quant.format.QuantLayout has the same method for quantized buffers);
+        linear: the matmul kernel (see linear.py), F.linear if None."""
+        return expert_ffn(x, packed, self, act, linear)
 
 
-def expert_ffn(x: torch.Tensor, packed: torch.Tensor, layout: ExpertLayout, act="silu") -> torch.Tensor:
-    """SwiGLU-style expert: down(glu(gate(x), up(x))) (+ biases). x [N, D] -> [N, D]; act: see glu."""
+def expert_ffn(x: torch.Tensor, packed: torch.Tensor, layout: ExpertLayout, act="silu", linear=None) -> torch.Tensor:
+    """SwiGLU-style expert: down(glu(gate(x), up(x))) (+ biases). x [N, D] -> [N, D]; act: see glu;
+    linear(x, weight, bias): the matmul (F.linear if None)."""
+    linear = linear or F.linear
     b_gate_up, b_down = layout.biases(packed)
-    gate_up = F.linear(x, layout.gate_up(packed), b_gate_up)  # [N, 2I]
+    gate_up = linear(x, layout.gate_up(packed), b_gate_up)   # [N, 2I]
     gate, up = gate_up.split(layout.intermediate_size, dim=-1)
-    return F.linear(glu(gate, up, act), layout.down(packed), b_down)
+    return linear(glu(gate, up, act), layout.down(packed), b_down)
 
 
 class ExpertProvider(Protocol):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import RMSNorm
+from .linear import Linear
 from .rope import apply_rotary, rotate_interleaved
 from .spec import ModelSpec
 
@@ -37,15 +38,15 @@ class MlaAttention(nn.Module):
         self.layer, self.mla = layer, mla
         self.h, d = spec.num_heads, spec.hidden_size
         if mla.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, self.h * mla.qk_head_dim, bias=False)
+            self.q_proj = Linear(d, self.h * mla.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, mla.q_lora_rank, bias=spec.qkv_bias)
+            self.q_a_proj = Linear(d, mla.q_lora_rank, bias=spec.qkv_bias)
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(mla.q_lora_rank, self.h * mla.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=spec.qkv_bias)
+            self.q_b_proj = Linear(mla.q_lora_rank, self.h * mla.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=spec.qkv_bias)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(mla.kv_lora_rank, self.h * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(self.h * mla.v_head_dim, d, bias=spec.o_bias)
+        self.kv_b_proj = Linear(mla.kv_lora_rank, self.h * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
+        self.o_proj = Linear(self.h * mla.v_head_dim, d, bias=spec.o_bias)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, D] -> q [B, H, T, Dn + Dr]."""

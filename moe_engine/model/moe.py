@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .experts import ACTIVATIONS, ExpertLayout, ExpertProvider
+from .linear import Linear, LinearKernel
 from .routing import select_experts
 from .spec import MoeSpec
 
@@ -23,9 +24,9 @@ class GatedMlp(nn.Module):
 
     def __init__(self, hidden: int, inter: int, act: str):
         super().__init__()
-        self.gate = nn.Linear(hidden, inter, bias=False)
-        self.up = nn.Linear(hidden, inter, bias=False)
-        self.down = nn.Linear(inter, hidden, bias=False)
+        self.gate = Linear(hidden, inter, bias=False)
+        self.up = Linear(hidden, inter, bias=False)
+        self.down = Linear(inter, hidden, bias=False)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,12 +52,13 @@ class MoeBlock(nn.Module):
         self.act = spec.expert_act or act          # a hidden_act name, or spec.ClampedSwiGlu (see experts.glu)
         self.layout = ExpertLayout(hidden, spec.intermediate_size, spec.expert_bias)
         self.expert_layouts: list | None = None    # per-expert layouts (quantized experts, set by the runtime)
-        self.router = nn.Linear(hidden, spec.num_experts, bias=spec.router_bias)
+        self.router = Linear(hidden, spec.num_experts, bias=spec.router_bias)
         # DeepSeek-V3's selection bias [E]; kept in float32 whatever the model dtype (Decoder.cast)
         self.correction_bias = nn.Parameter(torch.zeros(spec.num_experts)) if spec.correction_bias else None
         self.shared = GatedMlp(hidden, spec.shared_intermediate_size, act) if spec.shared_intermediate_size else None
-        self.shared_gate = nn.Linear(hidden, 1, bias=False) if spec.shared_expert_gate else None
+        self.shared_gate = Linear(hidden, 1, bias=False) if spec.shared_expert_gate else None
         self.provider: ExpertProvider | None = None
+        self.linear: LinearKernel | None = None   # the routed experts' matmul (Decoder.set_linear_kernel); F.linear if None
         self.routing_hook = None   # benchmarks only: (layer, weights, ids) -> (weights, ids) replays recorded routing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,6 +106,6 @@ class MoeBlock(nn.Module):
             packed = self.provider.get(self.layer, e)
             xe = x_host[tok.cpu()] if on_host else x[tok]
             layout = self.layout if self.expert_layouts is None else self.expert_layouts[e]
-            y = layout.ffn(xe, packed, self.act).to(x.device)                 # [c, D]
+            y = layout.ffn(xe, packed, self.act, linear=self.linear).to(x.device)   # [c, D]
             out.index_add_(0, tok, y.float() * weight_of[sel, None])
         return out.to(x.dtype)

@@ -181,7 +181,8 @@ class QuantLayout:
         """The expert's buffer -> (W1 [2I, D], W2 [D, I]) in `dtype`."""
         return dequantize_matrix(self.w1.views(buf), dtype), dequantize_matrix(self.w2.views(buf), dtype)
 
-    def ffn(self, x: torch.Tensor, buf: torch.Tensor, act="silu") -> torch.Tensor:
+    def ffn(self, x: torch.Tensor, buf: torch.Tensor, act="silu", linear=None) -> torch.Tensor:
+        """The expert over its quantized buffer; `linear` (a dense-weight matmul kernel) is not used here."""
         from .kernels import quant_expert_ffn
         return quant_expert_ffn(x, buf, self, act)
 

@@ -6,6 +6,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .. import _ops
 from ..checkpoint import Checkpoint
 from ..model.decoder import Decoder
 
@@ -30,7 +31,17 @@ def build_decoder(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, pr
         for name in tqdm(shapes, desc="loading weights", unit="tensor", disable=not progress, leave=False):
             params[name].copy_(ckpt.read(name, params[name].dtype))
     decoder.init_rotary(device)
+    decoder.set_linear_kernel(linear_kernel(dtype, device))
     return decoder.eval()
+
+
+def linear_kernel(dtype: torch.dtype, device: torch.device):
+    """The matmul kernel the decoder's linear layers and experts use: moe_engine._C's bf16 GEMV (through
+    _ops.bf16_linear, which hands prefill-sized inputs to torch) for a bf16 model on the CPU when the extension
+    loaded; None (F.linear) otherwise, so float32 and GPU models compute exactly as torch does."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and _ops.HAS_C_EXT:
+        return _ops.bf16_linear
+    return None
 
 
 def non_expert_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
