@@ -221,7 +221,7 @@ class OffloadedExperts:
     def _prefetch(self, layer: int) -> None:
         """Load the experts the predictor expects in the next layers (prefetch_gate.PrefetchGate decides)."""
         self.gate.issue(layer, self._predictions, self.table, self.step, self._inflight, self._issue_prefetch,
-                        self._avoid)
+                        self._avoid, self.timing.load_s, self.timing.layer_s)
         self._predictions = {}
 
     def _issue_prefetch(self, target: int, e: int, placed: tuple[int, int | None], distance: int) -> None:

@@ -41,11 +41,14 @@ class PrefetchGate:
 
     def issue(self, layer: int, predictions: dict[int, torch.Tensor], table, step: int,
               inflight: Callable[[int], set[int]], submit: Callable[[int, int, tuple, int], None],
-              avoid: Callable[[int], Sequence[int]] = lambda target: ()) -> None:
+              avoid: Callable[[int], Sequence[int]] = lambda target: (), load_s: float | None = None,
+              layer_s: float | None = None) -> None:
         """Prefetch the experts `predictions` (target layer -> scores [N, E]) expect, nearest layer first.
 
         `submit(target, expert, (slot, evicted), distance)` starts one load; `inflight(target)` lists the
-        target's experts still loading (never evicted); `avoid(target)`: residents evicted last.
+        target's experts still loading (never evicted); `avoid(target)`: residents evicted last. With the
+        measured seconds of one load and of one layer's compute, a prefetch that evicts must also pay: see
+        `worth_evicting`.
         """
         for distance, (target, probs) in enumerate(sorted(predictions.items()), start=1):
             if target <= layer or not table.quotas[target]:
@@ -53,8 +56,10 @@ class PrefetchGate:
             scores, guessed = summed_scores(probs, self.top_k)                     # [E] expected tokens
             k = min(table.quotas[target], probs.shape[-1])
             wanted = sorted(np.flatnonzero(guessed).tolist(), key=lambda e: -scores[e])[:k]
-            self._shadow.setdefault(target, set(wanted))     # scored: the step's first (farthest) guess
-            confident = self.precision[target] >= MIN_PRECISION
+            fresh = {e for e in wanted if not table.contains(target, e)}
+            if fresh:           # scored: the step's first (farthest) guess of experts not already resident
+                self._shadow.setdefault(target, fresh)
+            confident = worth_evicting(self.precision[target], distance, load_s, layer_s)
             fetched = self._fetched.setdefault(target, set())
             for e in wanted:
                 if table.contains(target, e):
@@ -67,6 +72,22 @@ class PrefetchGate:
                     break
                 submit(target, e, placed, distance)
                 fetched.add(e)
+
+
+def worth_evicting(precision: float, distance: int, load_s: float | None, layer_s: float | None) -> bool:
+    """May a prefetch `distance` layers ahead evict a resident, given the target layer's precision p?
+
+    Always p >= MIN_PRECISION. When load and layer times are known, also p x hidden >= (1 - p) x load_s:
+    a right guess hides at most min(load_s, distance x layer_s) of stall (the compute before the target
+    layer), a wrong one spends a whole read of link time (and evicted an expert for nothing). When a read
+    takes far longer than the layers it can overlap (large experts from disk), prefetching that evicts
+    costs more than it hides, so only demand loads and free-slot prefetches run.
+    """
+    if precision < MIN_PRECISION:
+        return False
+    if not load_s or not layer_s:
+        return True
+    return precision * min(load_s, distance * layer_s) >= (1.0 - precision) * load_s
 
 
 def summed_scores(scores: torch.Tensor, top_k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -234,11 +234,14 @@ class Simulator:
             raise ConfigError(f"--predictor {name!r} cannot run from a routing trace ({type(e).__name__}: {e}); "
                               f"use none, oracle, or path (trained on routing only)") from None
 
+    def _layer_s(self) -> float:
+        """Modelled compute of one layer pass (what the engine's LookaheadClock measures)."""
+        return self.dense_s + self.trace.top_k * self.expert_s
+
     def _lookahead(self) -> int:
         """The engine's rule (OffloadedExperts.lookahead) with the modelled load and layer times."""
-        layer_s = self.dense_s + self.trace.top_k * self.expert_s
         need = max(self.loads_per_layer, 1.0) * self.load_s
-        return max(1, min(self.max_lookahead, math.ceil(need / max(layer_s, 1e-9))))
+        return max(1, min(self.max_lookahead, math.ceil(need / max(self._layer_s(), 1e-9))))
 
     def _prepare(self, layer: int, need: list[int], step: int) -> list[int]:
         """Lookup, demand loads; returns the compute order (as OffloadedExperts.prepare)."""
@@ -307,7 +310,8 @@ class Simulator:
 
     def _prefetch(self, layer: int, preds: dict[int, torch.Tensor], step: int) -> None:
         """OffloadedExperts._prefetch on the modelled link: the same PrefetchGate makes the decisions."""
-        self.gate.issue(layer, preds, self.table, step, self._inflight, self._issue_prefetch)
+        self.gate.issue(layer, preds, self.table, step, self._inflight, self._issue_prefetch,
+                        load_s=self.load_s, layer_s=self._layer_s())
 
     def _issue_prefetch(self, target: int, e: int, placed: tuple[int, int | None], distance: int) -> None:
         self._evicted(target, placed[1])
