@@ -184,6 +184,27 @@ def test_engine_belady_handles_steps_larger_than_the_cache():
     assert belady_loads([[0, 1], [2, 3], [0, 1]], 2) == 6
 
 
+def test_routing_log_stays_bounded_and_belady_folds_windows(monkeypatch):
+    """A long-running server: the log never holds more than a window per layer; the folded Belady total is
+    at least the exact one and exceeds it by at most the quota per window boundary."""
+    from moe_engine.experts import tracker
+    from moe_engine.experts.table import SlotTable
+    monkeypatch.setattr(tracker, "LOG_WINDOW", 50)
+    rng = random.Random(3)
+    steps = [rng.sample(range(8), 2) for _ in range(230)]
+    quota = 3
+    counters = tracker.CacheCounters(1, [quota])
+    table = SlotTable([quota], 8, make_policy("lru"))
+    for t, need in enumerate(steps):
+        counters.accessed(0, t, need)
+        assert len(counters.log[0]) < 50
+        table.lookup(0, need, t)
+    folded = counters.sections(table, 0)["optimal"]["belady_loads"]
+    exact = belady_loads(steps, quota)
+    assert exact <= folded <= exact + quota * (230 // 50)
+    assert sum(belady_loads(steps[i:i + 50], quota) for i in range(0, 230, 50)) == folded
+
+
 def test_plan_splits_the_budget_exactly():
     ckpt = Checkpoint(DEFAULT_MODEL_DIR)
     dev, dt = torch.device("cpu"), torch.float32

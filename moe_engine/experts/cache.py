@@ -48,7 +48,7 @@ class OffloadedExperts:
             [_ops.alloc_aligned(plan.slot_bytes) for _ in range(io_threads)]
         self.shift = [0] * self.table.capacity            # where in its slot each expert starts (see _work)
         self.jobs: dict[tuple[int, int], LoadJob] = {}    # loads not yet consumed by compute
-        self.counters = CacheCounters(len(plan.quotas))
+        self.counters = CacheCounters(len(plan.quotas), plan.quotas)
         self.step, self._layer = 0, -1
         self._needed: list[int] = []                      # experts of the current layer pass, not yet computed
         self._deferred: list[int] = []                    # misses waiting for a slot (more experts than slots)

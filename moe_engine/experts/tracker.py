@@ -16,10 +16,20 @@ from collections import Counter
 from collections.abc import Sequence
 
 
+LOG_WINDOW = 8192     # steps of routing kept per layer for Belady when quotas are known (see CacheCounters)
+
+
 class CacheCounters:
-    def __init__(self, num_layers: int):
+    """With `quotas` (the cache's slots per layer) the routing log stays bounded for long-running servers:
+    every LOG_WINDOW steps a layer's log is folded into a running Belady total and dropped. Each window then
+    starts from an empty cache, so `optimal` may exceed the true minimum by at most the layer's quota per
+    window (under 0.1% of a layer's lookups at LOG_WINDOW steps)."""
+
+    def __init__(self, num_layers: int, quotas: Sequence[int] | None = None):
         self._lock = threading.Lock()
         self.num_layers = num_layers
+        self.quotas = list(quotas) if quotas is not None else None
+        self._belady_folded = [0] * num_layers                # Belady loads of the dropped windows
         self.prefetch_issued = self.prefetch_used = self.prefetch_wasted = 0
         self.demand_loads = 0
         self.loads = self.bytes_loaded = self.bytes_h2d = 0
@@ -33,7 +43,11 @@ class CacheCounters:
         self.log: list[list[list[int]]] = [[] for _ in range(num_layers)]   # layer -> steps -> experts
 
     def accessed(self, layer: int, step: int, experts) -> None:
-        self.log[layer].append(sorted(experts))
+        log = self.log[layer]
+        log.append(sorted(experts))
+        if self.quotas is not None and len(log) >= LOG_WINDOW:
+            self._belady_folded[layer] += belady_loads(log, self.quotas[layer])
+            self.log[layer] = []
 
     def issued(self, layer: int, e: int, prefetch: bool, distance: int = 1) -> None:
         """A load of `e` for `layer` was queued: a demand, or a prefetch `distance` MoE layers ahead."""
@@ -76,7 +90,8 @@ class CacheCounters:
         per_layer = [h / (h + m) if h + m else 0.0 for h, m in zip(table.hits, table.misses)]
         issued, used = self.prefetch_issued, self.prefetch_used
         logs = [list(steps) for steps in self.log]      # a copy: the serving loop may append while we read
-        per_layer_belady = [belady_loads(logs[i], table.quotas[i]) if logs[i] else 0 for i in range(self.num_layers)]
+        per_layer_belady = [self._belady_folded[i] + (belady_loads(logs[i], table.quotas[i]) if logs[i] else 0)
+                            for i in range(self.num_layers)]
         belady = sum(per_layer_belady)
         lookups = hits + misses
         return {
