@@ -154,15 +154,10 @@ class EngineLoop:
             self._held += 1
             return []
         self._held = 0
-        out = []
-        while self.waiting and len(self.running) < self.max_num_seqs and len(out) < self.max_prefill:
-            s = self.waiting[0]
-            if self.kv_reserved + s.kv_tokens > self.kv_tokens:
-                break
-            self.waiting.popleft()
+        out = [self.waiting.popleft() for _ in range(fits)]
+        for s in out:
             self.kv_reserved += s.kv_tokens
             self.running[s.seq_id] = s
-            out.append(s)
         return out
 
     def _admittable(self) -> int:
