@@ -207,3 +207,13 @@ def eng(tok_dir):
     engine = moe_engine.load(tok_dir, device="cpu", dtype="float32", progress=False)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny matmuls and training batches run fastest there (and do not fight
+    other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -41,13 +41,7 @@ def reuse_trace(seed: int = 1, n_seq: int = 400) -> tuple:
     return ex, np.full(ex.shape, 1.0 / K, dtype=np.float32), so
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: extra threads only add overhead (and stall when the machine is busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
