@@ -4,7 +4,7 @@ Builds the optional IO extension moe_engine._C from csrc/*.cpp with plain pybind
 CUDA parts (pinned buffers, async host-to-device copies, events) are compiled in only when a CUDA
 toolkit is found (CUDA_HOME / CUDA_PATH / nvcc / /usr/local/cuda with cuda_runtime.h and cudart).
 The install never fails because of the extension: a missing compiler, pybind11 or CUDA prints one
-warning and moe_engine/_ops.py falls back to torch. Environment switches:
+warning and moe_engine/_ops falls back to torch. Environment switches:
   MOE_ENGINE_NO_EXT=1   skip the extension entirely
   MOE_ENGINE_NO_CUDA=1  build the extension without its CUDA parts
 The CPU kernels run their threads through OpenMP (-fopenmp; at run time torch's own libgomp, so both share

@@ -9,6 +9,7 @@
 #include "bf16_gemv.h"
 #include "common.h"
 #include "cuda_ops.h"
+#include "decode_ops.h"
 #include "direct_reader.h"
 #include "qmatmul.h"
 
@@ -112,6 +113,84 @@ void bind_bf16(py::module_& m) {
   m.def("bf16_linear_isas", &moe::bf16_linear_isas, "The CPU paths bf16_linear can take here, fastest first.");
 }
 
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void bind_decode(py::module_& m) {
+  m.def(
+      "rms_norm_bf16",
+      [](uintptr_t x, uintptr_t delta, uintptr_t w, int64_t n, int64_t d, float eps, uintptr_t sum, uintptr_t y) {
+        py::gil_scoped_release release;
+        moe::rms_norm_bf16(ptr<const uint16_t>(x), ptr<const uint16_t>(delta), ptr<const uint16_t>(w), n, d, eps,
+                           ptr<uint16_t>(sum), ptr<uint16_t>(y));
+      },
+      py::arg("x_ptr"), py::arg("delta_ptr"), py::arg("w_ptr"), py::arg("n"), py::arg("d"), py::arg("eps"),
+      py::arg("sum_ptr"), py::arg("y_ptr"),
+      "y [n, d] = w * s / sqrt(mean(s^2) + eps) for s = x (delta_ptr 0) or s = x + delta (written to sum_ptr), bf16 "
+      "in and out, contiguous.");
+  m.def(
+      "route_softmax_topk",
+      [](uintptr_t logits, int64_t n, int64_t e, int64_t k, bool normalize, uintptr_t weights, uintptr_t ids) {
+        moe::route_softmax_topk(ptr<const uint16_t>(logits), n, e, k, normalize, ptr<float>(weights),
+                                ptr<int64_t>(ids));
+      },
+      py::arg("logits_ptr"), py::arg("n"), py::arg("e"), py::arg("k"), py::arg("normalize"), py::arg("weights_ptr"),
+      py::arg("ids_ptr"),
+      "bf16 router logits [n, e] -> float32 softmax top-k weights [n, k] (renormalized if asked), int64 ids [n, k].");
+  m.def(
+      "rope_qkv_bf16",
+      [](uintptr_t qkv, uintptr_t cos, uintptr_t sin, int64_t b, int64_t h, int64_t hkv, int64_t dh, int64_t rot,
+         uintptr_t q, uintptr_t k, uintptr_t v) {
+        py::gil_scoped_release release;
+        moe::rope_qkv_bf16(ptr<const uint16_t>(qkv), ptr<const uint16_t>(cos), ptr<const uint16_t>(sin), b, h, hkv,
+                           dh, rot, ptr<uint16_t>(q), ptr<uint16_t>(k), ptr<uint16_t>(v));
+      },
+      py::arg("qkv_ptr"), py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("b"), py::arg("h"), py::arg("hkv"),
+      py::arg("dh"), py::arg("rot"), py::arg("q_ptr"), py::arg("k_ptr"), py::arg("v_ptr"),
+      "qkv [b, (h + 2 hkv) dh] bf16 -> rotary q [b, h, dh], k [b, hkv, dh] and v [b, hkv, dh] (cos, sin [b, rot]).");
+  m.def(
+      "attend_decode_bf16",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, std::vector<int64_t> k_strides, std::vector<int64_t> v_strides,
+         uintptr_t mask, int64_t mask_sb, uintptr_t sinks, int64_t b, int64_t h, int64_t hkv, int64_t s, int64_t dh,
+         float scale, uintptr_t out, int num_threads) {
+        MOE_CHECK(k_strides.size() == 3 && v_strides.size() == 3,
+                  "attend_decode_bf16: k_strides and v_strides are (batch, head, slot) element strides");
+        moe::AttendArgs a;
+        a.q = ptr<const uint16_t>(q), a.k = ptr<const uint16_t>(k), a.v = ptr<const uint16_t>(v);
+        a.k_sb = k_strides[0], a.k_sh = k_strides[1], a.k_ss = k_strides[2];
+        a.v_sb = v_strides[0], a.v_sh = v_strides[1], a.v_ss = v_strides[2];
+        a.mask = ptr<const bool>(mask), a.mask_sb = mask_sb, a.sinks = ptr<const float>(sinks);
+        a.b = b, a.h = h, a.hkv = hkv, a.s = s, a.dh = dh, a.scale = scale, a.out = ptr<uint16_t>(out);
+        py::gil_scoped_release release;
+        moe::attend_decode_bf16(a, num_threads);
+      },
+      py::arg("q_ptr"), py::arg("k_ptr"), py::arg("v_ptr"), py::arg("k_strides"), py::arg("v_strides"),
+      py::arg("mask_ptr"), py::arg("mask_sb"), py::arg("sinks_ptr"), py::arg("b"), py::arg("h"), py::arg("hkv"),
+      py::arg("s"), py::arg("dh"), py::arg("scale"), py::arg("out_ptr"), py::arg("num_threads") = 1,
+      "One bf16 query per row and head against s cached keys/values (GQA, bool mask [b, s], float32 sinks [h] or 0) "
+      "-> out [b, h * dh].");
+  m.def(
+      "moe_experts_bf16",
+      [](uintptr_t x, uintptr_t ids, uintptr_t weights, int64_t n, int64_t k, int64_t d, int64_t inter,
+         std::vector<int64_t> experts, std::vector<uintptr_t> packed, uintptr_t acc, uintptr_t out, int num_threads) {
+        moe::MoeArgs a;
+        a.acc = ptr<float>(acc);
+        a.x = ptr<const uint16_t>(x), a.ids = ptr<const int64_t>(ids), a.weights = ptr<const float>(weights);
+        a.n = n, a.k = k, a.d = d, a.inter = inter, a.experts = std::move(experts), a.out = ptr<uint16_t>(out);
+        for (uintptr_t p : packed) a.packed.push_back(ptr<const uint16_t>(p));
+        py::gil_scoped_release release;
+        moe::moe_experts_bf16(a, num_threads);
+      },
+      py::arg("x_ptr"), py::arg("ids_ptr"), py::arg("weights_ptr"), py::arg("n"), py::arg("k"), py::arg("d"),
+      py::arg("inter"), py::arg("experts"), py::arg("packed_ptrs"), py::arg("acc_ptr"), py::arg("out_ptr"),
+      py::arg("num_threads") = 1,
+      "Routed SwiGLU experts for n bf16 tokens (ids int64 / weights float32 [n, k]; packed bf16 experts "
+      "gate|up|down, in `experts` order): weighted sums added into acc [n, d] float32 (acc_ptr 0: a zeroed one of "
+      "its own) and, unless out_ptr is 0, rounded to out [n, d] bf16.");
+}
+
 #ifdef MOE_WITH_CUDA
 void bind_cuda(py::module_& m) {
   m.def("cuda_device_count", &moe::cuda_device_count);
@@ -141,6 +220,7 @@ PYBIND11_MODULE(_C, m) {
   bind_reader(m);
   bind_quant(m);
   bind_bf16(m);
+  bind_decode(m);
 #ifdef MOE_WITH_CUDA
   bind_cuda(m);
 #endif

@@ -14,6 +14,8 @@ from .table import expert_size
 
 
 class ResidentExperts:
+    buffers_stable = True     # get() returns views that never move or change: a layer's experts may be used together
+
     def __init__(self, checkpoint, dtype: torch.dtype, device: torch.device, progress: bool = True):
         spec = checkpoint.spec
         self.num_layers = spec.num_layers

@@ -4,6 +4,10 @@ The KV cache is any object with `update(layer, k, v) -> (k_all, v_all)` that app
 step's keys/values (k, v [B, Hkv, T, Dh]) and returns everything cached for the layer
 ([B, Hkv, S, Dh]); masks are built by the decoder and passed in.
 
+Decode ops (optional, injected by the runtime through Decoder.set_decode_ops; see _ops/decode.py for the
+interface): with them a one-token step runs RMSNorm as one call, and attention as fused q|k|v projection ->
+rope_qkv -> cache update -> attend -> o_proj. The torch code below is the reference they match.
+
 Attention sinks (GPT-OSS): a learned logit per head joins every softmax's denominator and is
 dropped from its output, so a query may give part of its attention to "nothing".
 """
@@ -23,8 +27,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = None     # decode ops (Decoder.set_decode_ops): ops.rms_norm(x, weight, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -51,6 +58,20 @@ class Attention(nn.Module):
         elif spec.qk_norm == "full":
             self.q_norm = RMSNorm(self.h * self.dh, spec.rms_norm_eps)
             self.k_norm = RMSNorm(self.hkv * self.dh, spec.rms_norm_eps)
+        self.ops = None                  # decode ops (set_decode_ops)
+        self.qkv_weight: torch.Tensor | None = None   # q|k|v weights as one tensor (set_decode_ops); not a parameter
+        self.qkv_bias: torch.Tensor | None = None
+
+    def set_decode_ops(self, ops) -> None:
+        """Use `ops` for one-token steps. q, k and v weights (and biases) move into one tensor that their
+        parameters then view, so one GEMV computes all three; models with q/k norms or clipping keep the torch path."""
+        self.ops = ops
+        if ops is None or self.qk_norm in ("head", "full") or self.clip_qkv is not None:
+            self.qkv_weight = self.qkv_bias = None
+            return
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = _fuse([p.weight for p in projs])
+        self.qkv_bias = _fuse([p.bias for p in projs]) if self.q_proj.bias is not None else None
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
@@ -67,6 +88,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache,
                 mask: torch.Tensor) -> torch.Tensor:
         """x [B, T, D]; cos/sin [B, T, rot]; mask [B, 1, T, S] bool (True = attend) -> [B, T, D]."""
+        if self.qkv_weight is not None and x.shape[1] == 1 and self.q_proj.weight.data_ptr() == self.qkv_weight.data_ptr():
+            return self._decode(x, cos, sin, kv_cache, mask)
         q, k, v = self._qkv(x)
         q, k = apply_rotary(q, k, cos, sin)
         k, v = kv_cache.update(self.layer, k, v)                          # [B, Hkv, S, Dh]
@@ -76,6 +99,25 @@ class Attention(nn.Module):
                                            enable_gqa=self.h != self.hkv)  # [B, H, T, Dh]
         b, _, t, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.dh))
+
+
+    def _decode(self, x, cos, sin, kv_cache, mask) -> torch.Tensor:
+        """One token per row through the decode ops (the same math as forward's torch path)."""
+        ops = self.ops
+        qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)                 # [B, 1, (H + 2 Hkv) Dh]
+        q, k, v = ops.rope_qkv(qkv, cos, sin, self.h, self.hkv, self.dh)     # [B, H|Hkv, 1, Dh]
+        k, v = kv_cache.update(self.layer, k, v)                            # [B, Hkv, S, Dh]
+        return self.o_proj(ops.attend(q, k, v, mask, self.scale, self.sinks))
+
+
+def _fuse(params: list[nn.Parameter]) -> torch.Tensor:
+    """Concatenate parameters along dim 0 and make each a view of the result (no extra memory kept)."""
+    fused = torch.cat([p.data for p in params])
+    start = 0
+    for p in params:
+        p.data = fused[start:start + p.shape[0]]
+        start += p.shape[0]
+    return fused
 
 
 def with_sink(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor):

@@ -28,17 +28,23 @@ class DecoderLayer(nn.Module):
         self.attn_norm = make_norm(spec)
         self.attn = Attention(layer, spec) if spec.mla is None else MlaAttention(layer, spec)
         self.ffn_norm = make_norm(spec)
+        self.ops = None             # decode ops (Decoder.set_decode_ops): residual add fused into the ffn norm
         if lspec.moe:
             self.moe = MoeBlock(layer, spec.hidden_size, spec.moe, spec.hidden_act)
         else:
             self.mlp = GatedMlp(spec.hidden_size, lspec.dense_intermediate_size, spec.hidden_act)
 
     def forward(self, x, cos, sin, kv_cache, mask, token_mask):
-        x = x + self._scaled(self.attn(self.attn_norm(x), cos, sin, kv_cache, mask))
-        h = self.ffn_norm(x)
+        """token_mask [B, T] bool, or None when every token is real."""
+        attn = self.attn(self.attn_norm(x), cos, sin, kv_cache, mask)
+        if self.ops is not None and self.residual_multiplier == 1.0 and isinstance(self.ffn_norm, RMSNorm):
+            x, h = self.ops.add_rms_norm(x, attn, self.ffn_norm.weight, self.ffn_norm.eps)
+        else:
+            x = x + self._scaled(attn)
+            h = self.ffn_norm(x)
         if not hasattr(self, "moe"):
             out = self.mlp(h)
-        elif token_mask.all():
+        elif token_mask is None:
             out = self.moe(h.flatten(0, 1)).view_as(h)
         else:
             out = torch.zeros_like(h)
@@ -87,6 +93,15 @@ class Decoder(nn.Module):
             elif isinstance(module, MoeBlock):
                 module.linear = kernel
 
+    def set_decode_ops(self, ops) -> None:
+        """Fused ops for one-token steps (see _ops/decode.py for the interface; None: the torch code throughout).
+        The runtime sets them for a bf16 model on the CPU; results match the torch path up to rounding."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.set_decode_ops(ops)
+            elif isinstance(module, (RMSNorm, MoeBlock, DecoderLayer)):
+                module.ops = ops
+
     def set_expert_provider(self, provider) -> None:
         self.provider = provider
         for layer in self.layers:
@@ -110,6 +125,8 @@ class Decoder(nn.Module):
             x = x * self.spec.embedding_multiplier
         cos, sin = self.rotary.cos_sin(positions, x.dtype, seq_len=int(positions.max()) + 1)
         masks = {w: attention_mask(kv_cache.valid, start, t, w) for w in {layer.sliding_window for layer in self.layers}}
+        if token_mask.all():
+            token_mask = None
         for layer in self.layers:
             x = layer(x, cos, sin, kv_cache, masks[layer.sliding_window], token_mask)
         if last_only:

@@ -130,6 +130,11 @@ class ExpertProvider(Protocol):
     returns one expert's packed buffer (on the compute device, or on the host for on_host
     experts), waiting for exactly it. `observe` reports the routing decision (for prediction
     and statistics); it must not change what the block computes.
+
+    Optional attribute `buffers_stable` (default False): True when buffers returned by `get` never move or
+    change while the engine runs (every expert resident), so the block may fetch all of a layer's experts
+    before computing any; otherwise it uses each buffer right after its `get`, as a cache may reuse a slot for
+    the next expert it is asked for.
     """
 
     def prepare(self, layer: int, experts: Sequence[int],

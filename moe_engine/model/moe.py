@@ -9,6 +9,8 @@ an ExpertProvider. Tokens that are padding are not routed at all.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,7 @@ class MoeBlock(nn.Module):
         self.shared_gate = Linear(hidden, 1, bias=False) if spec.shared_expert_gate else None
         self.provider: ExpertProvider | None = None
         self.linear: LinearKernel | None = None   # the routed experts' matmul (Decoder.set_linear_kernel); F.linear if None
+        self.ops = None            # decode ops (Decoder.set_decode_ops): ops.moe_experts runs a few tokens' experts
         self.routing_hook = None   # benchmarks only: (layer, weights, ids) -> (weights, ids) replays recorded routing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,8 @@ class MoeBlock(nn.Module):
         if self.routing_hook is not None:    # changes the model's outputs: never set outside benchmarks
             weights, ids = self.routing_hook(self.layer, weights, ids)
         self.provider.observe(self.layer, x, ids, weights)
-        out = self._routed(x, weights * self.spec.routed_scaling_factor, ids)
+        scale = self.spec.routed_scaling_factor
+        out = self._routed(x, weights if scale == 1.0 else weights * scale, ids)
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:
@@ -83,10 +87,49 @@ class MoeBlock(nn.Module):
         else:
             logits = self.router(x)
         if spec.scoring == "softmax" and spec.n_group == 1 and self.correction_bias is None:
+            if self.ops is not None and logits.dtype == torch.bfloat16 and logits.is_cpu:
+                return self.ops.route(logits, spec.top_k, spec.norm_topk_prob)
             return route(logits, spec.top_k, spec.norm_topk_prob)
         return select_experts(logits, spec, self.correction_bias)
 
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(ids.flatten(), minlength=self.spec.num_experts).tolist()
+        used = [e for e, c in enumerate(counts) if c]
+        plan = self.provider.prepare(self.layer, used, [counts[e] for e in used])   # [(expert, on_host)]
+        get = functools.partial(self.provider.get, self.layer)
+        if self._fusable(x, plan):
+            return self._routed_fused(x, weights, ids, [e for e, _ in plan], get)
+        return self._routed_loop(x, weights, ids, plan, get)
+
+    def _fusable(self, x: torch.Tensor, plan) -> bool:
+        """The decode ops take this layer's experts: plain SwiGLU bf16 experts on the CPU, few tokens, none on the host."""
+        return (self.ops is not None and x.shape[0] <= self.ops.max_expert_tokens and self.expert_layouts is None
+                and not self.layout.bias and self.act in ("silu", "swish") and x.dtype == torch.bfloat16
+                and x.is_cpu and not any(on_host for _, on_host in plan))
+
+    def _routed_fused(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: list[int],
+                      get) -> torch.Tensor:
+        """The experts through the decode ops: one call for the layer when the provider's buffers never move
+        (`buffers_stable`), else one call per expert right after its get(), as the loop does (a cache may reuse a
+        slot for the next expert it is asked for)."""
+        inter = self.spec.intermediate_size
+        if getattr(self.provider, "buffers_stable", False):
+            packed = [get(e) for e in experts]
+            if all(_flat_bf16(p) for p in packed):
+                return self.ops.moe_experts(x, weights, ids, experts, packed, inter)
+            get = dict(zip(experts, packed)).__getitem__
+        acc = torch.zeros(x.shape, dtype=torch.float32)                # [N, D]
+        for e in experts:
+            packed = get(e)
+            if _flat_bf16(packed):
+                self.ops.moe_experts(x, weights, ids, [e], [packed], inter, acc)
+            else:
+                tok, slot = (ids == e).nonzero(as_tuple=True)
+                y = self.layout.ffn(x[tok], packed, self.act, linear=self.linear)
+                acc.index_add_(0, tok, y.float() * weights[tok, slot, None])
+        return acc.to(x.dtype)
+
+    def _routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, plan, get) -> torch.Tensor:
         n, k = ids.shape
         flat = ids.flatten()                                           # [N*K]
         order = flat.argsort(stable=True)
@@ -96,16 +139,18 @@ class MoeBlock(nn.Module):
             starts.append(starts[-1] + c)
         token_of = order // k                                          # token index of each sorted slot
         weight_of = weights.flatten()[order]                           # [N*K] float32
-        used = [e for e, c in enumerate(counts) if c]
-        plan = self.provider.prepare(self.layer, used, [counts[e] for e in used])   # [(expert, on_host)]
         x_host = x.cpu() if any(on_host for _, on_host in plan) else None   # before device work is queued
         out = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
         for e, on_host in sorted(plan, key=lambda p: p[1]):           # device experts first, host ones overlap
             sel = slice(starts[e], starts[e + 1])
             tok = token_of[sel]
-            packed = self.provider.get(self.layer, e)
+            packed = get(e)
             xe = x_host[tok.cpu()] if on_host else x[tok]
             layout = self.layout if self.expert_layouts is None else self.expert_layouts[e]
             y = layout.ffn(xe, packed, self.act, linear=self.linear).to(x.device)   # [c, D]
             out.index_add_(0, tok, y.float() * weight_of[sel, None])
         return out.to(x.dtype)
+
+
+def _flat_bf16(packed: torch.Tensor) -> bool:
+    return packed.dtype == torch.bfloat16 and packed.is_cpu and packed.is_contiguous()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from tqdm.auto import tqdm
@@ -32,6 +33,7 @@ def build_decoder(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, pr
             params[name].copy_(ckpt.read(name, params[name].dtype))
     decoder.init_rotary(device)
     decoder.set_linear_kernel(linear_kernel(dtype, device))
+    decoder.set_decode_ops(decode_ops(dtype, device))
     return decoder.eval()
 
 
@@ -42,6 +44,15 @@ def linear_kernel(dtype: torch.dtype, device: torch.device):
     if dtype == torch.bfloat16 and device.type == "cpu" and _ops.HAS_C_EXT:
         return _ops.bf16_linear
     return None
+
+
+def decode_ops(dtype: torch.dtype, device: torch.device):
+    """The fused one-token ops (_ops.decode.DecodeOps) for a bf16 model on the CPU when the extension loaded and
+    MOE_ENGINE_LINEAR_KERNEL is not "reference" (the test hook that runs the torch code everywhere); else None."""
+    if linear_kernel(dtype, device) is None or os.environ.get(_ops.LINEAR_KERNEL_ENV) == "reference":
+        return None
+    from .._ops.decode import decode_ops as make
+    return make()
 
 
 def non_expert_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:

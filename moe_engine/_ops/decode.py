@@ -1,0 +1,263 @@
+"""Fused ops of a bf16 decode step on the CPU (moe_engine._C, csrc/decode_ops.cpp), each next to its torch twin.
+
+    rms_norm(x, weight, eps)                       x [..., D] -> RMSNorm as model.attention.RMSNorm computes it
+    add_rms_norm(x, delta, weight, eps)            (x + delta, rms_norm(x + delta)): a residual add and the next norm
+    route(logits, k, normalize)                    router logits [N, E] -> softmax top-k (weights float32, ids int64)
+    rope_qkv(qkv, cos, sin, h, hkv, dh)            fused projection [B, 1, (H + 2 Hkv) Dh] -> rotated q [B, H, 1, Dh],
+                                                   rotated k and v [B, Hkv, 1, Dh] (rotate-half on cos' width)
+    attend(q, k, v, mask, scale, sinks)            one query per row: q [B, H, 1, Dh] over k, v [B, Hkv, S, Dh] ->
+                                                   [B, 1, H Dh] (GQA; mask [B, 1, 1, S] bool; sinks [H] or None)
+    moe_experts(x, weights, ids, experts, packed, inter, acc=None)
+                                                   routed SwiGLU experts for N <= BF16_N_MAX tokens: the layer's
+                                                   combined output, or (acc) sums added into a float32 [N, D]
+
+They exist because a decode step is hundreds of tiny torch ops whose call overhead, not arithmetic, cost
+~4 ms per token on the bench checkpoint. Every op takes backend="auto" | "c" | "torch" like the rest of _ops;
+the twins (`*_reference`) round where the torch ops of the model round, so "c" matches them up to float32
+summation order (rope_qkv bit for bit). DecodeOps bundles the C ops for the decoder (Decoder.set_decode_ops):
+the runtime injects it for a bf16 model on the CPU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from . import HAS_C_EXT, _C, _resolve
+from .matmul import BF16_N_MAX, bf16_linear
+
+
+# ----------------------------------------------------------------------------------------- torch twins
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm_reference(x, delta, weight, eps: float):
+    s = x + delta
+    return s, rms_norm_reference(s, weight, eps)
+
+
+def route_reference(logits: torch.Tensor, k: int, normalize: bool):
+    """model.moe.route: float32 softmax, top k, optionally renormalized."""
+    weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+    return (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights), ids
+
+
+def rope_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, h: int, hkv: int, dh: int):
+    b, t, _ = qkv.shape
+    q, k, v = qkv.view(b, t, h + 2 * hkv, dh).transpose(1, 2).split([h, hkv, hkv], dim=1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v.contiguous()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)     # [B, 1, T, R]
+    x1, x2 = x[..., :rot // 2], x[..., rot // 2:rot]
+    rotated = x[..., :rot] * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((rotated, x[..., rot:]), dim=-1)
+
+
+def attend_reference(q, k, v, mask, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention in float32 with the sink logits (if any) in the denominator, rounded once to q.dtype."""
+    b, h, t, dh = q.shape
+    rep = h // k.shape[1]
+    kf, vf = k.float().repeat_interleave(rep, dim=1), v.float().repeat_interleave(rep, dim=1)   # [B, H, S, Dh]
+    scores = (q.float() @ kf.transpose(-1, -2)) * scale                                       # [B, H, T, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.float().view(1, h, 1, 1).expand(b, h, t, 1)], dim=-1)
+    p = torch.softmax(scores, dim=-1)[..., :vf.shape[2]]
+    return (p @ vf).to(q.dtype).transpose(1, 2).reshape(b, t, h * dh)
+
+
+def moe_experts_reference(x, weights, ids, experts, packed, inter: int, acc: torch.Tensor | None = None):
+    """x [N, D] bf16, weights [N, K] float32, ids [N, K]; packed[i] is expert experts[i] (gate | up | down).
+    Without acc: the combined output [N, D] in x.dtype (every routed expert must be given); with acc: the float32
+    sums are added into acc, which is returned."""
+    n, d = x.shape
+    out = torch.zeros(n, d, dtype=torch.float32) if acc is None else acc
+    for e, buf in zip(experts, packed):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if len(tok) == 0:
+            continue
+        gate_up = bf16_linear(x[tok], buf[:2 * inter * d].view(2 * inter, d), backend="torch")
+        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        y = bf16_linear(hidden, buf[2 * inter * d:3 * inter * d].view(d, inter), backend="torch")
+        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+    missing = set(ids.flatten().tolist()) - set(experts)
+    if acc is None and missing:
+        raise ConfigError(f"moe_experts: tokens are routed to experts {sorted(missing)} not among those passed")
+    return out if acc is not None else out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------- C ops
+
+def _bf16_cpu(*tensors) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.is_cpu for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str = "auto") -> torch.Tensor:
+    if _resolve(backend) == "torch" or not _bf16_cpu(x, weight) or weight.shape != x.shape[-1:]:
+        if backend == "c":
+            raise ConfigError(f"rms_norm: backend='c' takes bf16 CPU x [..., D] and weight [D], got x {x.dtype} "
+                              f"{tuple(x.shape)} on {x.device}, weight {weight.dtype} {tuple(weight.shape)}")
+        return rms_norm_reference(x, weight, eps)
+    return _rms_norm_c(x, weight, eps)
+
+
+def _rms_norm_c(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _C.rms_norm_bf16(x.data_ptr(), 0, weight.contiguous().data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps,
+                     0, y.data_ptr())
+    return y
+
+
+def add_rms_norm(x, delta, weight, eps: float, *, backend: str = "auto"):
+    if x.shape != delta.shape:
+        raise ConfigError(f"add_rms_norm: x {tuple(x.shape)} and delta {tuple(delta.shape)} must have one shape")
+    if _resolve(backend) == "torch" or not _bf16_cpu(x, delta, weight) or weight.shape != x.shape[-1:]:
+        if backend == "c":
+            raise ConfigError(f"add_rms_norm: backend='c' takes bf16 CPU x, delta [..., D] and weight [D], got "
+                              f"{x.dtype} on {x.device}, weight {weight.dtype} {tuple(weight.shape)}")
+        return add_rms_norm_reference(x, delta, weight, eps)
+    return _add_rms_norm_c(x, delta, weight, eps)
+
+
+def _add_rms_norm_c(x, delta, weight, eps: float):
+    x, delta = x.contiguous(), delta.contiguous()
+    s, y = torch.empty_like(x), torch.empty_like(x)
+    _C.rms_norm_bf16(x.data_ptr(), delta.data_ptr(), weight.contiguous().data_ptr(), x.numel() // x.shape[-1],
+                     x.shape[-1], eps, s.data_ptr(), y.data_ptr())
+    return s, y
+
+
+def route(logits: torch.Tensor, k: int, normalize: bool, *, backend: str = "auto"):
+    if logits.dim() != 2 or not 1 <= k <= logits.shape[1]:
+        raise ConfigError(f"route: need logits [N, E] and 1 <= k <= E, got {tuple(logits.shape)} and k={k}")
+    if _resolve(backend) == "torch" or not _bf16_cpu(logits):
+        if backend == "c":
+            raise ConfigError(f"route: backend='c' takes bf16 CPU logits, got {logits.dtype} on {logits.device}")
+        return route_reference(logits, k, normalize)
+    return _route_c(logits, k, normalize)
+
+
+def _route_c(logits: torch.Tensor, k: int, normalize: bool):
+    logits = logits.contiguous()
+    n, e = logits.shape
+    weights = torch.empty(n, k, dtype=torch.float32)
+    ids = torch.empty(n, k, dtype=torch.int64)
+    _C.route_softmax_topk(logits.data_ptr(), n, e, k, normalize, weights.data_ptr(), ids.data_ptr())
+    return weights, ids
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, h: int, hkv: int, dh: int, *,
+             backend: str = "auto"):
+    b, t, width = qkv.shape
+    rot = cos.shape[-1]
+    if width != (h + 2 * hkv) * dh or cos.shape != (b, t, rot) or sin.shape != cos.shape or rot % 2 or rot > dh:
+        raise ConfigError(f"rope_qkv: qkv {tuple(qkv.shape)} must be [B, T, (h + 2 hkv) dh] = [.., .., "
+                          f"{(h + 2 * hkv) * dh}] and cos, sin [B, T, rot] with an even rot <= dh={dh}; got cos "
+                          f"{tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    if _resolve(backend) == "torch" or t != 1 or not _bf16_cpu(qkv, cos, sin):
+        if backend == "c":
+            raise ConfigError("rope_qkv: backend='c' takes one bf16 CPU token per row (T == 1), got "
+                              f"T={t}, qkv {qkv.dtype} on {qkv.device}, cos {cos.dtype}")
+        return rope_qkv_reference(qkv, cos, sin, h, hkv, dh)
+    return _rope_qkv_c(qkv, cos, sin, h, hkv, dh)
+
+
+def _rope_qkv_c(qkv, cos, sin, h: int, hkv: int, dh: int):
+    b = qkv.shape[0]
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    q = torch.empty(b, h, 1, dh, dtype=qkv.dtype)
+    k = torch.empty(b, hkv, 1, dh, dtype=qkv.dtype)
+    v = torch.empty(b, hkv, 1, dh, dtype=qkv.dtype)
+    _C.rope_qkv_bf16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), b, h, hkv, dh, cos.shape[-1],
+                     q.data_ptr(), k.data_ptr(), v.data_ptr())
+    return q, k, v
+
+
+def attend(q, k, v, mask, scale: float, sinks: torch.Tensor | None = None, *, backend: str = "auto"):
+    b, h, t, dh = q.shape
+    if k.dim() != 4 or k.shape[0] != b or k.shape[3] != dh or v.shape != k.shape or h % k.shape[1] \
+            or mask.shape != (b, 1, t, k.shape[2]) or mask.dtype != torch.bool:
+        raise ConfigError(f"attend: need q [B, H, T, Dh], k and v [B, Hkv, S, Dh] with H a multiple of Hkv and a "
+                          f"bool mask [B, 1, T, S]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                          f"mask {mask.dtype} {tuple(mask.shape)}")
+    if _resolve(backend) == "torch" or t != 1 or not _bf16_cpu(q, k, v) or k.stride(3) != 1 or v.stride(3) != 1:
+        if backend == "c":
+            raise ConfigError("attend: backend='c' takes one bf16 CPU query per row (T == 1) and k, v with "
+                              f"contiguous head dims; got T={t}, {q.dtype} on {q.device}")
+        return attend_reference(q, k, v, mask, scale, sinks)
+    return _attend_c(q, k, v, mask, scale, sinks)
+
+
+def _attend_c(q, k, v, mask, scale: float, sinks):
+    b, h, _, dh = q.shape
+    q = q.contiguous()
+    m = mask[:, 0, 0]
+    if m.stride(1) != 1:
+        m = m.contiguous()
+    sinks = None if sinks is None else sinks.float().contiguous()
+    out = torch.empty(b, 1, h * dh, dtype=q.dtype)
+    _C.attend_decode_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), [k.stride(0), k.stride(1), k.stride(2)],
+                          [v.stride(0), v.stride(1), v.stride(2)], m.data_ptr(), m.stride(0),
+                          0 if sinks is None else sinks.data_ptr(), b, h, k.shape[1], k.shape[2], dh, scale,
+                          out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def moe_experts(x, weights, ids, experts, packed, inter: int, acc: torch.Tensor | None = None, *,
+                backend: str = "auto") -> torch.Tensor:
+    """out [N, D] = sum over each token's K experts of weight x expert(x), in the order of `experts`; with acc
+    (float32 [N, D]) the unrounded sums are added into it instead and acc is returned."""
+    n, d = x.shape
+    if acc is not None and (acc.shape != (n, d) or acc.dtype != torch.float32 or not acc.is_contiguous()):
+        raise ConfigError(f"moe_experts: acc must be a contiguous float32 tensor of shape {(n, d)}, got "
+                          f"{acc.dtype} {tuple(acc.shape)}")
+    if ids.shape != weights.shape or ids.shape[0] != n or len(experts) != len(packed) \
+            or any(p.numel() < 3 * inter * d for p in packed):
+        raise ConfigError(f"moe_experts: need ids and weights [N, K] for x [N, D] = {tuple(x.shape)} and one packed "
+                          f"buffer of >= 3 * inter * D elements per expert; got ids {tuple(ids.shape)}, weights "
+                          f"{tuple(weights.shape)}, {len(experts)} experts, {len(packed)} buffers")
+    fits = n <= BF16_N_MAX and _bf16_cpu(x, *packed) and all(p.is_contiguous() for p in packed)
+    if _resolve(backend) == "torch" or not fits:
+        if backend == "c":
+            raise ConfigError(f"moe_experts: backend='c' takes bf16 CPU x with at most {BF16_N_MAX} tokens and "
+                              f"contiguous bf16 experts; got {n} tokens of {x.dtype} on {x.device}")
+        return moe_experts_reference(x, weights, ids, experts, packed, inter, acc)
+    return _moe_experts_c(x, weights, ids, experts, packed, inter, acc)
+
+
+def _moe_experts_c(x, weights, ids, experts, packed, inter: int, acc: torch.Tensor | None = None) -> torch.Tensor:
+    x = x.contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    out = torch.empty_like(x) if acc is None else None
+    _C.moe_experts_bf16(x.data_ptr(), ids.data_ptr(), weights.data_ptr(), x.shape[0], ids.shape[1], x.shape[1],
+                        inter, list(experts), [p.data_ptr() for p in packed], 0 if acc is None else acc.data_ptr(),
+                        0 if out is None else out.data_ptr(), torch.get_num_threads())
+    return out if acc is None else acc
+
+
+class DecodeOps:
+    """The C ops as the decoder calls them (Decoder.set_decode_ops): no argument checks beyond what the callers
+    guarantee (bf16 CPU tensors of a consistent model), so the hot path pays one Python call per op."""
+
+    max_expert_tokens = BF16_N_MAX    # MoE blocks with more tokens (prefill) keep their per-expert loop
+    linear = staticmethod(bf16_linear)
+    rms_norm = staticmethod(_rms_norm_c)
+    add_rms_norm = staticmethod(_add_rms_norm_c)
+    route = staticmethod(_route_c)
+    rope_qkv = staticmethod(_rope_qkv_c)
+    attend = staticmethod(_attend_c)
+    moe_experts = staticmethod(_moe_experts_c)
+
+
+def decode_ops() -> DecodeOps | None:
+    """The fused decode ops when the extension loaded (for a bf16 model on the CPU), else None."""
+    return DecodeOps() if HAS_C_EXT else None
