@@ -7,7 +7,10 @@
 // Per row and token the order of operations is fixed by the path alone (neither the thread count, the
 // chunking nor the other tokens of the call change it), so results do not depend on the thread count, and
 // a token's result does not depend on the batch it came in. Each thread reads its rows as one sequential
-// stream and prefetches 1 KiB ahead in it.
+// stream and prefetches every cache line of it 2 KiB ahead, non-temporally (prefetchnta): weights are read
+// once per token, and letting them through the caches' normal path evicted what the rest of the step (Python,
+// activations, the KV cache) needs next. Measured on the bench checkpoint: decode ~80 -> ~90 tok/s against
+// the former 1 KiB, every-other-line, keep-in-all-levels prefetch.
 #include "bf16_gemv.h"
 
 #include <algorithm>
@@ -31,7 +34,7 @@ namespace {
 constexpr int kTokenBlock = 4;                   // tokens whose accumulators stay in registers
 constexpr int kUnroll = 4;                       // accumulators per token (SIMD blocks in flight)
 constexpr int kRowStep = 4;                      // granularity of thread chunks (rows)
-constexpr int64_t kPrefetch = 512;               // weights (bf16) ahead of the current block to prefetch (1 KiB)
+constexpr int64_t kPrefetch = 1024;              // weights (bf16) ahead of the current block to prefetch (2 KiB)
 constexpr int64_t kMinBytesPerThread = 96 << 10; // weights worth a second thread (~5 us at 20 GB/s)
 
 struct Ctx {
@@ -59,6 +62,13 @@ inline uint16_t float_to_bf16(float f) {
   std::memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
   return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Non-temporal prefetch of `lines` consecutive cache lines (32 bf16 each) starting at p.
+template <int lines>
+inline void prefetch_nta(const uint16_t* p) {
+#pragma GCC unroll 4
+  for (int i = 0; i < lines; ++i) __builtin_prefetch(p + 32 * i, 0, 0);
 }
 
 // sum_{k in [from, cols)} w[r, k] * x[t, k], in column order.
@@ -122,8 +132,7 @@ MOE_AVX512 void row_avx512(const Ctx& c, int64_t r, int64_t t0) {
   for (int q = 0; q < kUnroll * NT; ++q) acc[q / NT][q % NT] = _mm512_setzero_ps();
   int64_t b = 0;
   for (; b + 32 * kUnroll <= c.main; b += 32 * kUnroll) {
-    __builtin_prefetch(w + b + kPrefetch, 0, 3);
-    __builtin_prefetch(w + b + kPrefetch + 32, 0, 3);
+    prefetch_nta<4>(w + b + kPrefetch);
 #pragma GCC unroll 4
     for (int u = 0; u < kUnroll; ++u)
 #pragma GCC unroll 4
@@ -158,8 +167,7 @@ MOE_AVX512BF16 void row_avx512bf16(const Ctx& c, int64_t r, int64_t t0) {
   for (int q = 0; q < kUnroll * NT; ++q) acc[q / NT][q % NT] = _mm512_setzero_ps();
   int64_t b = 0;
   for (; b + 32 * kUnroll <= c.main; b += 32 * kUnroll) {
-    __builtin_prefetch(w + b + kPrefetch, 0, 3);
-    __builtin_prefetch(w + b + kPrefetch + 32, 0, 3);
+    prefetch_nta<4>(w + b + kPrefetch);
 #pragma GCC unroll 4
     for (int u = 0; u < kUnroll; ++u) dp_block<NT>(w + b + 32 * u, x + b + 32 * u, c.cols, acc[u]);
   }
@@ -195,7 +203,7 @@ MOE_AVX2 void row_avx2(const Ctx& c, int64_t r, int64_t t0) {
   for (int q = 0; q < kUnroll * NT; ++q) acc[q / NT][q % NT] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 16 * kUnroll <= c.main; b += 16 * kUnroll) {
-    __builtin_prefetch(w + b + kPrefetch, 0, 3);
+    prefetch_nta<2>(w + b + kPrefetch);
 #pragma GCC unroll 4
     for (int u = 0; u < kUnroll; ++u)
 #pragma GCC unroll 4
