@@ -11,7 +11,8 @@ bench_decode.py. Protocol:
     by a greedy (argmax) sample.  Only those 128 decode steps are timed.
     EOS is never checked, so exactly 128 tokens are always produced
     (random weights can emit EOS at any time).
-  * repeat N times; report the median and all runs.
+  * repeat N times, interleaved run by run with the engine (the VM's memory bandwidth drifts between
+    minutes: runs side by side see the same machine); report the median and all runs.
 
 Making the GGUF (llama-cpp-python 0.3.36 from PyPI, built from source; its sdist carries llama.cpp's converter):
 
@@ -71,63 +72,57 @@ def run_one(llm, llama_cpp, sampler, prompt, n_decode):
     return t1 - t0, t2 - t1, out
 
 
-def bench(model_path, n_threads, n_batch, n_prompt, n_decode, repeats, warmup_decode, seed):
-    import llama_cpp
-    from llama_cpp import Llama
+class LlamaCppSide:
+    """llama.cpp on the GGUF: load once, warm up, then `run()` one timed repeat."""
 
-    t_load0 = time.perf_counter()
-    llm = Llama(
-        model_path=model_path,
-        n_ctx=512,
-        n_threads=n_threads,
-        n_threads_batch=n_threads,
-        n_batch=n_batch,
-        n_ubatch=n_batch,
-        logits_all=False,
-        use_mmap=True,
-        verbose=False,
-    )
-    load_s = time.perf_counter() - t_load0
-    n_vocab = llm.n_vocab()
-    assert n_prompt + n_decode + 1 <= llm.n_ctx(), "context too small"
+    def __init__(self, model_path, n_threads, n_batch, n_prompt, n_decode, warmup_decode, seed):
+        import llama_cpp
+        from llama_cpp import Llama
 
-    prompt = prompt_ids(seed, n_prompt, n_vocab)
-
-    sampler = _greedy_sampler(llama_cpp)
-    try:
+        self.llama_cpp, self.model_path, self.n_threads, self.n_batch = llama_cpp, model_path, n_threads, n_batch
+        self.n_prompt, self.n_decode = n_prompt, n_decode
+        t_load0 = time.perf_counter()
+        self.llm = Llama(model_path=model_path, n_ctx=512, n_threads=n_threads, n_threads_batch=n_threads,
+                         n_batch=n_batch, n_ubatch=n_batch, logits_all=False, use_mmap=True, verbose=False)
+        self.load_s = time.perf_counter() - t_load0
+        assert n_prompt + n_decode + 1 <= self.llm.n_ctx(), "context too small"
+        self.prompt = prompt_ids(seed, n_prompt, self.llm.n_vocab())
+        self.sampler = _greedy_sampler(llama_cpp)
         # warm-up (page in the mmap'd weights, build graphs, spin up threads)
-        run_one(llm, llama_cpp, sampler, prompt, warmup_decode)
+        run_one(self.llm, llama_cpp, self.sampler, self.prompt, warmup_decode)
+        self.prefill, self.decode, self.gens = [], [], []
 
-        prefill, decode, gens = [], [], []
-        for _ in range(repeats):
-            p, d, out = run_one(llm, llama_cpp, sampler, prompt, n_decode)
-            assert len(out) == n_decode + 1
-            prefill.append(p)
-            decode.append(d)
-            gens.append(out)
-    finally:
-        llama_cpp.llama_sampler_free(sampler)
+    def run(self) -> float:
+        p, d, out = run_one(self.llm, self.llama_cpp, self.sampler, self.prompt, self.n_decode)
+        assert len(out) == self.n_decode + 1
+        self.prefill.append(p)
+        self.decode.append(d)
+        self.gens.append(out)
+        return self.n_decode / d
 
-    decode_tps = [n_decode / d for d in decode]
-    prefill_tps = [n_prompt / p for p in prefill]
-    result = {
-        "engine": "llama.cpp",
-        "decode_tokens_per_s": round(statistics.median(decode_tps), 3),
-        "runs": [round(x, 3) for x in decode_tps],
-        "prefill_tokens_per_s": round(statistics.median(prefill_tps), 3),
-        "prefill_runs": [round(x, 3) for x in prefill_tps],
-        "gguf_bytes": os.path.getsize(model_path),
-        "n_threads": n_threads,
-        "n_batch": n_batch,
-        "n_prompt": n_prompt,
-        "n_decode": n_decode,
-        "load_s": round(load_s, 3),
-        "deterministic": all(g == gens[0] for g in gens),
-        "llama_cpp_python": llama_cpp.__version__,
-        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
-    }
-    del llm
-    return result
+    def result(self) -> dict:
+        decode_tps = [self.n_decode / d for d in self.decode]
+        prefill_tps = [self.n_prompt / p for p in self.prefill]
+        return {
+            "engine": "llama.cpp",
+            "decode_tokens_per_s": round(statistics.median(decode_tps), 3),
+            "runs": [round(x, 3) for x in decode_tps],
+            "prefill_tokens_per_s": round(statistics.median(prefill_tps), 3),
+            "prefill_runs": [round(x, 3) for x in prefill_tps],
+            "gguf_bytes": os.path.getsize(self.model_path),
+            "n_threads": self.n_threads,
+            "n_batch": self.n_batch,
+            "n_prompt": self.n_prompt,
+            "n_decode": self.n_decode,
+            "load_s": round(self.load_s, 3),
+            "deterministic": all(g == self.gens[0] for g in self.gens),
+            "llama_cpp_python": self.llama_cpp.__version__,
+            "system_info": self.llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        }
+
+    def close(self) -> None:
+        self.llama_cpp.llama_sampler_free(self.sampler)
+        del self.llm
 
 
 def prompt_ids(seed: int, n_prompt: int, n_vocab: int) -> list[int]:
@@ -136,33 +131,40 @@ def prompt_ids(seed: int, n_prompt: int, n_vocab: int) -> list[int]:
     return [int(x) for x in rng.integers(100, min(32000, n_vocab), size=n_prompt)]
 
 
-def bench_engine(model_dir, n_threads, n_prompt, n_decode, repeats, warmup_decode, seed):
+class EngineSide:
     """moe-engine, every expert in RAM, the checkpoint's own dtype, the same prompt and decode protocol."""
-    import torch
 
-    import moe_engine
-    torch.set_num_threads(n_threads)
-    eng = moe_engine.load(model_dir, device="cpu", progress=False)
-    ids = torch.tensor([prompt_ids(seed, n_prompt, eng.spec.vocab_size)])
+    def __init__(self, model_dir, n_threads, n_prompt, n_decode, warmup_decode, seed):
+        import torch
 
-    def timed(new):
+        import moe_engine
+        torch.set_num_threads(n_threads)
+        self.n_threads, self.n_prompt, self.n_decode = n_threads, n_prompt, n_decode
+        self.eng = moe_engine.load(model_dir, device="cpu", progress=False)
+        self.ids = torch.tensor([prompt_ids(seed, n_prompt, self.eng.spec.vocab_size)])
+        self._timed(warmup_decode + 1)
+        self.decode, self.gens = [], []
+
+    def _timed(self, new):
         t0 = time.perf_counter()
-        out = eng.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=[])
-        return time.perf_counter() - t0, out[0, n_prompt:].tolist()
+        out = self.eng.generate(self.ids, max_new_tokens=new, do_sample=False, eos_token_id=[])
+        return time.perf_counter() - t0, out[0, self.n_prompt:].tolist()
 
-    timed(warmup_decode + 1)
-    decode, gens = [], []
-    for _ in range(repeats):
-        t1, _ = timed(1)
-        tn, out = timed(n_decode + 1)
-        decode.append(n_decode / max(tn - t1, 1e-9))
-        gens.append(out)
-    result = {"engine": "moe-engine", "decode_tokens_per_s": round(statistics.median(decode), 3),
-              "runs": [round(x, 3) for x in decode], "n_threads": n_threads, "n_prompt": n_prompt,
-              "n_decode": n_decode, "dtype": str(eng.dtype).replace("torch.", ""),
-              "deterministic": all(g == gens[0] for g in gens)}
-    eng.close()
-    return result
+    def run(self) -> float:
+        t1, _ = self._timed(1)
+        tn, out = self._timed(self.n_decode + 1)
+        self.decode.append(self.n_decode / max(tn - t1, 1e-9))
+        self.gens.append(out)
+        return self.decode[-1]
+
+    def result(self) -> dict:
+        return {"engine": "moe-engine", "decode_tokens_per_s": round(statistics.median(self.decode), 3),
+                "runs": [round(x, 3) for x in self.decode], "n_threads": self.n_threads, "n_prompt": self.n_prompt,
+                "n_decode": self.n_decode, "dtype": str(self.eng.dtype).replace("torch.", ""),
+                "deterministic": all(g == self.gens[0] for g in self.gens)}
+
+    def close(self) -> None:
+        self.eng.close()
 
 
 def unavailable(model_path: str) -> str | None:
@@ -218,15 +220,20 @@ def main(argv=None):
                          f"the GGUF was converted from, or --no-engine to measure llama.cpp alone")
     rows = []
     for t in args.threads:
-        res = bench(args.model, t, args.n_batch, args.n_prompt, args.n_decode,
-                    args.repeats, args.warmup_decode, args.seed)
-        print(json.dumps(res), flush=True)
-        eng = None
-        if not args.no_engine:
-            eng = bench_engine(args.engine_model, t, args.n_prompt, args.n_decode, args.repeats,
-                               args.warmup_decode, args.seed)
-            print(json.dumps(eng), flush=True)
-        rows.append((res, eng))
+        lc = LlamaCppSide(args.model, t, args.n_batch, args.n_prompt, args.n_decode, args.warmup_decode, args.seed)
+        en = None if args.no_engine else EngineSide(args.engine_model, t, args.n_prompt, args.n_decode,
+                                                    args.warmup_decode, args.seed)
+        for _ in range(args.repeats):      # interleaved: the VM's memory bandwidth drifts between minutes
+            lc.run()
+            if en is not None:
+                en.run()
+        rows.append((lc.result(), en.result() if en else None))
+        lc.close()
+        if en is not None:
+            en.close()
+        for res in rows[-1]:
+            if res is not None:
+                print(json.dumps(res), flush=True)
     text = table(rows)
     print(text)
     compare = "; ".join(f"{lc['n_threads']} thread(s): engine / llama.cpp "
@@ -240,7 +247,7 @@ def main(argv=None):
                f"{lc['llama_cpp_python']}; moe-engine on {args.engine_model} "
                f"({rows[0][1]['dtype'] if rows[0][1] else 'not run'}). {args.n_prompt}-token random prompt "
                f"(seed {args.seed}), {args.n_decode} timed greedy decode steps, median of {args.repeats} runs, "
-               f"sides run one after the other per thread count. llama.cpp system info: {lc['system_info']}")
+               f"sides interleaved run by run in one process. llama.cpp system info: {lc['system_info']}")
     return 0
 
 
