@@ -181,13 +181,15 @@ def unavailable(model_path: str) -> str | None:
 
 
 def table(rows: list[tuple[dict, dict | None]]) -> str:
-    lines = ["| threads | llama.cpp decode tok/s (runs) | moe-engine decode tok/s (runs) | engine / llama.cpp |",
-             "|---|---|---|---|"]
+    lines = ["| threads | llama.cpp decode tok/s (runs) | moe-engine decode tok/s (runs) | engine / llama.cpp "
+             "(medians) | run-by-run ratios (median) |", "|---|---|---|---|---|"]
     for lc, en in rows:
         e_cell = f"{en['decode_tokens_per_s']:.1f} ({', '.join(f'{x:.1f}' for x in en['runs'])})" if en else "not run"
         ratio = f"**{en['decode_tokens_per_s'] / lc['decode_tokens_per_s']:.2f}x**" if en else ""
+        paired = [e / c for e, c in zip(en["runs"], lc["runs"])] if en else []
+        pairs = f"{', '.join(f'{r:.2f}' for r in paired)} ({statistics.median(paired):.2f}x)" if paired else ""
         lines.append(f"| {lc['n_threads']} | {lc['decode_tokens_per_s']:.1f} "
-                     f"({', '.join(f'{x:.1f}' for x in lc['runs'])}) | {e_cell} | {ratio} |")
+                     f"({', '.join(f'{x:.1f}' for x in lc['runs'])}) | {e_cell} | {ratio} | {pairs} |")
     return "\n".join(lines)
 
 

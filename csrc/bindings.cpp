@@ -142,14 +142,19 @@ void bind_decode(py::module_& m) {
   m.def(
       "rope_qkv_bf16",
       [](uintptr_t qkv, uintptr_t cos, uintptr_t sin, int64_t b, int64_t h, int64_t hkv, int64_t dh, int64_t rot,
-         uintptr_t q, uintptr_t k, uintptr_t v) {
+         uintptr_t q, uintptr_t k, std::vector<int64_t> k_strides, uintptr_t v, std::vector<int64_t> v_strides) {
+        MOE_CHECK(k_strides.size() == 2 && v_strides.size() == 2,
+                  "rope_qkv_bf16: k_strides and v_strides are (batch, head) element strides");
         py::gil_scoped_release release;
         moe::rope_qkv_bf16(ptr<const uint16_t>(qkv), ptr<const uint16_t>(cos), ptr<const uint16_t>(sin), b, h, hkv,
-                           dh, rot, ptr<uint16_t>(q), ptr<uint16_t>(k), ptr<uint16_t>(v));
+                           dh, rot, ptr<uint16_t>(q), ptr<uint16_t>(k), k_strides[0], k_strides[1], ptr<uint16_t>(v),
+                           v_strides[0], v_strides[1]);
       },
       py::arg("qkv_ptr"), py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("b"), py::arg("h"), py::arg("hkv"),
-      py::arg("dh"), py::arg("rot"), py::arg("q_ptr"), py::arg("k_ptr"), py::arg("v_ptr"),
-      "qkv [b, (h + 2 hkv) dh] bf16 -> rotary q [b, h, dh], k [b, hkv, dh] and v [b, hkv, dh] (cos, sin [b, rot]).");
+      py::arg("dh"), py::arg("rot"), py::arg("q_ptr"), py::arg("k_ptr"), py::arg("k_strides"), py::arg("v_ptr"),
+      py::arg("v_strides"),
+      "qkv [b, (h + 2 hkv) dh] bf16 -> rotary q [b, h, dh] (contiguous), rotary k and v [b, hkv, dh] at the given "
+      "(batch, head) element strides (cos, sin [b, rot]).");
   m.def(
       "attend_decode_bf16",
       [](uintptr_t q, uintptr_t k, uintptr_t v, std::vector<int64_t> k_strides, std::vector<int64_t> v_strides,

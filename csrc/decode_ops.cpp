@@ -189,7 +189,8 @@ void route_softmax_topk(const uint16_t* logits, int64_t n, int64_t e, int64_t k,
 }
 
 void rope_qkv_bf16(const uint16_t* qkv, const uint16_t* cos, const uint16_t* sin, int64_t b, int64_t h,
-                   int64_t hkv, int64_t dh, int64_t rot, uint16_t* q, uint16_t* k, uint16_t* v) {
+                   int64_t hkv, int64_t dh, int64_t rot, uint16_t* q, uint16_t* k, int64_t k_sb, int64_t k_sh,
+                   uint16_t* v, int64_t v_sb, int64_t v_sh) {
   MOE_CHECK(b >= 0 && h >= 1 && hkv >= 1 && dh >= 1 && rot >= 2 && rot % 2 == 0 && rot <= dh,
             "rope_qkv_bf16: need b >= 0, h, hkv, dh >= 1 and an even rot in [2, dh]; got b="
                 << b << " h=" << h << " hkv=" << hkv << " dh=" << dh << " rot=" << rot);
@@ -197,9 +198,10 @@ void rope_qkv_bf16(const uint16_t* qkv, const uint16_t* cos, const uint16_t* sin
   for (int64_t r = 0; r < b; ++r) {
     const uint16_t* row = qkv + r * width;
     for (int64_t i = 0; i < h; ++i) rotate_head(row + i * dh, cos + r * rot, sin + r * rot, dh, rot, q + (r * h + i) * dh);
-    for (int64_t i = 0; i < hkv; ++i)
-      rotate_head(row + (h + i) * dh, cos + r * rot, sin + r * rot, dh, rot, k + (r * hkv + i) * dh);
-    std::memcpy(v + r * hkv * dh, row + (h + hkv) * dh, size_t(hkv * dh) * 2);
+    for (int64_t i = 0; i < hkv; ++i) {
+      rotate_head(row + (h + i) * dh, cos + r * rot, sin + r * rot, dh, rot, k + r * k_sb + i * k_sh);
+      std::memcpy(v + r * v_sb + i * v_sh, row + (h + hkv + i) * dh, size_t(dh) * 2);
+    }
   }
 }
 

@@ -28,9 +28,11 @@ void route_softmax_topk(const uint16_t* logits, int64_t n, int64_t e, int64_t k,
                         int64_t* ids);
 
 // qkv [b, (h + 2 hkv) * dh] (q heads, then k heads, then v heads); cos, sin [b, rot] bf16 ->
-// q [b, h, dh], k [b, hkv, dh], v [b, hkv, dh] (contiguous).
+// q [b, h, dh] (contiguous); k and v head g of row r at k + r * k_sb + g * k_sh (likewise v): e.g. a KV cache's
+// new slot, written in place.
 void rope_qkv_bf16(const uint16_t* qkv, const uint16_t* cos, const uint16_t* sin, int64_t b, int64_t h,
-                   int64_t hkv, int64_t dh, int64_t rot, uint16_t* q, uint16_t* k, uint16_t* v);
+                   int64_t hkv, int64_t dh, int64_t rot, uint16_t* q, uint16_t* k, int64_t k_sb, int64_t k_sh,
+                   uint16_t* v, int64_t v_sb, int64_t v_sh);
 
 struct AttendArgs {
   const uint16_t* q = nullptr;                  // [b, h, dh] contiguous

@@ -81,6 +81,22 @@ def test_rope_qkv_is_bit_exact(b, h, hkv, dh, rot):
         assert a.shape == r.shape and torch.equal(a, r)
 
 
+@needs_c
+def test_rope_qkv_writes_k_and_v_into_cache_slots():
+    b, h, hkv, dh = 2, 8, 2, 32
+    g = _g(5)
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * dh, generator=g).to(BF)
+    ang = torch.rand(b, 1, dh // 2, generator=g)
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(BF), torch.cat([ang.sin()] * 2, -1).to(BF)
+    cache_k, cache_v = torch.zeros(b, hkv, 10, dh, dtype=BF), torch.zeros(b, hkv, 10, dh, dtype=BF)
+    q, k, v = decode.rope_qkv(qkv, cos, sin, h, hkv, dh, cache_k[:, :, 6:7], cache_v[:, :, 6:7], backend="c")
+    q_ref, k_ref, v_ref = decode.rope_qkv_reference(qkv, cos, sin, h, hkv, dh)
+    assert torch.equal(q, q_ref) and torch.equal(cache_k[:, :, 6:7], k_ref) and torch.equal(cache_v[:, :, 6:7], v_ref)
+    assert cache_k[:, :, :6].abs().sum() == 0 and cache_v[:, :, 7:].abs().sum() == 0     # nothing else written
+    with pytest.raises(ConfigError, match="both be given"):
+        decode.rope_qkv(qkv, cos, sin, h, hkv, dh, cache_k[:, :, 6:7], None)
+
+
 def test_rope_twin_matches_the_models_rotary():
     from moe_engine.model.rope import apply_rotary
     b, h, hkv, dh, rot = 2, 4, 2, 32, 16

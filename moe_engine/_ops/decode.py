@@ -154,9 +154,16 @@ def _route_c(logits: torch.Tensor, k: int, normalize: bool):
     return weights, ids
 
 
-def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, h: int, hkv: int, dh: int, *,
-             backend: str = "auto"):
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, h: int, hkv: int, dh: int,
+             k_out: torch.Tensor | None = None, v_out: torch.Tensor | None = None, *, backend: str = "auto"):
+    """With k_out and v_out ([B, Hkv, 1, Dh] views, e.g. a KV cache's new slot) k and v are written there and
+    returned as those views."""
     b, t, width = qkv.shape
+    if (k_out is None) != (v_out is None) or (k_out is not None and (
+            k_out.shape != (b, hkv, 1, dh) or v_out.shape != k_out.shape or k_out.dtype != qkv.dtype
+            or v_out.dtype != qkv.dtype or k_out.stride(3) != 1 or v_out.stride(3) != 1)):
+        raise ConfigError(f"rope_qkv: k_out and v_out must both be given or neither, as [B, Hkv, 1, Dh] = "
+                          f"{(b, hkv, 1, dh)} {qkv.dtype} views with contiguous head dims")
     rot = cos.shape[-1]
     if width != (h + 2 * hkv) * dh or cos.shape != (b, t, rot) or sin.shape != cos.shape or rot % 2 or rot > dh:
         raise ConfigError(f"rope_qkv: qkv {tuple(qkv.shape)} must be [B, T, (h + 2 hkv) dh] = [.., .., "
@@ -166,18 +173,23 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, h: int, hk
         if backend == "c":
             raise ConfigError("rope_qkv: backend='c' takes one bf16 CPU token per row (T == 1), got "
                               f"T={t}, qkv {qkv.dtype} on {qkv.device}, cos {cos.dtype}")
-        return rope_qkv_reference(qkv, cos, sin, h, hkv, dh)
-    return _rope_qkv_c(qkv, cos, sin, h, hkv, dh)
+        q, k, v = rope_qkv_reference(qkv, cos, sin, h, hkv, dh)
+        if k_out is None:
+            return q, k, v
+        k_out.copy_(k)
+        v_out.copy_(v)
+        return q, k_out, v_out
+    return _rope_qkv_c(qkv, cos, sin, h, hkv, dh, k_out, v_out)
 
 
-def _rope_qkv_c(qkv, cos, sin, h: int, hkv: int, dh: int):
+def _rope_qkv_c(qkv, cos, sin, h: int, hkv: int, dh: int, k_out=None, v_out=None):
     b = qkv.shape[0]
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     q = torch.empty(b, h, 1, dh, dtype=qkv.dtype)
-    k = torch.empty(b, hkv, 1, dh, dtype=qkv.dtype)
-    v = torch.empty(b, hkv, 1, dh, dtype=qkv.dtype)
-    _C.rope_qkv_bf16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), b, h, hkv, dh, cos.shape[-1],
-                     q.data_ptr(), k.data_ptr(), v.data_ptr())
+    k = torch.empty(b, hkv, 1, dh, dtype=qkv.dtype) if k_out is None else k_out
+    v = torch.empty(b, hkv, 1, dh, dtype=qkv.dtype) if v_out is None else v_out
+    _C.rope_qkv_bf16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), b, h, hkv, dh, cos.shape[-1], q.data_ptr(),
+                     k.data_ptr(), [k.stride(0), k.stride(1)], v.data_ptr(), [v.stride(0), v.stride(1)])
     return q, k, v
 
 

@@ -105,8 +105,13 @@ class Attention(nn.Module):
         """One token per row through the decode ops (the same math as forward's torch path)."""
         ops = self.ops
         qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)                 # [B, 1, (H + 2 Hkv) Dh]
-        q, k, v = ops.rope_qkv(qkv, cos, sin, self.h, self.hkv, self.dh)     # [B, H|Hkv, 1, Dh]
-        k, v = kv_cache.update(self.layer, k, v)                            # [B, Hkv, S, Dh]
+        slots = getattr(kv_cache, "slots", None)
+        if slots is not None:     # rotated k and v written straight into the cache's new slot
+            k_new, v_new, k, v = slots(self.layer, 1)                       # [B, Hkv, 1, Dh], [B, Hkv, S, Dh]
+            q = ops.rope_qkv(qkv, cos, sin, self.h, self.hkv, self.dh, k_new, v_new)[0]
+        else:
+            q, k, v = ops.rope_qkv(qkv, cos, sin, self.h, self.hkv, self.dh)     # [B, H|Hkv, 1, Dh]
+            k, v = kv_cache.update(self.layer, k, v)                        # [B, Hkv, S, Dh]
         return self.o_proj(ops.attend(q, k, v, mask, self.scale, self.sinks))
 
 

@@ -93,9 +93,15 @@ class MoeBlock(nn.Module):
         return select_experts(logits, spec, self.correction_bias)
 
     def _routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        counts = torch.bincount(ids.flatten(), minlength=self.spec.num_experts).tolist()
-        used = [e for e, c in enumerate(counts) if c]
-        plan = self.provider.prepare(self.layer, used, [counts[e] for e in used])   # [(expert, on_host)]
+        if ids.numel() <= 64:        # a few tokens (decode): counting in Python beats a bincount
+            flat = ids.flatten().tolist()
+            used = sorted(set(flat))
+            counts = [flat.count(e) for e in used]
+        else:
+            counts = torch.bincount(ids.flatten(), minlength=self.spec.num_experts).tolist()
+            used = [e for e, c in enumerate(counts) if c]
+            counts = [counts[e] for e in used]
+        plan = self.provider.prepare(self.layer, used, counts)        # [(expert, on_host)]
         get = functools.partial(self.provider.get, self.layer)
         if self._fusable(x, plan):
             return self._routed_fused(x, weights, ids, [e for e, _ in plan], get)

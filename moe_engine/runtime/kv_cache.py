@@ -48,10 +48,17 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k [B, Hkv, T, Dk], v [B, Hkv, T, Dv] at the current step's slots; return [B, Hkv, S, D*] views."""
-        end = self.start + k.shape[2]
-        self.k[layer][:, :, self.start:end] = k
-        self.v[layer][:, :, self.start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        k_new, v_new, k_all, v_all = self.slots(layer, k.shape[2])
+        k_new.copy_(k)
+        v_new.copy_(v)
+        return k_all, v_all
+
+    def slots(self, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of this step's t slots ([B, Hkv, t, D*], for a caller that writes them in place) and of every slot
+        so far including them ([B, Hkv, S, D*]), as update() would return."""
+        end = self.start + t
+        k, v = self.k[layer], self.v[layer]
+        return k[:, :, self.start:end], v[:, :, self.start:end], k[:, :, :end], v[:, :, :end]
 
     def _grow(self, capacity: int) -> None:
         def grown(buf: torch.Tensor) -> torch.Tensor:
