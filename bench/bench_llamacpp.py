@@ -243,13 +243,15 @@ def main(argv=None):
                         for lc, en in rows if en) or "moe-engine not run (--no-engine)"
     print(compare)
     if wants_record(args):
+        import torch
+        torch.set_num_threads(args.threads[0])   # the Machine line names one count; each row says its own
         lc = rows[0][0]
         record(title, text, compare,
                f"GGUF {args.model} ({lc['gguf_bytes'] / 1e9:.2f} GB), llama.cpp via llama-cpp-python "
                f"{lc['llama_cpp_python']}; moe-engine on {args.engine_model} "
                f"({rows[0][1]['dtype'] if rows[0][1] else 'not run'}). {args.n_prompt}-token random prompt "
                f"(seed {args.seed}), {args.n_decode} timed greedy decode steps, median of {args.repeats} runs, "
-               f"sides interleaved run by run in one process. llama.cpp system info: {lc['system_info']}")
+               f"sides interleaved run by run in one process, both with the row's thread count. llama.cpp system info: {lc['system_info']}")
     return 0
 
 
