@@ -210,6 +210,7 @@ void attend_decode_bf16(const AttendArgs& a, int num_threads) {
             "attend_decode_bf16: need h a multiple of hkv, s >= 1, dh >= 1; got b="
                 << a.b << " h=" << a.h << " hkv=" << a.hkv << " s=" << a.s << " dh=" << a.dh);
   MOE_CHECK(num_threads >= 1, "attend_decode_bf16: num_threads must be >= 1, got " << num_threads);
+  if (a.b == 0) return;
   const int64_t heads = a.b * a.h;
   const int64_t work = heads * a.s * a.dh;
   const int threads = int(std::clamp<int64_t>(work / kMinAttendWork, 1, std::min<int64_t>(num_threads, heads)));

@@ -70,13 +70,15 @@ def test_route_breaks_ties_by_lower_id():
 # ------------------------------------------------------------------------------------------- attention
 
 @needs_c
-@pytest.mark.parametrize("b,h,hkv,dh,rot", [(1, 4, 4, 16, 16), (2, 8, 2, 64, 64), (3, 6, 3, 32, 16), (1, 16, 4, 128, 64)])
+@pytest.mark.parametrize("b,h,hkv,dh,rot",
+                         [(1, 4, 4, 16, 16), (2, 8, 2, 64, 64), (3, 6, 3, 32, 16), (1, 16, 4, 128, 64)])
 def test_rope_qkv_is_bit_exact(b, h, hkv, dh, rot):
     g = _g(dh)
     qkv = torch.randn(b, 1, (h + 2 * hkv) * dh, generator=g).to(BF)
     ang = torch.rand(b, 1, rot // 2, generator=g) * 6
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(BF), torch.cat([ang.sin()] * 2, -1).to(BF)
-    got, ref = decode.rope_qkv(qkv, cos, sin, h, hkv, dh, backend="c"), decode.rope_qkv_reference(qkv, cos, sin, h, hkv, dh)
+    got = decode.rope_qkv(qkv, cos, sin, h, hkv, dh, backend="c")
+    ref = decode.rope_qkv_reference(qkv, cos, sin, h, hkv, dh)
     for a, r in zip(got, ref):
         assert a.shape == r.shape and torch.equal(a, r)
 

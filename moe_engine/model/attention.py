@@ -88,7 +88,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache,
                 mask: torch.Tensor) -> torch.Tensor:
         """x [B, T, D]; cos/sin [B, T, rot]; mask [B, 1, T, S] bool (True = attend) -> [B, T, D]."""
-        if self.qkv_weight is not None and x.shape[1] == 1 and self.q_proj.weight.data_ptr() == self.qkv_weight.data_ptr():
+        fused = self.qkv_weight is not None and self.q_proj.weight.data_ptr() == self.qkv_weight.data_ptr()
+        if fused and x.shape[1] == 1:     # (a module moved after set_decode_ops no longer views qkv_weight)
             return self._decode(x, cos, sin, kv_cache, mask)
         q, k, v = self._qkv(x)
         q, k = apply_rotary(q, k, cos, sin)
@@ -99,7 +100,6 @@ class Attention(nn.Module):
                                            enable_gqa=self.h != self.hkv)  # [B, H, T, Dh]
         b, _, t, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.dh))
-
 
     def _decode(self, x, cos, sin, kv_cache, mask) -> torch.Tensor:
         """One token per row through the decode ops (the same math as forward's torch path)."""

@@ -108,7 +108,8 @@ class MoeBlock(nn.Module):
         return self._routed_loop(x, weights, ids, plan, get)
 
     def _fusable(self, x: torch.Tensor, plan) -> bool:
-        """The decode ops take this layer's experts: plain SwiGLU bf16 experts on the CPU, few tokens, none on the host."""
+        """The decode ops take this layer's experts: plain SwiGLU bf16 experts on the CPU, few tokens, none on
+        the host."""
         return (self.ops is not None and x.shape[0] <= self.ops.max_expert_tokens and self.expert_layouts is None
                 and not self.layout.bias and self.act in ("silu", "swish") and x.dtype == torch.bfloat16
                 and x.is_cpu and not any(on_host for _, on_host in plan))
