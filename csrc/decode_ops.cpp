@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "bf16.h"
 #include "bf16_gemv.h"
 #include "common.h"
 #include "thread_pool.h"
@@ -26,20 +27,9 @@ namespace {
 constexpr int kLanes = 16;                    // independent float accumulators of a reduction
 constexpr int64_t kMinAttendWork = 1 << 16;   // multiply-adds worth a second thread in attention
 
-inline float bf(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// Round to nearest even, NaN kept quiet (as c10::BFloat16).
-inline uint16_t to_bf(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+// Short names: the loops below convert on almost every term.
+inline float bf(uint16_t h) { return bf16_to_float(h); }
+inline uint16_t to_bf(float f) { return float_to_bf16(f); }
 
 // exp(x) within ~2 ulp for float32 (Cody-Waite reduction by ln 2, degree-6 polynomial), vectorizable: no calls,
 // no branches. Inputs are clamped to [-87.3, 88.7] (results stay normal and finite).
