@@ -105,7 +105,7 @@ class MoeBlock(nn.Module):
         get = functools.partial(self.provider.get, self.layer)
         if self._fusable(x, plan):
             return self._routed_fused(x, weights, ids, [e for e, _ in plan], get)
-        return self._routed_loop(x, weights, ids, plan, get)
+        return self._routed_loop(x, weights, ids, plan, get, dict(zip(used, counts)))
 
     def _fusable(self, x: torch.Tensor, plan) -> bool:
         """The decode ops take this layer's experts: plain SwiGLU bf16 experts on the CPU, few tokens, none on
@@ -136,20 +136,20 @@ class MoeBlock(nn.Module):
                 acc.index_add_(0, tok, y.float() * weights[tok, slot, None])
         return acc.to(x.dtype)
 
-    def _routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, plan, get) -> torch.Tensor:
+    def _routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, plan, get,
+                     counts: dict[int, int]) -> torch.Tensor:
+        """counts: tokens per used expert (as _routed counted them for prepare)."""
         n, k = ids.shape
-        flat = ids.flatten()                                           # [N*K]
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
+        order = ids.flatten().argsort(stable=True)                     # [N*K] slots sorted by expert id
+        starts, start = {}, 0
+        for e in sorted(counts):
+            starts[e], start = start, start + counts[e]
         token_of = order // k                                          # token index of each sorted slot
         weight_of = weights.flatten()[order]                           # [N*K] float32
         x_host = x.cpu() if any(on_host for _, on_host in plan) else None   # before device work is queued
         out = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
         for e, on_host in sorted(plan, key=lambda p: p[1]):           # device experts first, host ones overlap
-            sel = slice(starts[e], starts[e + 1])
+            sel = slice(starts[e], starts[e] + counts[e])
             tok = token_of[sel]
             packed = get(e)
             xe = x_host[tok.cpu()] if on_host else x[tok]
