@@ -56,3 +56,20 @@ def test_issue_evicts_only_when_it_pays_and_scores_fresh_guesses():
     table.place(1, 2, 3)
     gate.issue(0, {1: _scores(0, 7)}, table, 3, lambda t: set(), submit)
     assert issued == [(1, 7, None, 1)]                   # full again and gated: nothing more
+
+
+def test_an_untried_predictor_earns_evicting_prefetches():
+    """Precision starts below the gate: no eviction until enough scored guesses were right."""
+    gate, issued = PrefetchGate(2, top_k=2), []
+    submit = lambda target, e, placed, d: issued.append((target, e))   # noqa: E731
+    table = _full_table()
+    gate.issue(0, {1: _scores(0, 5)}, table, 1, lambda t: set(), submit)
+    assert issued == []                                  # a full layer, nothing scored yet: gated
+    rounds = 0
+    while gate.precision[1] < MIN_PRECISION:             # the guess {5} comes true each step
+        gate.score(1, [0, 5])
+        rounds += 1
+        gate.new_step()
+        gate.issue(0, {1: _scores(0, 5)}, table, 1 + rounds, lambda t: set(), submit)
+    assert issued == [(1, 5)]                            # the first step after the gate opened
+    assert rounds == 2                                   # PRIOR_PRECISION 0.65 -> 0.685 -> 0.717
