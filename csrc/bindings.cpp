@@ -162,12 +162,18 @@ void bind_decode(py::module_& m) {
          float scale, uintptr_t out, int num_threads) {
         MOE_CHECK(k_strides.size() == 3 && v_strides.size() == 3,
                   "attend_decode_bf16: k_strides and v_strides are (batch, head, slot) element strides");
+        MOE_CHECK(b >= 0 && s >= 1, "attend_decode_bf16: need b >= 0 and s >= 1, got b=" << b << " s=" << s);
         moe::AttendArgs a;
-        a.q = ptr<const uint16_t>(q), a.k = ptr<const uint16_t>(k), a.v = ptr<const uint16_t>(v);
-        a.k_sb = k_strides[0], a.k_sh = k_strides[1], a.k_ss = k_strides[2];
-        a.v_sb = v_strides[0], a.v_sh = v_strides[1], a.v_ss = v_strides[2];
-        a.mask = ptr<const bool>(mask), a.mask_sb = mask_sb, a.sinks = ptr<const float>(sinks);
-        a.b = b, a.h = h, a.hkv = hkv, a.s = s, a.dh = dh, a.scale = scale, a.out = ptr<uint16_t>(out);
+        for (int64_t i = 0; i < b; ++i) {
+          moe::AttendRow r;
+          r.k = ptr<const uint16_t>(k) + i * k_strides[0], r.v = ptr<const uint16_t>(v) + i * v_strides[0];
+          r.k_sh = k_strides[1], r.v_sh = v_strides[1];
+          r.mask = ptr<const bool>(mask) + i * mask_sb, r.s = s;
+          a.rows.push_back(r);
+        }
+        a.q = ptr<const uint16_t>(q), a.k_ss = k_strides[2], a.v_ss = v_strides[2];
+        a.sinks = ptr<const float>(sinks);
+        a.h = h, a.hkv = hkv, a.dh = dh, a.scale = scale, a.out = ptr<uint16_t>(out);
         py::gil_scoped_release release;
         moe::attend_decode_bf16(a, num_threads);
       },
@@ -176,6 +182,27 @@ void bind_decode(py::module_& m) {
       py::arg("s"), py::arg("dh"), py::arg("scale"), py::arg("out_ptr"), py::arg("num_threads") = 1,
       "One bf16 query per row and head against s cached keys/values (GQA, bool mask [b, s], float32 sinks [h] or 0) "
       "-> out [b, h * dh].");
+  m.def(
+      "attend_rows_bf16",
+      [](uintptr_t q, std::vector<std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t>> rows,
+         int64_t k_ss, int64_t v_ss, uintptr_t sinks, int64_t h, int64_t hkv, int64_t dh, float scale, uintptr_t out,
+         int num_threads) {
+        moe::AttendArgs a;
+        for (const auto& [k, k_sh, v, v_sh, mask, s] : rows) {
+          moe::AttendRow r;
+          r.k = ptr<const uint16_t>(k), r.k_sh = k_sh, r.v = ptr<const uint16_t>(v), r.v_sh = v_sh;
+          r.mask = ptr<const bool>(mask), r.s = s;
+          a.rows.push_back(r);
+        }
+        a.q = ptr<const uint16_t>(q), a.k_ss = k_ss, a.v_ss = v_ss, a.sinks = ptr<const float>(sinks);
+        a.h = h, a.hkv = hkv, a.dh = dh, a.scale = scale, a.out = ptr<uint16_t>(out);
+        py::gil_scoped_release release;
+        moe::attend_decode_bf16(a, num_threads);
+      },
+      py::arg("q_ptr"), py::arg("rows"), py::arg("k_ss"), py::arg("v_ss"), py::arg("sinks_ptr"), py::arg("h"),
+      py::arg("hkv"), py::arg("dh"), py::arg("scale"), py::arg("out_ptr"), py::arg("num_threads") = 1,
+      "attend_decode_bf16 with each row's keys and values in its own buffer: rows = [(k_ptr, k_head_stride, v_ptr, "
+      "v_head_stride, mask_ptr, s)], slot strides k_ss and v_ss shared.");
   m.def(
       "moe_experts_bf16",
       [](uintptr_t x, uintptr_t ids, uintptr_t weights, int64_t n, int64_t k, int64_t d, int64_t inter,

@@ -107,21 +107,21 @@ void rotate_head(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, in
 
 // Attention of query head `qh` of row `row` (see AttendArgs); scores/out are scratch of s and dh floats.
 void attend_head(const AttendArgs& a, int64_t row, int64_t qh, float* scores, float* qf, float* acc) {
+  const AttendRow& r = a.rows[size_t(row)];
   const int64_t g = qh / (a.h / a.hkv);
   const uint16_t* q = a.q + (row * a.h + qh) * a.dh;
   for (int64_t i = 0; i < a.dh; ++i) qf[i] = bf(q[i]);
-  const bool* mask = a.mask + row * a.mask_sb;
-  const uint16_t* k = a.k + row * a.k_sb + g * a.k_sh;
+  const uint16_t* k = r.k + g * r.k_sh;
   float m = a.sinks ? a.sinks[qh] : -INFINITY;
-  for (int64_t s = 0; s < a.s; ++s) {
-    scores[s] = mask[s] ? dot_f32_bf16(qf, k + s * a.k_ss, a.dh) * a.scale : -INFINITY;
+  for (int64_t s = 0; s < r.s; ++s) {
+    scores[s] = r.mask[s] ? dot_f32_bf16(qf, k + s * a.k_ss, a.dh) * a.scale : -INFINITY;
     m = std::max(m, scores[s]);
   }
   float total = a.sinks ? std::exp(a.sinks[qh] - m) : 0.0f;
   std::fill(acc, acc + a.dh, 0.0f);
-  const uint16_t* v = a.v + row * a.v_sb + g * a.v_sh;
-  for (int64_t s = 0; s < a.s; ++s) {
-    if (!mask[s]) continue;
+  const uint16_t* v = r.v + g * r.v_sh;
+  for (int64_t s = 0; s < r.s; ++s) {
+    if (!r.mask[s]) continue;
     const float p = std::exp(scores[s] - m);
     total += p;
     axpy_bf16(p, v + s * a.v_ss, a.dh, acc);
@@ -196,19 +196,28 @@ void rope_qkv_bf16(const uint16_t* qkv, const uint16_t* cos, const uint16_t* sin
 }
 
 void attend_decode_bf16(const AttendArgs& a, int num_threads) {
-  MOE_CHECK(a.b >= 0 && a.h >= 1 && a.hkv >= 1 && a.h % a.hkv == 0 && a.s >= 1 && a.dh >= 1,
-            "attend_decode_bf16: need h a multiple of hkv, s >= 1, dh >= 1; got b="
-                << a.b << " h=" << a.h << " hkv=" << a.hkv << " s=" << a.s << " dh=" << a.dh);
+  MOE_CHECK(a.h >= 1 && a.hkv >= 1 && a.h % a.hkv == 0 && a.dh >= 1,
+            "attend_decode_bf16: need h a multiple of hkv and dh >= 1; got h=" << a.h << " hkv=" << a.hkv
+                                                                             << " dh=" << a.dh);
   MOE_CHECK(num_threads >= 1, "attend_decode_bf16: num_threads must be >= 1, got " << num_threads);
-  if (a.b == 0) return;
-  const int64_t heads = a.b * a.h;
-  const int64_t work = heads * a.s * a.dh;
+  const int64_t b = int64_t(a.rows.size());
+  int64_t keys = 0, longest = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    const AttendRow& r = a.rows[size_t(i)];
+    MOE_CHECK(r.s >= 1 && r.k && r.v && r.mask, "attend_decode_bf16: row " << i << " has s=" << r.s
+                                                                            << " keys or a null pointer");
+    keys += r.s, longest = std::max(longest, r.s);
+  }
+  if (b == 0) return;
+  const int64_t heads = b * a.h;
+  const int64_t work = keys * a.h * a.dh;
   const int threads = int(std::clamp<int64_t>(work / kMinAttendWork, 1, std::min<int64_t>(num_threads, heads)));
   std::atomic<int64_t> next{0};
   pool().run(threads, [&](int) {
-    std::vector<float> scratch(size_t(a.s + 2 * a.dh));
+    std::vector<float> scratch(size_t(longest + 2 * a.dh));
     for (int64_t i = next.fetch_add(1); i < heads; i = next.fetch_add(1))
-      attend_head(a, i / a.h, i % a.h, scratch.data(), scratch.data() + a.s, scratch.data() + a.s + a.dh);
+      attend_head(a, i / a.h, i % a.h, scratch.data(), scratch.data() + longest,
+                  scratch.data() + longest + a.dh);
   });
 }
 

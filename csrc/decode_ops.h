@@ -34,20 +34,25 @@ void rope_qkv_bf16(const uint16_t* qkv, const uint16_t* cos, const uint16_t* sin
                    int64_t hkv, int64_t dh, int64_t rot, uint16_t* q, uint16_t* k, int64_t k_sb, int64_t k_sh,
                    uint16_t* v, int64_t v_sb, int64_t v_sh);
 
+struct AttendRow {                              // one sequence's cached keys/values and mask
+  const uint16_t* k = nullptr;                  // element (g, s, i) at k[g*k_sh + s*k_ss + i] (k_ss: AttendArgs)
+  const uint16_t* v = nullptr;                  // likewise with v_sh, v_ss
+  int64_t k_sh = 0, v_sh = 0;
+  const bool* mask = nullptr;                   // [s]: true = attend
+  int64_t s = 0;                                // keys of this row (rows may differ: each sequence's own cache)
+};
+
 struct AttendArgs {
-  const uint16_t* q = nullptr;                  // [b, h, dh] contiguous
-  const uint16_t* k = nullptr;                  // element (b, g, s, i) at k[b*k_sb + g*k_sh + s*k_ss + i]
-  const uint16_t* v = nullptr;                  // likewise with the v strides
-  int64_t k_sb = 0, k_sh = 0, k_ss = 0, v_sb = 0, v_sh = 0, v_ss = 0;
-  const bool* mask = nullptr;                   // [b, s], row stride mask_sb: true = attend
-  int64_t mask_sb = 0;
+  const uint16_t* q = nullptr;                  // [b, h, dh] contiguous, b = rows.size()
+  std::vector<AttendRow> rows;
+  int64_t k_ss = 0, v_ss = 0;                   // slot strides, shared by every row
   const float* sinks = nullptr;                 // [h] sink logits, or null
-  int64_t b = 0, h = 0, hkv = 0, s = 0, dh = 0;
+  int64_t h = 0, hkv = 0, dh = 0;
   float scale = 1.0f;
   uint16_t* out = nullptr;                      // [b, h * dh]
 };
 
-// Throws std::invalid_argument on bad sizes (h not a multiple of hkv, s < 1, ...).
+// Throws std::invalid_argument on bad sizes (h not a multiple of hkv, a row with s < 1, ...).
 void attend_decode_bf16(const AttendArgs& a, int num_threads);
 
 struct MoeArgs {

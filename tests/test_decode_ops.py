@@ -142,6 +142,57 @@ def test_attend_twin_matches_sdpa():
     assert torch.allclose(got, ref.transpose(1, 2).reshape(2, 1, -1), atol=1e-5)
 
 
+def _ragged_inputs(lengths, h, hkv, dh, seed=0):
+    """One query per row; each row's keys/values in a cache of its own capacity (strided views), masks [S_i]."""
+    g = _g(seed)
+    q = torch.randn(len(lengths), h, 1, dh, generator=g).to(BF)
+    ks, vs, ms = [], [], []
+    for n in lengths:
+        cap = n + int(torch.randint(0, 7, (1,), generator=g))
+        ks.append(torch.randn(hkv, cap, dh, generator=g).to(BF)[:, :n])
+        vs.append(torch.randn(hkv, cap, dh, generator=g).to(BF)[:, :n])
+        m = torch.rand(n, generator=g) < 0.8
+        m[-1] = True
+        ms.append(m)
+    return q, ks, vs, ms
+
+
+@needs_c
+@pytest.mark.parametrize("lengths,h,hkv,dh", [([1], 4, 4, 16), ([37, 1, 5], 16, 4, 64), ([130, 129], 8, 2, 64),
+                                              ([9, 600, 3, 40], 4, 1, 128), ([1025, 2], 2, 2, 32)])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_attend_rows_matches_twin(lengths, h, hkv, dh, sinks):
+    q, ks, vs, ms = _ragged_inputs(lengths, h, hkv, dh, seed=len(lengths))
+    sink = torch.randn(h, generator=_g(4)) if sinks else None
+    got = decode.attend_rows(q, ks, vs, ms, dh ** -0.5, sink, backend="c")
+    ref = decode.attend_rows_reference(q, ks, vs, ms, dh ** -0.5, sink)
+    assert got.shape == (len(lengths), 1, h * dh) and _within_ulp(got, ref, extra=1e-5)
+
+
+@needs_c
+def test_attend_rows_equals_attend_on_a_padded_batch():
+    """The ragged op on each row's own cache gives bit for bit what attend gives on those rows right-aligned in one
+    padded tensor (the gather the serving loop no longer makes): masked slots take no part in either."""
+    lengths, h, hkv, dh = [7, 1, 20], 8, 2, 32
+    q, ks, vs, ms = _ragged_inputs(lengths, h, hkv, dh, seed=5)
+    s = max(lengths)
+    k = torch.zeros(len(lengths), hkv, s, dh, dtype=BF)
+    v, mask = torch.zeros_like(k), torch.zeros(len(lengths), 1, 1, s, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        k[i, :, s - n:], v[i, :, s - n:], mask[i, 0, 0, s - n:] = ks[i], vs[i], ms[i]
+    padded = decode.attend(q, k, v, mask, 0.2, backend="c")
+    assert torch.equal(decode.attend_rows(q, ks, vs, ms, 0.2, backend="c"), padded)
+    assert torch.equal(decode.attend_rows(q[1:2], ks[1:2], vs[1:2], ms[1:2], 0.2, backend="c"), padded[1:2])
+
+
+def test_attend_rows_bad_inputs_name_the_problem():
+    q, ks, vs, ms = _ragged_inputs([3, 4], 4, 2, 16)
+    with pytest.raises(ConfigError, match="row 1 wrong"):
+        decode.attend_rows(q, ks, vs, [ms[0], ms[1][:2]], 1.0)
+    with pytest.raises(ConfigError, match="2 k, 2 v, 1 masks"):
+        decode.attend_rows(q, ks, vs, ms[:1], 1.0)
+
+
 # ------------------------------------------------------------------------------------------- experts
 
 def _experts(n, k, d, inter, e, seed=0):

@@ -7,6 +7,9 @@
                                                    rotated k and v [B, Hkv, 1, Dh] (rotate-half on cos' width)
     attend(q, k, v, mask, scale, sinks)            one query per row: q [B, H, 1, Dh] over k, v [B, Hkv, S, Dh] ->
                                                    [B, 1, H Dh] (GQA; mask [B, 1, 1, S] bool; sinks [H] or None)
+    attend_rows(q, ks, vs, masks, scale, sinks)    attend with each row's keys/values in a buffer of its own:
+                                                   ks[i], vs[i] [Hkv, S_i, Dh], masks[i] [S_i] bool (a batch of
+                                                   sequences read in their own KV caches, no gather)
     moe_experts(x, weights, ids, experts, packed, inter, acc=None)
                                                    routed SwiGLU experts for N <= BF16_N_MAX tokens: the layer's
                                                    combined output, or (acc) sums added into a float32 [N, D]
@@ -71,6 +74,13 @@ def attend_reference(q, k, v, mask, scale: float, sinks: torch.Tensor | None = N
         scores = torch.cat([scores, sinks.float().view(1, h, 1, 1).expand(b, h, t, 1)], dim=-1)
     p = torch.softmax(scores, dim=-1)[..., :vf.shape[2]]
     return (p @ vf).to(q.dtype).transpose(1, 2).reshape(b, t, h * dh)
+
+
+def attend_rows_reference(q, ks, vs, masks, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """attend_reference row by row: row i's query against ks[i], vs[i] [Hkv, S_i, Dh] under masks[i] [S_i]."""
+    return torch.cat([attend_reference(q[i:i + 1], k[None], v[None], m.view(1, 1, 1, -1), scale, sinks)
+                      for i, (k, v, m) in enumerate(zip(ks, vs, masks))]) if len(ks) else \
+        q.new_empty(0, 1, q.shape[1] * q.shape[3])
 
 
 def moe_experts_reference(x, weights, ids, experts, packed, inter: int, acc: torch.Tensor | None = None):
@@ -223,6 +233,42 @@ def _attend_c(q, k, v, mask, scale: float, sinks):
     return out
 
 
+def attend_rows(q, ks, vs, masks, scale: float, sinks: torch.Tensor | None = None, *, backend: str = "auto"):
+    """q [B, H, 1, Dh]; ks[i], vs[i] [Hkv, S_i, Dh] (any head stride, contiguous head dim, one slot stride for all
+    rows); masks[i] bool [S_i] -> [B, 1, H Dh]: `attend` for a batch whose rows keep their keys and values apart."""
+    b, h, t, dh = q.shape
+    bad = [i for i, (k, v, m) in enumerate(zip(ks, vs, masks))
+           if k.dim() != 3 or k.shape[2] != dh or v.shape != k.shape or h % k.shape[0] or m.shape != (k.shape[1],)
+           or m.dtype != torch.bool or k.shape[1] < 1]
+    if len(ks) != b or len(vs) != b or len(masks) != b or t != 1 or bad:
+        raise ConfigError(f"attend_rows: need q [B, H, 1, Dh] and per row k, v [Hkv, S_i, Dh] with H a "
+                          f"multiple of Hkv and a bool mask [S_i], S_i >= 1; got q {tuple(q.shape)}, {len(ks)} k, "
+                          f"{len(vs)} v, {len(masks)} masks" + (f", row {bad[0]} wrong" if bad else ""))
+    fits = _bf16_cpu(q, *ks, *vs) and all(k.stride(2) == 1 and v.stride(2) == 1 and k.stride(1) == ks[0].stride(1)
+                                          and v.stride(1) == vs[0].stride(1) for k, v in zip(ks, vs))
+    if _resolve(backend) == "torch" or not fits:
+        if backend == "c":
+            raise ConfigError("attend_rows: backend='c' takes bf16 CPU tensors with contiguous head dims and one "
+                              "slot stride for every row")
+        return attend_rows_reference(q, ks, vs, masks, scale, sinks)
+    return _attend_rows_c(q, ks, vs, masks, scale, sinks)
+
+
+def _attend_rows_c(q, ks, vs, masks, scale: float, sinks):
+    b, h, _, dh = q.shape
+    out = torch.empty(b, 1, h * dh, dtype=q.dtype)
+    if b == 0:
+        return out
+    q = q.contiguous()
+    masks = [m if m.is_contiguous() else m.contiguous() for m in masks]
+    rows = [(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), m.data_ptr(), k.shape[1])
+            for k, v, m in zip(ks, vs, masks)]
+    sinks = None if sinks is None else sinks.float().contiguous()
+    _C.attend_rows_bf16(q.data_ptr(), rows, ks[0].stride(1), vs[0].stride(1), 0 if sinks is None else sinks.data_ptr(),
+                        h, ks[0].shape[0], dh, scale, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
 def moe_experts(x, weights, ids, experts, packed, inter: int, acc: torch.Tensor | None = None, *,
                 backend: str = "auto") -> torch.Tensor:
     """out [N, D] = sum over each token's K experts of weight x expert(x), in the order of `experts`; with acc
@@ -267,6 +313,7 @@ class DecodeOps:
     route = staticmethod(_route_c)
     rope_qkv = staticmethod(_rope_qkv_c)
     attend = staticmethod(_attend_c)
+    attend_rows = staticmethod(_attend_rows_c)
     moe_experts = staticmethod(_moe_experts_c)
 
 
