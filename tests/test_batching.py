@@ -157,3 +157,35 @@ def test_offline_generate_bad_arguments(eng):
         eng.generate(PROMPTS[:2], max_batch=0)
     with pytest.raises(ConfigError, match="scheduler='lifo'"):
         eng.generate(PROMPTS[:2], max_batch=2, scheduler="lifo")
+
+
+def test_bf16_decode_reads_each_sequence_cache_in_place(monkeypatch):
+    """bf16 on the CPU: decode steps of the loop attend over each sequence's own KV cache (StepKV.rows, no gather
+    through update) and every sequence's text equals its run alone."""
+    from moe_engine.runtime import batching
+    eng = moe_engine.load(dtype="bfloat16", progress=False)
+    if eng.decoder.layers[0].attn.ops is None:
+        pytest.skip("no decode ops (moe_engine._C not loaded)")
+    calls = {"rows": 0, "update_t1": 0}
+    rows, update = batching.StepKV.rows, batching.StepKV.update
+
+    def counted_rows(self, *a):
+        calls["rows"] += 1
+        return rows(self, *a)
+
+    def counted_update(self, layer, k, v):
+        calls["update_t1"] += k.shape[2] == 1
+        return update(self, layer, k, v)
+    monkeypatch.setattr(batching.StepKV, "rows", counted_rows)
+    monkeypatch.setattr(batching.StepKV, "update", counted_update)
+    ids = [eng.encode(p) for p in PROMPTS[:5]]
+    lengths = [6, 3, 9, 5, 7]
+    loop = EngineLoop(eng, max_num_seqs=5, max_batch=4, scheduler="fifo").start()
+    try:
+        events = collect(loop, ids, lengths)
+    finally:
+        loop.shutdown()
+    assert calls["rows"] > 0 and calls["update_t1"] == 0
+    for i, p in enumerate(PROMPTS[:5]):
+        assert "".join(e.text for e in events[i]) == eng.generate(p, max_new_tokens=lengths[i], do_sample=False)
+    eng.close()

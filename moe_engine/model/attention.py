@@ -2,7 +2,9 @@
 
 The KV cache is any object with `update(layer, k, v) -> (k_all, v_all)` that appends this
 step's keys/values (k, v [B, Hkv, T, Dh]) and returns everything cached for the layer
-([B, Hkv, S, Dh]); masks are built by the decoder and passed in.
+([B, Hkv, S, Dh]); masks are built by the decoder and passed in. A one-token step through the decode
+ops uses, when the cache has them, `slots` (write the new k, v in place) or `ragged` + `rows` (each
+row's own cache, no gather: runtime.batching.StepKV).
 
 Decode ops (optional, injected by the runtime through Decoder.set_decode_ops; see _ops/decode.py for the
 interface): with them a one-token step runs RMSNorm as one call, and attention as fused q|k|v projection ->
@@ -109,6 +111,10 @@ class Attention(nn.Module):
         if slots is not None:     # rotated k and v written straight into the cache's new slot
             k_new, v_new, k, v = slots(self.layer, 1)                       # [B, Hkv, 1, Dh], [B, Hkv, S, Dh]
             q = ops.rope_qkv(qkv, cos, sin, self.h, self.hkv, self.dh, k_new, v_new)[0]
+        elif getattr(kv_cache, "ragged", False):   # sequences with caches of their own (serving): no gather
+            q, k, v = ops.rope_qkv(qkv, cos, sin, self.h, self.hkv, self.dh)
+            ks, vs, ms = kv_cache.rows(self.layer, k, v, mask)                # per row [Hkv, S_i, Dh], [S_i]
+            return self.o_proj(ops.attend_rows(q, ks, vs, ms, self.scale, self.sinks))
         else:
             q, k, v = ops.rope_qkv(qkv, cos, sin, self.h, self.hkv, self.dh)     # [B, H|Hkv, 1, Dh]
             k, v = kv_cache.update(self.layer, k, v)                        # [B, Hkv, S, Dh]

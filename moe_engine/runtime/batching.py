@@ -80,6 +80,11 @@ class StepKV:
     when rows bring different numbers, as in a batched prefill); slot distance equals position
     distance, so sliding windows still hold. New keys/values are also
     written into each sequence's own SeqKV; `commit()` advances their lengths after the forward.
+
+    update() gathers every row's cache into one [B, Hkv, S, D] tensor per layer and step (B x S slots
+    copied). A decode step (one new token per row) can skip that: `rows()` writes the new token into
+    each SeqKV and hands back views of each sequence's own cache, for attention that takes a ragged
+    batch (the decode ops' attend_rows).
     """
 
     def __init__(self, seqs: list[SeqKV]):
@@ -113,6 +118,24 @@ class StepKV:
         out_k[:, :, self.start:] = k
         out_v[:, :, self.start:] = v
         return out_k, out_v
+
+    @property
+    def ragged(self) -> bool:
+        """This step brings exactly one new token per row, so rows() may replace update()."""
+        return self.t == 1 and all(m == 1 for m in self.new)
+
+    def rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+        """k, v [B, Hkv, 1, D] of a ragged step (see `ragged`), mask [B, 1, 1, start + 1] over the right-aligned
+        slots -> per row i: its cache's k, v [Hkv, n_i + 1, D] with the new token written at n_i, and its mask [n_i + 1]."""
+        ks, vs, ms = [], [], []
+        for i, s in enumerate(self.seqs):
+            n = s.length
+            s.k[layer][:, n] = k[i, :, 0]
+            s.v[layer][:, n] = v[i, :, 0]
+            ks.append(s.k[layer][:, :n + 1])
+            vs.append(s.v[layer][:, :n + 1])
+            ms.append(mask[i, 0, 0, self.start - n:self.start + 1])
+        return ks, vs, ms
 
     def commit(self) -> None:
         for s, m in zip(self.seqs, self.new):
