@@ -8,9 +8,10 @@
 
 One thread (the loop) owns the engine; other threads only submit, cancel and read counters.
 Each sequence has its own KV cache (`SeqKV`, sized prompt + max_tokens at admission and counted
-against the KV reserve); a step gathers the chosen sequences' caches right-aligned into one
-batch (`StepKV`), so a row's attention sees exactly its own tokens and the outputs of a sequence
-do not depend on which others share its steps. The scheduler sees each sequence's predicted
+against the KV reserve); a step runs the chosen sequences together (`StepKV`): decode steps
+through the CPU decode ops attend over each sequence's own cache in place, other steps gather the
+caches right-aligned into one batch. Either way a row's attention sees exactly its own tokens and
+the outputs of a sequence do not depend on which others share its steps. The scheduler sees each sequence's predicted
 experts (those its previous token used, recorded by `PathRecorder`) and the cache's residents.
 """
 from __future__ import annotations
