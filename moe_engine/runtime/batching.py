@@ -11,8 +11,9 @@ Each sequence has its own KV cache (`SeqKV`, sized prompt + max_tokens at admiss
 against the KV reserve); a step runs the chosen sequences together (`StepKV`): decode steps
 through the CPU decode ops attend over each sequence's own cache in place, other steps gather the
 caches right-aligned into one batch. Either way a row's attention sees exactly its own tokens and
-the outputs of a sequence do not depend on which others share its steps. The scheduler sees each sequence's predicted
-experts (those its previous token used, recorded by `PathRecorder`) and the cache's residents.
+the outputs of a sequence do not depend on which others share its steps. The scheduler sees each
+sequence's predicted experts (those its previous token used, recorded by `PathRecorder`) and the
+cache's residents.
 """
 from __future__ import annotations
 
