@@ -184,3 +184,22 @@ def test_unsupported_settings_name_the_fix(tmp_path, case, changes, needles):
     with pytest.raises(CheckpointError) as err:
         moe_engine.load(path, progress=False)
     assert all(n in str(err.value) for n in needles), str(err.value)
+
+
+@pytest.mark.parametrize("case", ["mixtral-mha-window-sharded-bf16", "gpt_oss-gqa-layer-types-sharded-bf16"])
+def test_bf16_serving_steps_read_each_cache_in_place(checkpoint_dir, case, monkeypatch):
+    """bf16 on the CPU, sliding windows and attention sinks: the loop's decode steps attend over each sequence's own
+    cache (StepKV.rows) and give the padded batch's tokens."""
+    eng = moe_engine.load(checkpoint_dir(case), device="cpu", dtype="bfloat16", progress=False)
+    if eng.decoder.layers[0].attn.ops is None:
+        pytest.skip("no decode ops (moe_engine._C not loaded)")
+    ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = mask[2, :7] = 0
+    want = eng.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    from moe_engine.runtime import batching
+    rows, calls = batching.StepKV.rows, []
+    monkeypatch.setattr(batching.StepKV, "rows", lambda self, *a: calls.append(1) or rows(self, *a))
+    got = eng.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], max_batch=2)
+    eng.close()
+    assert calls and torch.equal(got, want)
