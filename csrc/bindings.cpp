@@ -156,33 +156,6 @@ void bind_decode(py::module_& m) {
       "qkv [b, (h + 2 hkv) dh] bf16 -> rotary q [b, h, dh] (contiguous), rotary k and v [b, hkv, dh] at the given "
       "(batch, head) element strides (cos, sin [b, rot]).");
   m.def(
-      "attend_decode_bf16",
-      [](uintptr_t q, uintptr_t k, uintptr_t v, std::vector<int64_t> k_strides, std::vector<int64_t> v_strides,
-         uintptr_t mask, int64_t mask_sb, uintptr_t sinks, int64_t b, int64_t h, int64_t hkv, int64_t s, int64_t dh,
-         float scale, uintptr_t out, int num_threads) {
-        MOE_CHECK(k_strides.size() == 3 && v_strides.size() == 3,
-                  "attend_decode_bf16: k_strides and v_strides are (batch, head, slot) element strides");
-        MOE_CHECK(b >= 0 && s >= 1, "attend_decode_bf16: need b >= 0 and s >= 1, got b=" << b << " s=" << s);
-        moe::AttendArgs a;
-        for (int64_t i = 0; i < b; ++i) {
-          moe::AttendRow r;
-          r.k = ptr<const uint16_t>(k) + i * k_strides[0], r.v = ptr<const uint16_t>(v) + i * v_strides[0];
-          r.k_sh = k_strides[1], r.v_sh = v_strides[1];
-          r.mask = ptr<const bool>(mask) + i * mask_sb, r.s = s;
-          a.rows.push_back(r);
-        }
-        a.q = ptr<const uint16_t>(q), a.k_ss = k_strides[2], a.v_ss = v_strides[2];
-        a.sinks = ptr<const float>(sinks);
-        a.h = h, a.hkv = hkv, a.dh = dh, a.scale = scale, a.out = ptr<uint16_t>(out);
-        py::gil_scoped_release release;
-        moe::attend_decode_bf16(a, num_threads);
-      },
-      py::arg("q_ptr"), py::arg("k_ptr"), py::arg("v_ptr"), py::arg("k_strides"), py::arg("v_strides"),
-      py::arg("mask_ptr"), py::arg("mask_sb"), py::arg("sinks_ptr"), py::arg("b"), py::arg("h"), py::arg("hkv"),
-      py::arg("s"), py::arg("dh"), py::arg("scale"), py::arg("out_ptr"), py::arg("num_threads") = 1,
-      "One bf16 query per row and head against s cached keys/values (GQA, bool mask [b, s], float32 sinks [h] or 0) "
-      "-> out [b, h * dh].");
-  m.def(
       "attend_rows_bf16",
       [](uintptr_t q, std::vector<std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t>> rows,
          int64_t k_ss, int64_t v_ss, uintptr_t sinks, int64_t h, int64_t hkv, int64_t dh, float scale, uintptr_t out,
@@ -201,8 +174,9 @@ void bind_decode(py::module_& m) {
       },
       py::arg("q_ptr"), py::arg("rows"), py::arg("k_ss"), py::arg("v_ss"), py::arg("sinks_ptr"), py::arg("h"),
       py::arg("hkv"), py::arg("dh"), py::arg("scale"), py::arg("out_ptr"), py::arg("num_threads") = 1,
-      "attend_decode_bf16 with each row's keys and values in its own buffer: rows = [(k_ptr, k_head_stride, v_ptr, "
-      "v_head_stride, mask_ptr, s)], slot strides k_ss and v_ss shared.");
+      "One bf16 query per row and head against that row's s cached keys/values (GQA, bool mask [s], float32 sinks "
+      "[h] or 0) -> out [b, h * dh]; rows = [(k_ptr, k_head_stride, v_ptr, v_head_stride, mask_ptr, s)], each in a "
+      "buffer of its own, slot strides k_ss and v_ss shared.");
   m.def(
       "moe_experts_bf16",
       [](uintptr_t x, uintptr_t ids, uintptr_t weights, int64_t n, int64_t k, int64_t d, int64_t inter,

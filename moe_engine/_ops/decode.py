@@ -219,18 +219,7 @@ def attend(q, k, v, mask, scale: float, sinks: torch.Tensor | None = None, *, ba
 
 
 def _attend_c(q, k, v, mask, scale: float, sinks):
-    b, h, _, dh = q.shape
-    q = q.contiguous()
-    m = mask[:, 0, 0]
-    if m.stride(1) != 1:
-        m = m.contiguous()
-    sinks = None if sinks is None else sinks.float().contiguous()
-    out = torch.empty(b, 1, h * dh, dtype=q.dtype)
-    _C.attend_decode_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), [k.stride(0), k.stride(1), k.stride(2)],
-                          [v.stride(0), v.stride(1), v.stride(2)], m.data_ptr(), m.stride(0),
-                          0 if sinks is None else sinks.data_ptr(), b, h, k.shape[1], k.shape[2], dh, scale,
-                          out.data_ptr(), torch.get_num_threads())
-    return out
+    return _attend_rows_c(q, k.unbind(0), v.unbind(0), mask[:, 0, 0].unbind(0), scale, sinks)
 
 
 def attend_rows(q, ks, vs, masks, scale: float, sinks: torch.Tensor | None = None, *, backend: str = "auto"):
