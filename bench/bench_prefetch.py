@@ -117,7 +117,7 @@ def record_oracle(prompts: list[list[int]], tokens: int, out: Path) -> None:
 
     import moe_engine
     from moe_engine.profiling.trace import save_trace
-    from moe_engine.runtime.trace import record_trace
+    from moe_engine.profiling.record import record_trace
     eng = moe_engine.load(progress=False, device="cpu")
     save_trace(out, record_trace(eng, [torch.tensor(p).tolist() for p in prompts], tokens, progress=False))
     eng.close()

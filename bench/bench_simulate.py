@@ -38,7 +38,7 @@ def run_one(args) -> dict:
     """One engine run at one budget, routing recorded to args.save_trace (runs inside the memcg)."""
     import moe_engine
     from moe_engine.profiling.trace import save_trace
-    from moe_engine.runtime.trace import RoutingRecorder
+    from moe_engine.profiling.record import RoutingRecorder
     eng = moe_engine.load(args.model, gpu_mem=args.gpu_mem, policy=args.policy, progress=False,
                           predictor=None if args.predictor == "none" else args.predictor)
     spec = eng.spec

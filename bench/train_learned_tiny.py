@@ -25,7 +25,7 @@ import torch
 
 import moe_engine
 from moe_engine.profiling.trace import Trace, load_trace, save_trace
-from moe_engine.runtime.trace import record_trace
+from moe_engine.profiling.record import record_trace
 from predictors import GateLookahead
 from predictors.evaluate import replay
 from predictors.learned import LearnedPredictor

@@ -200,7 +200,7 @@ def _free_path(path: str, force: bool, flag: str):
 def cmd_trace(args) -> int:
     from .profiling.trace import save_trace
     from .runtime.load import load
-    from .runtime.trace import read_prompts, record_trace
+    from .profiling.record import read_prompts, record_trace
     out = _free_path(args.out, args.force, "--out")
     prompts = read_prompts(args.prompts)
     eng = load(args.model_dir, device=args.device, dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
@@ -226,7 +226,7 @@ def cmd_profile(args) -> int:
     from .profiling.profile import builtin_prompts, run_profile
     from .profiling.report import print_report
     from .runtime.load import load
-    from .runtime.trace import read_prompts
+    from .profiling.record import read_prompts
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is invalid: use an integer >= 1")
     out_json = _free_path(args.json, args.force, "--json") if args.json else None
@@ -264,7 +264,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_train_predictor(args) -> int:
-    from .runtime.train import train_predictor
+    from .profiling.train import train_predictor
     out = train_predictor(args.model_dir, args.trace, args.kind, args.depth, args.epochs, args.seed, args.out,
                           args.force, not args.no_progress)
     print(f"[moe-engine] saved the {args.kind} predictor to {out}; use it with --predictor "

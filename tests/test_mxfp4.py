@@ -14,7 +14,7 @@ import moe_engine
 from conftest import write_model
 from moe_engine.checkpoint import Checkpoint
 from moe_engine.errors import CheckpointError
-from moe_engine.quant.mxfp4 import dequantize_mxfp4, dequantize_mxfp4_reference
+from moe_engine.checkpoint.mxfp4 import dequantize_mxfp4, dequantize_mxfp4_reference
 from test_offload import minimum_budget
 from test_parity import batch_with_padding
 

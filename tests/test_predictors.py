@@ -12,7 +12,7 @@ import torch
 import moe_engine
 from moe_engine.errors import ConfigError
 from moe_engine.runtime.forecast import PredictorWarning
-from moe_engine.runtime.trace import read_prompts, record_trace
+from moe_engine.profiling.record import read_prompts, record_trace
 from predictors.evaluate import RecallMeter, replay
 from predictors.oracle import OraclePredictor
 

@@ -3,8 +3,8 @@
     alloc_aligned / BufferPool   host buffers at aligned addresses, optionally page-locked
     ReadRange / DirectReader     threaded reads of file byte ranges into CPU tensors -> ReadTicket
     copy_h2d_async               a pinned-host -> device copy on a given stream, returning its event
-    qlinear  (matmul.py)         x [N, C] @ W^T for a quantized W (quant.format.QMatrix) on the CPU, fused:
-                                 codes decoded in registers, never a dense W (twin: quant.kernels.qlinear_reference)
+    qlinear  (matmul.py)         x [N, C] @ W^T for a quantized W (qmatrix.QMatrix) on the CPU, fused:
+                                 codes decoded in registers, never a dense W (twin: qmatrix.qlinear_reference)
     bf16_linear  (matmul.py)     x [N, C] @ W^T (+ b) for a bf16 W on the CPU at decode sizes (N <= BF16_N_MAX)
                                  (twin: bf16_linear_reference, F.linear in float32 rounded once)
     decode.*  (decode.py)        fused one-token ops of a bf16 model on the CPU (norm, routing, rotary, attention,
@@ -15,8 +15,8 @@ through aligned bounce buffers, GIL released), "torch" is the readable pure torc
 and results (buffered os.preadv in a thread pool; for qlinear a dense dequantized W and F.linear), "auto" picks
 "c" when the extension loaded. Setting MOE_ENGINE_NO_EXT=1 before import forces the twin everywhere (a test hook).
 This package moves bytes and computes kernels only: it does not decide what to read or when, and it never imports
-anything above it in the package (quant.format lazily, for its constants). Only this file imports moe_engine._C;
-the submodules take it from here.
+anything above it in the package (qmatrix.py holds the quantized format its kernels read). Only this file imports
+moe_engine._C; the submodules take it from here.
 """
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
 """Matmuls on the CPU through moe_engine._C, each with its torch twin (see the package docstring).
 
-    qlinear       x [N, C] @ W^T for a quantized W (quant.format.QMatrix), fused dequantize + matmul
+    qlinear       x [N, C] @ W^T for a quantized W (qmatrix.QMatrix), fused dequantize + matmul
     bf16_linear   x [N, C] @ W^T (+ b) for a bf16 W at decode sizes (N <= BF16_N_MAX)
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from . import HAS_C_EXT, _C, _check_size, _resolve
+from .qmatrix import GROUP_SIZES, PLANES, qlinear_reference
 
 
 # ----------------------------------------------------------------------------------------- quantized matmul
@@ -25,13 +25,6 @@ def qlinear_isas() -> list[str]:
     return list(_C.qlinear_isas()) if HAS_C_EXT else []
 
 
-@functools.cache
-def _quant_format() -> tuple[dict, tuple]:
-    """(PLANES, GROUP_SIZES) of quant.format, imported on first use: this module imports nothing above it at load."""
-    from ..quant.format import GROUP_SIZES, PLANES
-    return PLANES, GROUP_SIZES
-
-
 def _check_qtensor(name: str, t, dtype: torch.dtype, shape: tuple[int, int]) -> None:
     if not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.shape == shape and t.is_cpu):
         got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -41,7 +34,6 @@ def _check_qtensor(name: str, t, dtype: torch.dtype, shape: tuple[int, int]) -> 
 
 def _check_qlinear(x: torch.Tensor, m) -> None:
     """Raise ConfigError naming the problem when x [..., C] cannot multiply the QMatrix m [R, C] on the CPU."""
-    planes, group_sizes = _quant_format()
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ConfigError(f"qlinear: x must be a floating point tensor, got "
                           f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -51,11 +43,11 @@ def _check_qlinear(x: torch.Tensor, m) -> None:
     if x.dim() == 0 or x.shape[-1] != m.cols:
         raise ConfigError(f"qlinear: x has shape {tuple(x.shape)}, but the quantized matrix is [{m.rows}, {m.cols}]; "
                           f"x's last dimension must be {m.cols}")
-    if m.bits not in planes or m.group not in group_sizes or m.cols % m.group:
+    if m.bits not in PLANES or m.group not in GROUP_SIZES or m.cols % m.group:
         raise ConfigError(f"qlinear: {m.bits}-bit codes in groups of {m.group} over {m.cols} columns are not a "
-                          f"valid format; bits must be one of {tuple(planes)} and the group one of {group_sizes}, "
+                          f"valid format; bits must be one of {tuple(PLANES)} and the group one of {GROUP_SIZES}, "
                           "dividing cols")
-    widths = planes[m.bits]
+    widths = PLANES[m.bits]
     if len(m.planes) != len(widths):
         raise ConfigError(f"qlinear: {m.bits}-bit codes are stored in {len(widths)} bit plane(s) of widths "
                           f"{widths}, got {len(m.planes)}")
@@ -68,12 +60,12 @@ def _check_qlinear(x: torch.Tensor, m) -> None:
 
 def qlinear(x: torch.Tensor, m, *, backend: str = "auto", num_threads: int | None = None,
             isa: str = "auto") -> torch.Tensor:
-    """x [..., C] (any float dtype, CPU) @ W^T for a quantized W [R, C] (a quant.format.QMatrix) -> [..., R] in x.dtype.
+    """x [..., C] (any float dtype, CPU) @ W^T for a quantized W [R, C] (a qmatrix.QMatrix) -> [..., R] in x.dtype.
 
     "c": moe_engine._C's fused kernel; x is converted to contiguous float32, accumulation is float32, the
     GIL is released and rows are split over num_threads threads (default torch.get_num_threads(); small
     matrices use fewer). isa picks the kernel's SIMD path ("auto" = the fastest this CPU runs; see
-    qlinear_isas(); a test and benchmark hook). "torch": quant.kernels.qlinear_reference, which
+    qlinear_isas(); a test and benchmark hook). "torch": qmatrix.qlinear_reference, which
     dequantizes W to x.dtype and calls F.linear (so low-precision x also rounds W there, not here).
     """
     _check_qlinear(x, m)
@@ -81,7 +73,6 @@ def qlinear(x: torch.Tensor, m, *, backend: str = "auto", num_threads: int | Non
         raise ConfigError(f"qlinear: isa must be one of {QLINEAR_ISAS}, got {isa!r}")
     threads = torch.get_num_threads() if num_threads is None else _check_size("num_threads", num_threads, 1)
     if _resolve(backend) == "torch":
-        from ..quant.kernels import qlinear_reference   # lazily: quant.kernels imports this module
         return qlinear_reference(x, m)
     xf = x if x.dim() == 2 else x.reshape(-1, m.cols)                      # [N, C]
     xf = (xf if xf.dtype == torch.float32 else xf.float()).contiguous()

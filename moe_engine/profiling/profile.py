@@ -96,7 +96,7 @@ def run_profile(engine, prompts: list[str], max_new_tokens: int = 32, progress: 
 
 def _generate(engine, prompts: list[str], max_new_tokens: int, progress: bool) -> tuple[Trace, list[RequestTiming]]:
     """Each prompt alone through the engine with its routing recorded; one RequestTiming per prompt."""
-    from ..runtime.trace import RoutingRecorder
+    from .record import RoutingRecorder
     ids = [engine.encode(p) for p in prompts]
     recorder = RoutingRecorder(engine.provider, engine.spec.moe_layers)
     requests = []

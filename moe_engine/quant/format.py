@@ -18,8 +18,9 @@ copy); every section starts at a multiple of 16 bytes:
       down    W2 [D, I]:  planes..., scales [D, I/G],  zeros [D, I/G]
       (+ biases, float32, not quantized: gate_up [2I], down [D], when the experts have biases) ]
 
-This module is the readable reference: quantize, pack, unpack, dequantize. The fast kernels
-(C++ on CPU, Triton on GPU) read the same buffers; see kernels.py.
+This module is the readable reference: quantize and pack. Unpacking, dequantizing and the QMatrix views
+live with the kernels that read them (_ops/qmatrix.py); the fast kernels (C++ on CPU, Triton on GPU) read
+the same buffers; see kernels.py.
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ from functools import cached_property
 
 import torch
 
-BITS = (2, 3, 4, 8)                                    # supported code widths
-PLANES = {8: (8,), 4: (4,), 3: (2, 1), 2: (2,)}        # plane widths, low bits first
-GROUP_SIZES = (32, 64, 128)
-SCALE_DTYPE = torch.float16
+from .._ops.qmatrix import (BITS, GROUP_SIZES, PLANES, SCALE_DTYPE, QMatrix, dequantize_matrix,  # noqa: F401
+                           unpack_planes)
+from .kernels import quant_expert_ffn
+
 SECTION_ALIGN = 16
 BIAS_DTYPE = torch.float32
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)       # range shrink factors tried per group at <= 4 bits
@@ -39,19 +40,6 @@ CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)       # range shrink factors tri
 
 def _align(n: int) -> int:
     return (n + SECTION_ALIGN - 1) // SECTION_ALIGN * SECTION_ALIGN
-
-
-@dataclass(frozen=True)
-class QMatrix:
-    """Views of one quantized matrix inside an expert buffer."""
-
-    rows: int
-    cols: int
-    bits: int
-    group: int
-    planes: tuple[torch.Tensor, ...]   # uint8 [rows, cols * w / 8] per plane width w of PLANES[bits]
-    scales: torch.Tensor               # float16 [rows, cols / group]
-    zeros: torch.Tensor                # float16 [rows, cols / group] (integers)
 
 
 @dataclass(frozen=True)
@@ -183,7 +171,6 @@ class QuantLayout:
 
     def ffn(self, x: torch.Tensor, buf: torch.Tensor, act="silu", linear=None) -> torch.Tensor:
         """The expert over its quantized buffer; `linear` (a dense-weight matmul kernel) is not used here."""
-        from .kernels import quant_expert_ffn
         return quant_expert_ffn(x, buf, self, act)
 
 
@@ -235,23 +222,3 @@ def pack_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
         out.append((vals * weights).sum(-1).to(torch.uint8))
         shift += w
     return out
-
-
-def unpack_planes(planes: tuple[torch.Tensor, ...] | list[torch.Tensor], bits: int, cols: int) -> torch.Tensor:
-    """The inverse of pack_planes: planes -> codes int32 [R, C]."""
-    codes, shift = None, 0
-    for plane, w in zip(planes, PLANES[bits]):
-        per = 8 // w
-        shifts = torch.arange(per, dtype=torch.int32) * w
-        vals = (plane.to(torch.int32)[..., None] >> shifts) & ((1 << w) - 1)   # [R, C/per, per]
-        vals = vals.reshape(plane.shape[0], cols) << shift
-        codes = vals if codes is None else codes | vals
-        shift += w
-    return codes
-
-
-def dequantize_matrix(m: QMatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """QMatrix -> W [R, C] in `dtype` (computed in float32)."""
-    codes = unpack_planes(m.planes, m.bits, m.cols).float().reshape(m.rows, -1, m.group)   # [R, C/G, G]
-    w = (codes - m.zeros.float()[..., None]) * m.scales.float()[..., None]
-    return w.reshape(m.rows, m.cols).to(dtype)

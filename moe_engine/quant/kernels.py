@@ -2,7 +2,7 @@
 
     qlinear(x [N, C], m: QMatrix [R, C]) -> x @ W^T [N, R]
 
-- reference: dequantize W to x's dtype, then F.linear (format.py does the dequantization).
+- reference: dequantize W to x's dtype, then F.linear (_ops/qmatrix.py: qlinear_reference).
 - CPU: moe_engine._C's fused kernel through _ops.qlinear (codes unpacked in registers, never a
   dense W in memory); _ops falls back to the reference when the extension is missing.
 - CUDA: the Triton kernel of triton_qmatmul.py when triton imports, else the reference.
@@ -16,14 +16,10 @@ import functools
 import os
 
 import torch
-import torch.nn.functional as F
 
-from .format import QMatrix, QuantLayout, dequantize_matrix
-
-
-def qlinear_reference(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
-    """x [N, C] -> [N, R] through a dense dequantized copy of W."""
-    return F.linear(x, dequantize_matrix(m, x.dtype))
+from .. import _ops
+from .._ops.qmatrix import QMatrix, qlinear_reference
+from ..model.experts import glu
 
 
 @functools.cache
@@ -43,14 +39,13 @@ def qlinear(x: torch.Tensor, m: QMatrix, kernel: str | None = None) -> torch.Ten
     if x.device.type == "cuda":
         fn = _triton_qlinear()
         return fn(x, m) if fn is not None else qlinear_reference(x, m)
-    from .. import _ops
     return _ops.qlinear(x, m)
 
 
-def quant_expert_ffn(x: torch.Tensor, buf: torch.Tensor, layout: QuantLayout, act="silu",
+def quant_expert_ffn(x: torch.Tensor, buf: torch.Tensor, layout, act="silu",
                      kernel: str | None = None) -> torch.Tensor:
-    """SwiGLU expert over a quantized buffer: down(glu(gate(x), up(x))) (+ float32 biases). x [N, D] -> [N, D]."""
-    from ..model.experts import glu
+    """SwiGLU expert over a quantized buffer (layout: a format.QuantLayout): down(glu(gate(x), up(x))) (+ float32
+    biases). x [N, D] -> [N, D]."""
     b1, b2 = layout.biases(buf)
     gate_up = qlinear(x, layout.w1.views(buf), kernel)                 # [N, 2I]
     if b1 is not None:

@@ -12,7 +12,7 @@ import torch
 
 from ...errors import CheckpointError
 from ...model.spec import ClampedSwiGlu, LayerSpec, ModelSpec, MoeSpec
-from ...quant.mxfp4 import BLOCK, dequantize_mxfp4
+from ..mxfp4 import BLOCK, dequantize_mxfp4
 from ..expert_format import ExpertFormat
 from .base import LLAMA_STYLE_NAMES, Family, common_fields
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import Checkpoint
 from ..errors import ConfigError
-from ..profiling.trace import Trace, load_trace
+from .trace import Trace, load_trace
 
 
 def check_trace(trace: Trace, spec, kind: str, path: Path) -> None:
@@ -40,7 +40,7 @@ def train_predictor(model_dir, trace_path, kind: str = "learned", depth: int = 2
     """Train `kind` on the trace and save it; returns the file written."""
     from predictors.learned import LearnedPredictor
     from predictors.path import PathPredictor
-    from .load import DEFAULT_MODEL_DIR
+    from ..runtime.load import DEFAULT_MODEL_DIR
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ConfigError(f"--depth {depth!r} is invalid: use an integer >= 1")
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):

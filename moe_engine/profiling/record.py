@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..model.experts import ForwardingProvider
-from ..profiling.trace import Trace
+from .trace import Trace
 
 
 class RoutingRecorder(ForwardingProvider):
