@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         return eng.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[])
 
     same = torch.equal(run_hf(16), run_engine(16))   # warm-up, and a sanity check of the comparison
-    expert_bytes = eng.provider.nbytes()
+    expert_bytes = eng.experts.nbytes()
     rate_hf, rate_engine = [], []
     for _ in range(args.repeats):   # interleave so drift affects both alike
         rate_hf.append(decode_rate(run_hf, args.new_tokens))

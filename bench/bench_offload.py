@@ -10,7 +10,7 @@ cache first, so "disk" reads are disk reads for both sides.
                                                                              (a quick check of the pipeline)
 
 runs, for each expert-budget fraction: the engine (random routing), the engine with routing
-replayed from the real GPT-OSS traces (benchmark-only hook), and accelerate; plus, unlimited:
+replayed from the real GPT-OSS traces (bench_hooks.replay_routing), and accelerate; plus, unlimited:
 the engine with every expert in RAM (the compute bound) and a cold direct-IO read of the
 checkpoint (the bandwidth). The bound of the issue is 1 / max(Belady loads per token x expert
 bytes / direct-IO bandwidth, all-in-RAM seconds per token). `one ...` is one measured run.
@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_hooks import StepLog, replay_routing  # noqa: E402
 from results import add_record_flag, record, wants_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,28 +51,6 @@ def prompt_ids(n: int, vocab: int) -> torch.Tensor:
 
 
 # ---- one measured run (in its own process) ------------------------------------------------------
-def trace_hook(decoder, path: Path, top_k: int, num_experts: int):
-    """Replay recorded routing: layer l takes trace layer l; expert ids folded onto this model's experts."""
-    import numpy as np
-    experts = np.load(path)["experts"]                                   # [T, L_trace, K_trace]
-    cursor = {}
-
-    def hook(layer, weights, ids):
-        n = ids.shape[0]
-        start = cursor.get(layer, 0)
-        cursor[layer] = start + n
-        rows = experts[np.arange(start, start + n) % len(experts), layer % experts.shape[1]]   # [N, K_trace]
-        out = torch.empty_like(ids)
-        for i, row in enumerate(rows):
-            picked = list(dict.fromkeys(int(e) % num_experts for e in row))[:top_k]
-            picked += [e for e in range(num_experts) if e not in picked][: top_k - len(picked)]
-            out[i] = torch.tensor(picked)
-        return weights, out
-    for layer in decoder.layers:
-        if getattr(layer, "moe", None) is not None:
-            layer.moe.routing_hook = hook
-
-
 def run_engine(args) -> dict:
     import moe_engine
     from moe_engine.experts.tracker import belady_loads
@@ -79,15 +58,15 @@ def run_engine(args) -> dict:
                           predictor=None if args.predictor == "none" else args.predictor,
                           quant=args.quant, quant_cache=args.quant_cache)
     if args.trace:
-        trace_hook(eng.decoder, Path(args.trace), eng.spec.moe.top_k, eng.spec.moe.num_experts)
+        replay_routing(eng, Path(args.trace))
     ids = prompt_ids(args.prompt_len, eng.spec.vocab_size)
-    counters = getattr(eng.provider, "counters", None)
+    steps = eng.observers.add(StepLog(eng.spec.num_layers))
     at_first_token = {}
 
     class AfterPrefill:                       # a transformers-style streamer: notes the loads made by prefill
         def put(self, value):
-            if "loads" not in at_first_token and len(at_first_token.setdefault("puts", [])) == 1 and counters:
-                at_first_token["loads"] = counters.loads
+            if "loads" not in at_first_token and len(at_first_token.setdefault("puts", [])) == 1:
+                at_first_token["loads"] = eng.stats()["io"]["loads"]
             at_first_token.setdefault("puts", []).append(1)
 
         def end(self):
@@ -96,16 +75,15 @@ def run_engine(args) -> dict:
     stats = eng.stats()
     out = {"mode": "engine", "decode_tokens_per_s": stats["latency"]["decode_tokens_per_s"],
            "prefill_s": eng.timings.prefill_s, "stats": stats}
-    provider = eng.provider
-    if hasattr(provider, "counters"):       # Belady's decode loads (step 0 is the prefill)
-        log, quotas = provider.counters.log, provider.table.quotas
+    if eng.experts.evicts:                   # Belady's decode loads (step 0 is the prefill)
+        log, quotas = steps.log, eng.experts.quotas
         # Belady over every step, minus the prefill's loads (each of its experts once, from an empty cache):
         # decode then starts from what the prefill left resident, as the engine's decode does
         out["belady_decode_loads"] = sum(belady_loads(log[i], quotas[i]) - len(set(log[i][0]))
                                          for i in range(len(log)) if log[i])
-        out["decode_loads"] = counters.loads - at_first_token.get("loads", 0)
-        out["expert_bytes"] = provider.expert_bytes
-        out["capacity_experts"] = provider.capacity_experts
+        out["decode_loads"] = stats["io"]["loads"] - at_first_token.get("loads", 0)
+        out["expert_bytes"] = eng.plan.expert_bytes
+        out["capacity_experts"] = eng.experts.capacity_experts
     eng.close()
     return out
 

@@ -146,17 +146,15 @@ def oracle_rows(report: Trace, caps: list[int], log) -> list[dict]:
 
 
 class Recorder:
-    """Wraps the engine's expert provider; keeps the experts [T, K] and weights of every MoE layer call."""
+    """A routing observer keeping the experts [T, K] and weights of every MoE layer call."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self):
         self.calls: list[tuple[int, np.ndarray, np.ndarray]] = []
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    def begin_step(self, token_ids, seq_ids):
+        pass
 
     def observe(self, layer, router_input, experts, weights):
-        self.inner.observe(layer, router_input, experts, weights)
         self.calls.append((layer, experts.cpu().numpy(), weights.float().cpu().numpy()))
 
 
@@ -171,8 +169,7 @@ def record_bundled(window: int, windows: int) -> Trace:
     torch.set_num_threads(1)                      # the model is tiny: one thread is fastest on a shared 2-core VM
     eng = moe_engine.load(None, dtype="float32", progress=False)
     held = encode_files(eng.tokenizer, corpus_files()[1])
-    rec = Recorder(eng.provider)
-    eng.decoder.set_expert_provider(rec)
+    rec = eng.observers.add(Recorder())
     n = min(windows, len(held) // window)
     experts, probs = [], []
     with torch.no_grad():
@@ -182,7 +179,7 @@ def record_bundled(window: int, windows: int) -> Trace:
             calls = sorted(rec.calls, key=lambda c: c[0])
             experts.append(np.stack([c[1] for c in calls], axis=1))      # [T, L, K]
             probs.append(np.stack([c[2] for c in calls], axis=1))
-    eng.decoder.set_expert_provider(eng.provider)
+    eng.observers.remove(rec)
     num_experts = eng.spec.moe.num_experts
     eng.close()
     offsets = np.arange(n + 1, dtype=np.int64) * window

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_offload  # noqa: E402
+from engine_hooks import replay_routing  # noqa: E402
 from results import add_record_flag, record, wants_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,34 +38,30 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_one(args) -> dict:
     """One engine run at one budget, routing recorded to args.save_trace (runs inside the memcg)."""
     import moe_engine
-    from moe_engine.profiling.trace import save_trace
     from moe_engine.profiling.record import RoutingRecorder
+    from moe_engine.profiling.trace import save_trace
     eng = moe_engine.load(args.model, gpu_mem=args.gpu_mem, policy=args.policy, progress=False,
                           predictor=None if args.predictor == "none" else args.predictor)
     spec = eng.spec
     if args.trace_routing:
-        bench_offload.trace_hook(eng.decoder, bench_offload.TRACE, spec.moe.top_k, spec.moe.num_experts)
-    rec = RoutingRecorder(eng.provider, spec.moe_layers)
-    eng.decoder.set_expert_provider(rec)
+        replay_routing(eng, bench_offload.TRACE)
+    rec = eng.observers.add(RoutingRecorder(spec.moe_layers))
     ids = bench_offload.prompt_ids(args.prompt_len, spec.vocab_size)
-    counters, puts = getattr(eng.provider, "counters", None), []
+    puts = []
 
     class AfterPrefill:                   # a transformers-style streamer: put(prompt), put(first token), ...
         def put(self, value):
-            puts.append(counters.loads if counters is not None else 0)
+            puts.append(eng.stats()["io"]["loads"] if len(puts) < 2 else 0)
 
         def end(self):
             pass
-    try:
-        eng.generate(ids, max_new_tokens=args.tokens, eos_token_id=[], streamer=AfterPrefill())
-    finally:
-        eng.decoder.set_expert_provider(eng.provider)
+    eng.generate(ids, max_new_tokens=args.tokens, eos_token_id=[], streamer=AfterPrefill())
     st = eng.stats()
     save_trace(args.save_trace, rec.trace([args.prompt_len], spec.moe.num_experts))
     out = {"decode_tokens_per_s": st["latency"]["decode_tokens_per_s"], "loads": st["io"]["loads"],
            "decode_loads": st["io"]["loads"] - (puts[1] if len(puts) > 1 else 0),
            "hit_rate": st["cache"]["hit_rate"], "stall_seconds": st["io"]["stall_seconds"],
-           "quotas": list(eng.provider.table.quotas), "trace": args.save_trace}
+           "quotas": list(eng.experts.quotas), "trace": args.save_trace}
     eng.close()
     return out
 

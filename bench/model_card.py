@@ -1,7 +1,7 @@
 """Measure the bundled model and write its model card (README.md in the model directory).
 
 Runs the held-out split (bench/train_tiny_moe.py's corpus) through moe-engine itself, recording
-every routing decision through the expert-provider seam, and reports: held-out perplexity next to
+every routing decision through a routing observer, and reports: held-out perplexity next to
 a unigram baseline on the same tokenizer, per-layer expert load and routing entropy, consecutive
 token expert reuse, and how well layer L+1's router applied to layer L's router input predicts
 layer L+1's experts (recall at k). Chance levels are stated beside each locality number.
@@ -22,18 +22,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_tiny_moe import corpus_files, encode_files  # noqa: E402
 
 
-class RecordingProvider:
-    """Delegates to the engine's provider; keeps (router input, experts) of every MoE layer call."""
+class RoutingRecords:
+    """A routing observer keeping (router input, experts) of every MoE layer call."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self):
         self.records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def prepare(self, layer, experts, counts=None):
-        return self.inner.prepare(layer, experts, counts)
-
-    def get(self, layer, expert):
-        return self.inner.get(layer, expert)
+    def begin_step(self, token_ids, seq_ids):
+        pass
 
     def observe(self, layer, router_input, experts, weights):
         self.records.setdefault(layer, []).append((router_input.float().clone(), experts.clone()))
@@ -47,14 +43,12 @@ def heldout_windows(held: torch.Tensor, seq: int, max_tokens: int):
 
 
 def perplexity_and_routing(eng, held, seq, max_tokens):
-    rec = RecordingProvider(eng.provider)
-    eng.decoder.set_expert_provider(rec)
     nll, count = 0.0, 0
-    for x in heldout_windows(held, seq, max_tokens):
-        logits = eng.logits(x[:, :-1])[0]
-        nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
-        count += seq
-    eng.decoder.set_expert_provider(eng.provider)
+    with eng.observing(RoutingRecords()) as rec:
+        for x in heldout_windows(held, seq, max_tokens):
+            logits = eng.logits(x[:, :-1])[0]
+            nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+            count += seq
     return math.exp(nll / count), rec.records
 
 

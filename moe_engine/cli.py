@@ -128,6 +128,8 @@ def _add_simulate_parser(sub) -> None:
                     "GEMV streams per second (e.g. 190G)")
     sm.add_argument("--load-latency", type=float, default=None, help="override the seconds per load")
     sm.add_argument("--no-overlap", action="store_true", help="loads do not overlap compute (no async IO)")
+    sm.add_argument("--host-compute", default=None, help="hybrid execution: the host CPU computes a missed expert "
+                    "streaming its weights at this rate (e.g. 20G) when that beats loading it (default: never)")
     sm.add_argument("--sequences", type=int, default=None, help="simulate only the first N sequences")
     sm.add_argument("--no-reset", action="store_true", help="keep the cache across sequences (default: each "
                     "sequence starts empty)")
@@ -153,12 +155,20 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "after SIGTERM before exiting")
 
 
+def _engine_config(args):
+    """The loading flags -> one checked EngineConfig (runtime/config.py), built once per command."""
+    from .runtime.config import EngineConfig
+    from .runtime.load import model_dir_or_default
+    return EngineConfig.from_args(model_dir_or_default(args.model_dir), args)
+
+
+def _load(args):
+    from .runtime.load import build_engine
+    return build_engine(_engine_config(args))
+
+
 def cmd_generate(args) -> int:
-    from .runtime.load import load
-    eng = load(args.model_dir, device=args.device, dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
-               predictor=args.predictor, quant=args.quant, quant_group=args.quant_group,
-               calibration=args.calibration, quant_cache=args.quant_cache, progress=not args.no_progress, policy=args.policy,
-               max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads)
+    eng = _load(args)
     try:
         start = time.perf_counter()
         pieces = eng.stream(args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
@@ -198,15 +208,11 @@ def _free_path(path: str, force: bool, flag: str):
 
 
 def cmd_trace(args) -> int:
-    from .profiling.trace import save_trace
-    from .runtime.load import load
     from .profiling.record import read_prompts, record_trace
+    from .profiling.trace import save_trace
     out = _free_path(args.out, args.force, "--out")
     prompts = read_prompts(args.prompts)
-    eng = load(args.model_dir, device=args.device, dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
-               predictor=args.predictor, quant=args.quant, quant_group=args.quant_group,
-               calibration=args.calibration, quant_cache=args.quant_cache, progress=not args.no_progress, policy=args.policy,
-               max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads)
+    eng = _load(args)
     try:
         ids = [eng.encode(p)[: args.max_prompt_tokens] for p in prompts]
         trace = record_trace(eng, ids, args.max_new_tokens, args.router_inputs, not args.no_progress)
@@ -224,9 +230,8 @@ def cmd_profile(args) -> int:
     from .errors import ConfigError
     from .experts.policies import DEFAULT_POLICY
     from .profiling.profile import builtin_prompts, run_profile
-    from .profiling.report import print_report
-    from .runtime.load import load
     from .profiling.record import read_prompts
+    from .profiling.report import print_report
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is invalid: use an integer >= 1")
     out_json = _free_path(args.json, args.force, "--json") if args.json else None
@@ -239,10 +244,7 @@ def cmd_profile(args) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else builtin_prompts()
     if not prompts:
         raise ConfigError(f"--prompts {args.prompts} has no prompts; put one prompt per line")
-    eng = load(args.model_dir, device=args.device, dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
-               predictor=args.predictor, quant=args.quant, quant_group=args.quant_group,
-               calibration=args.calibration, quant_cache=args.quant_cache, progress=not args.no_progress,
-               policy=args.policy, max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads)
+    eng = _load(args)
     try:
         settings = {"model": str(eng.checkpoint.model_dir.name if args.model_dir is None else args.model_dir),
                     "device": str(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
@@ -287,18 +289,13 @@ def cmd_serve(args) -> int:
     from pathlib import Path
 
     from .errors import ConfigError
-    from .runtime.load import load
+    from .runtime.load import build_engine
     from .server import create_app, run_server
     if args.model_dir is not None and not Path(args.model_dir).is_dir():
         raise ConfigError(f"MODEL_DIR {args.model_dir} is not a directory; give a Hugging Face checkpoint directory")
 
-    def load_engine():
-        return load(args.model_dir, device=args.device, dtype=args.dtype, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
-                    predictor=args.predictor, quant=args.quant, quant_group=args.quant_group,
-                    calibration=args.calibration, quant_cache=args.quant_cache, progress=not args.no_progress,
-                    policy=args.policy, max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads)
-
-    app = create_app(engine_factory=load_engine, served_model_name=args.served_model_name, api_key=args.api_key,
+    config = _engine_config(args)                 # every loading flag checked before the server starts
+    app = create_app(engine_factory=lambda: build_engine(config), served_model_name=args.served_model_name, api_key=args.api_key,
                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                      chat_template=_read_chat_template(args.chat_template), scheduler=args.scheduler,
                      max_batch=args.max_batch, drain_timeout=args.drain_timeout)
@@ -324,7 +321,8 @@ def cmd_simulate(args) -> int:
             raise ConfigError(f"--sequences {args.sequences}: must be >= 1")
         trace = trace.sequences(0, min(args.sequences, trace.num_sequences))
     shape = pick_shape(trace, args.model_dir, args.model_shape, args.expert_bytes, args.quant)
-    hw = pick_hardware(args.hardware, args.bandwidth, args.compute, args.load_latency, args.no_overlap)
+    hw = pick_hardware(args.hardware, args.bandwidth, args.compute, args.load_latency, args.no_overlap,
+                       args.host_compute)
     trace.num_experts = max(int(trace.num_experts), shape.num_experts)
     lrc = lrc_metrics(trace)
     if args.gpu_mem is not None and args.cache_experts is not None:

@@ -1,32 +1,70 @@
-"""Frozen configuration dataclasses and size strings ("8G", "512M")."""
+"""Values a user types: sizes and rates with units, and the checks every flag and keyword shares.
+
+Sizes (`--gpu-mem`, `--cpu-mem`, `gpu_mem=`) and rates (`simulate --bandwidth`, `--compute`) are read by
+one parser, `parse_size`:
+
+    8G, 8g, 512M, 1.5T    a bare unit letter: binary for sizes (8G = 8 x 2^30 bytes), decimal for rates
+    8GiB, 8Gi, 512MiB     binary units: K/M/G/T x 2^10/2^20/2^30/2^40, always
+    8GB, 512MB, 1.5TB     decimal units: K/M/G/T x 10^3/10^6/10^9/10^12, always
+    2147483648, 1.5e9     a plain number: bytes (or bytes per second); a trailing "B" or "/s" is allowed
+
+The checks (`check_int`, `check_number`, `check_choice`) raise ConfigError naming the value, what was
+wrong and what to use, in the words the flag or keyword uses (`what`). The engine's configuration
+dataclasses (runtime/config.py, quant/settings.py, server/app.py) validate through them. Imports
+nothing but errors.py, so every package may use it.
+"""
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import ConfigError
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_PREFIX = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([KMGT]?)(I?)(B?)\s*(?:/S)?\s*$", re.IGNORECASE)
 
 
-def parse_size(value: str | int | float | None, what: str = "size") -> int | None:
-    """'8G' -> 8 * 2**30 bytes; ints pass through; None stays None. Binary units (K=1024)."""
+def _scale(prefix: str, binary_mark: str, decimal_mark: str, bare_binary: bool) -> float:
+    """Multiplier of a unit: 'Gi'/'GiB' binary, 'GB' decimal, bare 'G' per `bare_binary`."""
+    power = _PREFIX[prefix.upper()]
+    binary = bool(binary_mark) or (not decimal_mark and bare_binary)
+    return float(1 << (10 * power)) if binary else 1000.0 ** power
+
+
+def parse_quantity(value, what: str, bare_binary: bool, example: str) -> float | None:
+    """A positive number with an optional unit (see the module docstring) -> float; None stays None."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a size like '8G' or a number of bytes, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{what}: expected a size like {example} or a number, got {value!r}")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ConfigError(f"{what}: size must be positive, got {value!r}")
-        return int(value)
-    m = _SIZE_RE.match(str(value))
-    if not m:
-        raise ConfigError(f"{what}: cannot read size {value!r}; use a number with an optional unit K, M, G or T "
-                          f"(e.g. '8G', '512M', '1.5G')")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if size <= 0:
-        raise ConfigError(f"{what}: size must be positive, got {value!r}")
-    return size
+        number = float(value)
+    else:
+        m = _QUANTITY.match(value)
+        if not m:
+            raise ConfigError(f"{what}: cannot read {value!r}; use a number with an optional unit K, M, G or T "
+                              f"(binary: KiB, MiB, GiB, TiB; decimal: KB, MB, GB, TB), e.g. {example}")
+        number = float(m.group(1)) * _scale(m.group(2), m.group(3), m.group(4) if m.group(2) else "", bare_binary)
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"{what}: must be positive, got {value!r}")
+    return number
+
+
+def parse_size(value, what: str = "size") -> int | None:
+    """'8G' -> 8 * 2**30 bytes ('8GB' -> 8 * 10**9); ints pass through; None stays None."""
+    size = parse_quantity(value, what, bare_binary=True, example="'8G', '512MiB' or '8GB'")
+    if size is None:
+        return None
+    if int(size) <= 0:
+        raise ConfigError(f"{what}: must be at least one byte, got {value!r}")
+    return int(size)
+
+
+def parse_rate(value, what: str) -> float:
+    """'2.2G', '25GB', '25GB/s', '1.5e9' or a number -> bytes per second (a bare unit letter is decimal)."""
+    if value is None:
+        raise ConfigError(f"{what}: expected bytes per second like 2.2G, 25GB or 1.5e9, got None")
+    return parse_quantity(value, what, bare_binary=False, example="2.2G, 25GB or 1.5e9")
 
 
 def format_size(n: int) -> str:
@@ -35,3 +73,42 @@ def format_size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
+
+
+def check_int(value, what: str, minimum: int | None = 1, maximum: int | None = None, optional: bool = False):
+    """An int within [minimum, maximum] (booleans refused); None passes when optional."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
+        return value
+    if minimum is None:
+        want = "an integer" if maximum is None else f"an integer <= {maximum}"
+    elif maximum is not None:
+        want = f"an integer from {minimum} to {maximum}"
+    elif minimum == 1:
+        want = "a positive integer"
+    else:
+        want = f"an integer >= {minimum}"
+    raise ConfigError(f"{what}={value!r} is invalid: use {want}")
+
+
+def check_number(value, what: str, minimum: float | None = None, maximum: float | None = None,
+                 above: bool = False, optional: bool = False):
+    """A finite real number >= minimum (> minimum when `above`) and <= maximum; None passes when optional."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (minimum is None or (value > minimum if above else value >= minimum)) \
+            and (maximum is None or value <= maximum):
+        return float(value)
+    bounds = [f"{'>' if above else '>='} {minimum:g}" if minimum is not None else "",
+              f"<= {maximum:g}" if maximum is not None else ""]
+    want = " and ".join(b for b in bounds if b) or "finite"
+    raise ConfigError(f"{what}={value!r} is invalid: use a number {want}")
+
+
+def check_choice(value, what: str, choices) -> str:
+    if value not in choices:
+        raise ConfigError(f"{what}={value!r} is invalid: use one of {', '.join(map(str, choices))}")
+    return value

@@ -85,8 +85,8 @@ def test_grouped_prefills_and_schedule_aware_eviction_keep_outputs():
     group's experts; every request still gets its lone-run text, and prompts were prefilled in fewer steps."""
     eng = moe_engine.load(dtype="float32", gpu_mem="22M", max_kv_tokens=512, progress=False)
     hints = []
-    real_hint = eng.provider.hint_upcoming
-    eng.provider.hint_upcoming = lambda experts: (hints.append(experts), real_hint(experts))
+    real_hint = eng.experts.hint_upcoming
+    eng.experts.hint_upcoming = lambda experts: (hints.append(experts), real_hint(experts))
     ids = [eng.encode(p) for p in PROMPTS]
     lengths = [6, 3, 9, 4, 7, 3, 5, 8]
     prefills = {}

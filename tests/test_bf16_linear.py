@@ -114,9 +114,22 @@ def test_auto_falls_back_to_torch_for_inputs_the_kernel_does_not_take():
 
 @needs_c
 def test_env_var_forces_the_twin(monkeypatch):
+    """MOE_ENGINE_LINEAR_KERNEL=reference is read once, when an engine is built: its linear layers then run the
+    twin where the C kernel would (and torch's GEMM where it would not)."""
+    from moe_engine.model.linear import Linear
+    from moe_engine.runtime.config import LINEAR_KERNEL_ENV, KernelConfig
     x, w, b = _inputs(64, 96, 3, torch.bfloat16, True)
-    monkeypatch.setenv(_ops.LINEAR_KERNEL_ENV, "reference")
-    assert torch.equal(_ops.bf16_linear(x, w, b), _ops.bf16_linear_reference(x, w, b))
+    monkeypatch.setenv(LINEAR_KERNEL_ENV, "reference")
+    assert KernelConfig.from_env().linear == "reference"
+    eng = moe_engine.load(device="cpu", dtype="bfloat16", progress=False)
+    try:
+        assert all(m.kernel is _ops.bf16_linear_twin for m in eng.decoder.modules() if isinstance(m, Linear))
+        assert eng.decoder.decode_ops is None
+    finally:
+        eng.close()
+    assert torch.equal(_ops.bf16_linear_twin(x, w, b), _ops.bf16_linear_reference(x, w, b))
+    xl, wl, bl = _inputs(40, 64, _ops.BF16_N_MAX + 1, torch.bfloat16, True)
+    assert torch.equal(_ops.bf16_linear_twin(xl, wl, bl), F.linear(xl, wl, bl))
 
 
 @needs_c
@@ -161,7 +174,7 @@ def bf16_engine():
 
 
 @needs_c
-def test_bf16_model_uses_the_kernel_everywhere(bf16_engine):
+def test_bf16_model_uses_the_kernel_everywhere(bf16_engine, monkeypatch):
     """Every projection takes the kernel; a prefill longer than the decode ops' range runs the routed experts
     through it too (decode-sized MoE blocks go to the fused expert op, see test_decode_ops.py)."""
     from moe_engine.model.linear import Linear
@@ -169,32 +182,33 @@ def test_bf16_model_uses_the_kernel_everywhere(bf16_engine):
     linears = [m for m in dec.modules() if isinstance(m, Linear)]
     assert linears and all(m.kernel is _ops.bf16_linear for m in linears)
     assert all(layer.moe.linear is _ops.bf16_linear for layer in dec.layers if hasattr(layer, "moe"))
-    shapes = []
-    spy = lambda x, w, b=None: shapes.append(tuple(w.shape)) or _ops.bf16_linear(x, w, b)   # noqa: E731
-    dec.set_linear_kernel(spy)
+    shapes, real = [], _ops.bf16_linear
+    spy = lambda x, w, b=None: shapes.append(tuple(w.shape)) or real(x, w, b)   # noqa: E731
+    monkeypatch.setattr(_ops, "bf16_linear", spy)          # the kernel the build picks, so it reaches the experts too
+    eng = moe_engine.load(device="cpu", dtype="bfloat16", progress=False)
     try:
-        bf16_engine.generate("def add(a, b):\n    return a + b\n\n", max_new_tokens=2, do_sample=False)
+        eng.generate("def add(a, b):\n    return a + b\n\n", max_new_tokens=2, do_sample=False)
     finally:
-        dec.set_linear_kernel(_ops.bf16_linear)
+        eng.close()
     spec = bf16_engine.spec
     expert_up = (2 * spec.moe.intermediate_size, spec.hidden_size)
     assert (spec.vocab_size, spec.hidden_size) in shapes and expert_up in shapes   # lm_head and routed experts
 
 
 @needs_c
-def test_bf16_model_logits_close_to_reference(bf16_engine, monkeypatch):
+def test_bf16_model_logits_close_to_reference(bf16_engine):
     """Decode-sized forwards (8 tokens: the kernel's range) with the kernel vs its float32 twin everywhere.
     Both round every activation to bf16, at different places by up to one ulp, so the logits differ by a few
     bf16 ulps of the activations that feed them: asserted max |diff| <= 0.05 * std(logits) (measured 0.023),
     and the same greedy token at >= 7 of 8 positions."""
+    from moe_engine.runtime.config import KernelConfig
     ids = torch.tensor([bf16_engine.encode("def add(a, b):\n    return a")[:8]])
     fast = bf16_engine.logits(ids)
-    monkeypatch.setenv(_ops.LINEAR_KERNEL_ENV, "reference")
-    bf16_engine.decoder.set_decode_ops(None)
+    twin = moe_engine.load(device="cpu", dtype="bfloat16", progress=False, kernels=KernelConfig(linear="reference"))
     try:
-        ref = bf16_engine.logits(ids)
+        ref = twin.logits(ids)
     finally:
-        bf16_engine.decoder.set_decode_ops(_ops.decode.decode_ops())
+        twin.close()
     assert (fast - ref).abs().max().item() <= 0.05 * ref.std().item()
     assert (fast.argmax(-1) == ref.argmax(-1)).sum().item() >= 7
 

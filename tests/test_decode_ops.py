@@ -252,33 +252,40 @@ def test_bad_inputs_name_the_problem():
 def test_bf16_model_decodes_through_the_ops_like_its_torch_path():
     """Greedy decode of the bundled model with the fused ops vs the torch code everywhere (ops off): the same
     tokens, and the last step's logits within a few bf16 ulps of the activations (<= 0.05 std)."""
+    from moe_engine.runtime.config import KernelConfig
     eng = moe_engine.load(device="cpu", dtype="bfloat16", progress=False)
+    torch_path = moe_engine.load(device="cpu", dtype="bfloat16", progress=False,
+                                 kernels=KernelConfig(decode_ops=False))
     try:
-        dec = eng.decoder
-        assert dec.layers[0].attn.qkv_weight is not None
+        assert eng.decoder.layers[0].attn.qkv_weight is not None
+        assert torch_path.decoder.decode_ops is None and torch_path.decoder.layers[0].attn.qkv_weight is None
         prompt = "def fib(n):\n    if n < 2:\n        return n\n"
         fast = eng.generate(prompt, max_new_tokens=24, do_sample=False)
         ids = torch.tensor([eng.encode(prompt + fast)])
         fast_logits = eng.logits(ids)[:, -1]
-        dec.set_decode_ops(None)
-        slow = eng.generate(prompt, max_new_tokens=24, do_sample=False)
-        slow_logits = eng.logits(ids)[:, -1]
+        slow = torch_path.generate(prompt, max_new_tokens=24, do_sample=False)
+        slow_logits = torch_path.logits(ids)[:, -1]
     finally:
         eng.close()
+        torch_path.close()
     assert fast == slow
     assert (fast_logits - slow_logits).abs().max() <= 0.05 * slow_logits.std()
 
 
 @needs_c
 def test_fused_qkv_keeps_parameters_and_memory():
+    """q|k|v are fused when the weights are read: the projections view one tensor holding the checkpoint's values."""
     eng = moe_engine.load(device="cpu", dtype="bfloat16", progress=False)
     try:
         attn = eng.decoder.layers[0].attn
         before = {n: p.clone() for n, p in attn.named_parameters()}
-        attn.set_decode_ops(decode.decode_ops())      # again: idempotent
+        attn.fuse_qkv()                               # again: idempotent
         assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
         assert attn.v_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
         assert all(torch.equal(before[n], p) for n, p in attn.named_parameters())
+        for name in ("q_proj", "k_proj", "v_proj"):
+            want = eng.checkpoint.read(f"layers.0.attn.{name}.weight", torch.bfloat16)
+            assert torch.equal(getattr(attn, name).weight, want)
     finally:
         eng.close()
 

@@ -7,25 +7,32 @@ import torch.nn.functional as F
 
 from moe_engine.checkpoint import Checkpoint
 from moe_engine.model.decoder import attention_mask
-from moe_engine.model.experts import ExpertLayout, expert_ffn
+from moe_engine.model.expert_compute import ExpertLoop, dense_ffn
+from moe_engine.model.experts import ExpertLayout, LayerFetch, expert_ffn
 from moe_engine.model.moe import MoeBlock
 from moe_engine.model.spec import MoeSpec
 from moe_engine.runtime.kv_cache import KVCache
 
 
-class DictProvider:
-    """Experts from a dict; records the calls the MoE block makes."""
+class DictSource:
+    """Experts from a dict (an ExpertSource) that also observes routing; records the calls the MoE block makes."""
+
+    buffers_stable = False
 
     def __init__(self, experts):
         self.experts, self.prepared, self.got = experts, [], []
 
-    def prepare(self, layer, experts, counts=None):
+    def fetch(self, layer, experts, counts):
         self.prepared.append(list(experts))
-        return [(e, False) for e in reversed(list(experts))]   # any order must give the same output
+        order = [(e, False) for e in reversed(list(experts))]   # any order must give the same output
+        return LayerFetch(order, self.get)
 
-    def get(self, layer, expert):
+    def get(self, expert):
         self.got.append(expert)
         return self.experts[expert]
+
+    def begin_step(self, token_ids, seq_ids):
+        pass
 
     def observe(self, layer, router_input, experts, weights):
         self.observed = (experts.clone(), weights.clone())
@@ -56,15 +63,17 @@ def test_moe_dispatch_matches_naive(n, e, k, d, i, normalize):
     experts = {j: torch.randn(layout.numel) * 0.3 for j in range(e)}
     block = MoeBlock(0, d, MoeSpec(num_experts=e, top_k=k, intermediate_size=i, norm_topk_prob=normalize), "silu")
     torch.nn.init.normal_(block.router.weight, std=1.0)
-    block.provider = DictProvider(experts)
+    source = DictSource(experts)
+    block.experts = ExpertLoop(source, e, dense_ffn(block.layout, block.act))
+    block.observers.add(source)
     x = torch.randn(n, d)
     with torch.no_grad():
         got = block(x)
         ref = naive_moe(x, block.router.weight, experts, layout, k, normalize)
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
-    used = sorted(set(block.provider.observed[0].flatten().tolist()))
-    assert block.provider.prepared == [used]           # every used expert announced once, before any get
-    assert block.provider.got == used[::-1]             # fetched exactly once, in the order prepare gave
+    used = sorted(set(source.observed[0].flatten().tolist()))
+    assert source.prepared == [used]           # every used expert announced once, before any is taken
+    assert source.got == used[::-1]             # taken exactly once, in the order fetch gave
 
 
 def test_expert_layout_pack_roundtrip_and_ffn():

@@ -21,7 +21,7 @@ from moe_engine.experts.plan import make_plan
 from moe_engine.experts.policies import make_policy
 from moe_engine.experts.tracker import belady_loads
 from moe_engine.profiling.belady import belady_slow
-from moe_engine.runtime.build import build_decoder, non_expert_bytes
+from moe_engine.runtime.build import bind_experts, build_decoder, non_expert_bytes
 from moe_engine.runtime.load import DEFAULT_MODEL_DIR
 
 IDS = torch.tensor([[5, 77, 300, 12, 9, 1000, 44, 3, 871, 64, 2, 15]])
@@ -124,13 +124,14 @@ def test_hybrid_host_tier_path_gives_identical_outputs(reference):
     plan = make_plan(ckpt.spec, dev, dt, non_expert_bytes(ckpt, dt), 64 << 20, None, io_threads=2)
     quotas = [2 if q else 0 for q in plan.quotas]
     plan = dataclasses.replace(plan, quotas=quotas, device_slots=sum(quotas), host_slots=plan.total_experts)
-    decoder = build_decoder(ckpt, dt, dev, progress=False)
     for host_compute, host_slots in ((True, plan.total_experts), (False, plan.total_experts), (False, 24)):
         host = HostTier(ckpt, dataclasses.replace(plan, host_slots=host_slots), dt, dev, pinned=False,
                         progress=False)
         cost = CostModel(h2d_bytes_per_s=1.0 if host_compute else 1e30, cpu_flops_per_s=1e12)
         provider = OffloadedExperts(ckpt, plan, dt, dev, make_policy("lru"), host=host, cost_model=cost)
         read_at_start = host.bytes_disk_read
+        decoder = build_decoder(ckpt, dt, dev, progress=False)      # a decoder is bound to one cache, once
+        bind_experts(decoder, provider)
         engine = moe_engine.Engine(ckpt, decoder, provider, None, dev, dt)
         assert torch.allclose(engine.logits(IDS), reference[0], atol=1e-5, rtol=0)
         stats = provider.stats()

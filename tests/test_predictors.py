@@ -209,11 +209,15 @@ def test_trace_rows_match_a_full_forward():
         a, b = trace.seq_offsets[s], trace.seq_offsets[s + 1]
         ids = torch.from_numpy(trace.token_ids[a:b].astype(np.int64))[None]
         seen = {}
-        for layer in eng.decoder.layers:
-            layer.moe.routing_hook = lambda lay, w, i, seen=seen: (seen.setdefault(lay, i), (w, i))[1]
-        eng.logits(ids)
-        for layer in eng.decoder.layers:
-            layer.moe.routing_hook = None
+
+        class Watch:                                                   # a routing observer of the forward
+            def begin_step(self, token_ids, seq_ids):
+                pass
+
+            def observe(self, lay, x, experts, weights, seen=seen):
+                seen.setdefault(lay, experts)
+        with eng.observing(Watch()):
+            eng.logits(ids)
         got = np.stack([seen[m].numpy() for m in range(6)], 1)
         assert (got == trace.experts[a:b]).all()
     eng.close()
@@ -259,20 +263,21 @@ def test_read_prompts_errors(tmp_path):
 
 
 def test_lookahead_covers_measured_load_time():
-    from moe_engine.experts.cache import LookaheadClock
+    from moe_engine.experts.controller import CacheController
+    from moe_engine.experts.policies import make_policy
+    from moe_engine.experts.tracker import CacheCounters
 
-    class Fake:
-        io_threads, max_lookahead = 2, 4
-    from moe_engine.experts.cache import OffloadedExperts
-    fake = Fake()
-    fake.timing = LookaheadClock()
-    assert OffloadedExperts.lookahead(fake) == 1                       # nothing measured yet
-    fake.timing.load_s, fake.timing.layer_s, fake.timing.loads_per_layer = 0.004, 0.002, 2.0
-    assert OffloadedExperts.lookahead(fake) == 2                       # 2 loads x 4 ms / 2 threads = 2 layers
-    fake.timing.load_s = 0.1
-    assert OffloadedExperts.lookahead(fake) == 4                       # capped
-    fake.timing.load_s = 0.0001
-    assert OffloadedExperts.lookahead(fake) == 1
+    class Transport:                                                   # two loader threads; nothing is loaded
+        parallelism, now = 2, staticmethod(lambda: 0.0)
+    ctl = CacheController([4], 8, make_policy("lru"), 2, Transport(), CacheCounters(1), max_lookahead=4)
+    clock = ctl.clock
+    assert ctl.lookahead() == 1                                        # nothing measured yet
+    clock.load_s, clock.layer_s, clock.loads_per_layer = 0.004, 0.002, 2.0
+    assert ctl.lookahead() == 2                                        # 2 loads x 4 ms / 2 threads = 2 layers
+    clock.load_s = 0.1
+    assert ctl.lookahead() == 4                                        # capped
+    clock.load_s = 0.0001
+    assert ctl.lookahead() == 1
 
 
 @pytest.mark.parametrize("name", ["gate-lookahead", "learned", "path"])

@@ -293,7 +293,7 @@ def test_mixed_widths_through_every_provider_path(tmp_path):
     from moe_engine.experts.plan import make_plan
     from moe_engine.experts.policies import make_policy
     from moe_engine.quant.prepare import quantized_experts
-    from moe_engine.runtime.build import build_decoder, non_expert_bytes, set_expert_layouts
+    from moe_engine.runtime.build import bind_experts, build_decoder, non_expert_bytes
     rng = np.random.default_rng(0)
     table = tuple(tuple(int(b) for b in rng.choice([2, 3, 4, 8], 16)) for _ in range(6))
     settings = QuantSettings("mixed", avg_bits=4.25, bits_table=table)
@@ -312,13 +312,13 @@ def test_mixed_widths_through_every_provider_path(tmp_path):
     plan = make_plan(ckpt.spec, dev, dt, non_expert_bytes(ckpt, dt), 64 << 20, None, expert_bytes=src.max_expert_bytes)
     quotas = [2 if q else 0 for q in plan.quotas]
     plan = dataclasses.replace(plan, quotas=quotas, device_slots=sum(quotas), host_slots=plan.total_experts)
-    decoder = build_decoder(ckpt, dt, dev, progress=False)
-    set_expert_layouts(decoder, src)
     assert measure_cpu_flops(src.layout, dt) > 0
     for host_compute in (True, False):
         host = HostTier(src, plan, torch.uint8, dev, pinned=False, progress=False)
         cost = CostModel(h2d_bytes_per_s=1.0 if host_compute else 1e30, cpu_flops_per_s=1e12)
         provider = OffloadedExperts(src, plan, torch.uint8, dev, make_policy("lru"), host=host, cost_model=cost)
+        decoder = build_decoder(ckpt, dt, dev, progress=False)
+        bind_experts(decoder, provider, src.layouts)
         engine = moe_engine.Engine(ckpt, decoder, provider, None, dev, dt)
         assert torch.allclose(engine.logits(ids), want, atol=1e-5, rtol=0)
         assert (provider.stats()["io"]["loads"] == 0) == host_compute

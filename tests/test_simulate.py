@@ -9,7 +9,8 @@ import pytest
 from moe_engine.cli import main
 from moe_engine.errors import ConfigError
 from moe_engine.experts.policies import make_policy
-from moe_engine.profiling.hardware import Hardware, parse_rate
+from moe_engine.config import parse_rate
+from moe_engine.profiling.hardware import Hardware
 from moe_engine.profiling.replay import replay
 from moe_engine.profiling.shapes import SHAPES, expert_bytes_shape, shape_from_config
 from moe_engine.profiling.simulate import Job, Link, Simulator, compute_bound_tokens_per_s, simulate

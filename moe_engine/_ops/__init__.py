@@ -438,6 +438,6 @@ def copy_h2d_async(src: torch.Tensor, dst: torch.Tensor, stream, *, backend: str
     return event
 
 
-from .matmul import (BF16_ISAS, BF16_N_MAX, LINEAR_KERNEL_ENV, QLINEAR_ISAS, bf16_linear,  # noqa: E402,F401
-                     bf16_linear_isas, bf16_linear_reference, qlinear, qlinear_isas)
+from .matmul import (BF16_ISAS, BF16_N_MAX, QLINEAR_ISAS, bf16_linear, bf16_linear_isas,  # noqa: E402,F401
+                     bf16_linear_reference, bf16_linear_twin, qlinear, qlinear_isas)
 from . import decode  # noqa: E402,F401

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +90,6 @@ def qlinear(x: torch.Tensor, m, *, backend: str = "auto", num_threads: int | Non
 BF16_N_MAX = 8               # rows of x (tokens) up to which bf16_linear uses the C kernel; torch's GEMM above
                              # (measured, bench_gemv.py: at 12-16 tokens torch is faster on the expert shapes)
 BF16_ISAS = ("auto", "avx512bf16", "avx512", "avx2", "scalar")
-LINEAR_KERNEL_ENV = "MOE_ENGINE_LINEAR_KERNEL"   # "reference": bf16_linear runs its twin everywhere (a test hook)
 
 
 def bf16_linear_isas() -> list[str]:
@@ -156,12 +154,10 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     is released and rows are split over num_threads threads (default torch.get_num_threads()); isa picks the
     SIMD path (a test and benchmark hook; see bf16_linear_isas()). "torch": bf16_linear_reference. "auto": "c"
     when the extension loaded and the inputs fit it, else F.linear as torch computes it (prefill, GPU tensors,
-    other dtypes), and the reference everywhere when MOE_ENGINE_LINEAR_KERNEL=reference.
+    other dtypes); bf16_linear_twin is "auto" with the reference in place of "c".
     """
     if backend == "auto" and HAS_C_EXT and isa == "auto" and num_threads is None and isinstance(x, torch.Tensor) \
             and isinstance(weight, torch.Tensor) and _bf16_fits(x, weight, bias):   # decode: the hot path
-        if os.environ.get(LINEAR_KERNEL_ENV) == "reference":
-            return bf16_linear_reference(x, weight, bias)
         return _bf16_linear_c(x, weight, bias, torch.get_num_threads(), "auto")
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or not isinstance(weight, torch.Tensor) \
             or weight.dim() != 2 or x.shape[-1] != weight.shape[-1]:
@@ -173,9 +169,17 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     problem = _bf16_c_problem(x, weight, bias)
     if backend == "auto" and (problem is not None or not HAS_C_EXT):
         return F.linear(x, weight, bias)
-    if _resolve(backend) == "torch" or os.environ.get(LINEAR_KERNEL_ENV) == "reference":
+    if _resolve(backend) == "torch":
         return bf16_linear_reference(x, weight, bias)
     if problem is not None:
         raise ConfigError(f"bf16_linear: backend='c' cannot take these inputs: {problem}")
     threads = torch.get_num_threads() if num_threads is None else _check_size("num_threads", num_threads, 1)
     return _bf16_linear_c(x, weight, bias, threads, isa)
+
+
+def bf16_linear_twin(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16_linear's "auto" with its torch twin where the C kernel would run: the "reference" linear kernel
+    (runtime/config.py KernelConfig.linear; MOE_ENGINE_LINEAR_KERNEL=reference at build)."""
+    if _bf16_fits(x, weight, bias):
+        return bf16_linear_reference(x, weight, bias)
+    return F.linear(x, weight, bias)

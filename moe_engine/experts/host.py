@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import _ops
 from .policies import LRU
+from .storage import read_expert_bytes
 from .table import SlotTable, expert_size
 
 
@@ -74,7 +75,6 @@ class HostTier:
         Experts being read, or being copied by another loader thread, are never evicted; a host
         slot whose last device copy may still be running is reused only after that copy's event.
         """
-        from .cache import read_expert_bytes
         with self._lock:
             fresh = not self.table.contains(layer, expert)
             if fresh:

@@ -1,4 +1,4 @@
-"""The loader: IO worker threads owned by the cache, fed from one priority queue.
+"""The loader: IO worker threads owned by the cache, fed from one priority queue; the live cache's transport.
 
 Jobs are ordered by (priority, submission order): demand loads (priority 0) pre-empt queued
 prefetches (priority >= 1, by lookahead distance). A queued job can be promoted (a prefetched
@@ -6,6 +6,10 @@ expert became a demand) or cancelled (a stale prefetch); a running job always fi
 job does (read a byte range from disk, copy to the GPU) is a callable the cache supplies; the
 loader knows nothing of experts, slots or files. Compute waits on the job's event, for exactly
 the expert it needs.
+
+The Loader is the cache controller's `Transport` (controller.py) for real IO: submit / promote / cancel /
+busy / wait, the clock the controller measures with, and how many loads run at once. The simulator's
+modelled link implements the same protocol (profiling/simulate.py).
 """
 from __future__ import annotations
 
@@ -35,12 +39,16 @@ class LoadJob:
 
 
 class Loader:
-    def __init__(self, work: Callable[[LoadJob, int], None], num_workers: int = 2, name: str = "moe-load"):
+    def __init__(self, work: Callable[[LoadJob, int], None], num_workers: int = 2, name: str = "moe-load",
+                 clock: Callable[[], float] = time.perf_counter):
         self._work = work                  # work(job, worker_index) does the IO; raises on failure
+        self.now = clock                   # the time source of job.seconds (and of the controller's clock)
+        self.parallelism = num_workers     # loads that run at once
         self._heap: list[tuple[int, int, LoadJob]] = []
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
+        self._running = 0                  # jobs a worker has taken and not finished
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"{name}-{i}", daemon=True)
                          for i in range(num_workers)]
         for t in self._threads:
@@ -71,6 +79,14 @@ class Loader:
             job.done.set()
             return True
 
+    def busy(self, job: LoadJob) -> bool:
+        """Queued or running: a worker may still write the job's slot."""
+        return job.state in (QUEUED, RUNNING)
+
+    def wait(self, job: LoadJob) -> None:
+        """Until the job has finished (done, failed or cancelled)."""
+        job.done.wait()
+
     def _next(self) -> LoadJob | None:
         with self._cond:
             while True:
@@ -78,6 +94,7 @@ class Loader:
                     prio, _, job = heapq.heappop(self._heap)
                     if job.state == QUEUED and prio == job.priority:
                         job.state = RUNNING
+                        self._running += 1
                         return job
                 if self._closed:
                     return None
@@ -85,14 +102,22 @@ class Loader:
 
     def _run(self, worker: int) -> None:
         while (job := self._next()) is not None:
-            t0 = time.perf_counter()
+            t0 = self.now()
             try:
                 self._work(job, worker)
                 job.state = DONE
             except BaseException as e:  # noqa: BLE001 -- handed to the thread that waits for this expert
                 job.error, job.state = e, FAILED
-            job.seconds = time.perf_counter() - t0
+            job.seconds = self.now() - t0
             job.done.set()
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    def join(self) -> None:
+        """Until no job is queued or running (tests and benchmarks that need a quiet loader)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._running == 0 and not any(j.state == QUEUED for _, _, j in self._heap))
 
     def pending(self) -> int:
         with self._cond:

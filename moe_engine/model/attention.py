@@ -7,8 +7,9 @@ ops uses, when the cache has them, `slots` (write the new k, v in place) or `rag
 row's own cache, no gather: runtime.batching.StepKV).
 
 Decode ops (optional, injected by the runtime through Decoder.set_decode_ops; see _ops/decode.py for the
-interface): with them a one-token step runs RMSNorm as one call, and attention as fused q|k|v projection ->
-rope_qkv -> cache update -> attend -> o_proj. The torch code below is the reference they match.
+interface): with them a one-token step runs RMSNorm as one call, and attention as fused q|k|v projection
+(the build fuses the weights before reading them: fuse_qkv) -> rope_qkv -> cache update -> attend -> o_proj.
+The torch code below is the reference they match.
 
 Attention sinks (GPT-OSS): a learned logit per head joins every softmax's denominator and is
 dropped from its output, so a query may give part of its attention to "nothing".
@@ -61,19 +62,22 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.h * self.dh, spec.rms_norm_eps)
             self.k_norm = RMSNorm(self.hkv * self.dh, spec.rms_norm_eps)
         self.ops = None                  # decode ops (set_decode_ops)
-        self.qkv_weight: torch.Tensor | None = None   # q|k|v weights as one tensor (set_decode_ops); not a parameter
+        self.qkv_weight: torch.Tensor | None = None   # q|k|v weights as one tensor (fuse_qkv); not a parameter
         self.qkv_bias: torch.Tensor | None = None
 
-    def set_decode_ops(self, ops) -> None:
-        """Use `ops` for one-token steps. q, k and v weights (and biases) move into one tensor that their
-        parameters then view, so one GEMV computes all three; models with q/k norms or clipping keep the torch path."""
-        self.ops = ops
-        if ops is None or self.qk_norm in ("head", "full") or self.clip_qkv is not None:
-            self.qkv_weight = self.qkv_bias = None
+    def fuse_qkv(self) -> None:
+        """Keep q, k and v weights (and biases) in one tensor that their parameters view, so one GEMV computes all
+        three (the decode ops' path). Done once by the build, before the weights are read into the views; models
+        with q/k norms or clipping keep three projections. Idempotent."""
+        if self.qk_norm in ("head", "full") or self.clip_qkv is not None or self.qkv_weight is not None:
             return
         projs = (self.q_proj, self.k_proj, self.v_proj)
         self.qkv_weight = _fuse([p.weight for p in projs])
         self.qkv_bias = _fuse([p.bias for p in projs]) if self.q_proj.bias is not None else None
+
+    def set_decode_ops(self, ops) -> None:
+        """Use `ops` for one-token steps of a fused projection (fuse_qkv); None: the torch code."""
+        self.ops = ops
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
@@ -90,8 +94,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache,
                 mask: torch.Tensor) -> torch.Tensor:
         """x [B, T, D]; cos/sin [B, T, rot]; mask [B, 1, T, S] bool (True = attend) -> [B, T, D]."""
-        fused = self.qkv_weight is not None and self.q_proj.weight.data_ptr() == self.qkv_weight.data_ptr()
-        if fused and x.shape[1] == 1:     # (a module moved after set_decode_ops no longer views qkv_weight)
+        fused = self.ops is not None and self.qkv_weight is not None and \
+            self.q_proj.weight.data_ptr() == self.qkv_weight.data_ptr()
+        if fused and x.shape[1] == 1:     # (a module moved after fuse_qkv no longer views qkv_weight)
             return self._decode(x, cos, sin, kv_cache, mask)
         q, k, v = self._qkv(x)
         q, k = apply_rotary(q, k, cos, sin)

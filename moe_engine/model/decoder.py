@@ -6,6 +6,11 @@ Token-id core: no tokenizer, no sampling, no cache policy. The KV cache is passe
 attention.py for its interface, plus `begin(token_mask) -> start` and `valid` [B, S] used
 here to build masks). Padding tokens (token_mask False) attend nowhere useful and are not
 routed to experts.
+
+Built once (runtime/build.py): weights filled, q/k/v fused where the decode ops run (`fuse_qkv`, before
+the weights are read), kernels and decode ops set, then `bind_experts` gives every MoE block its
+expert-compute strategy. `observers` (model/experts.Observers) is the one stack of routing observers
+the decoder reports each step to; the runtime adds and removes observers there, never replaces it.
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ from torch import nn
 from .attention import Attention, RMSNorm
 from .linear import Linear, LinearKernel
 from .mla import MlaAttention
-from .moe import GatedMlp, MoeBlock
+from .experts import Observers
+from .moe import GatedMlp, MoeBlock, _unbound
+from .routing import make_selector
 from .rope import Rotary
 from .spec import LayerSpec, ModelSpec
 
@@ -65,7 +72,10 @@ class Decoder(nn.Module):
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
         self.tie_weights()
         self.rotary: Rotary | None = None     # built by init_rotary on the real device (not under meta)
-        self.provider = None                  # the ExpertProvider, set by set_expert_provider
+        self.observers = Observers()          # routing observers, shared with every MoE block
+        self.decode_ops = None                # set_decode_ops
+        for block in self.moe_blocks():
+            block.observers = self.observers
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
@@ -84,6 +94,16 @@ class Decoder(nn.Module):
     def init_rotary(self, device) -> None:
         self.rotary = Rotary(self.spec.rope, device=device)
 
+    def moe_blocks(self) -> list[MoeBlock]:
+        return [layer.moe for layer in self.layers if hasattr(layer, "moe")]
+
+    def fuse_qkv(self) -> None:
+        """Every attention that the decode ops can run keeps q|k|v in one tensor its projections view (one GEMV
+        per decode step). Called by the build before the weights are read into them."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_qkv()
+
     def set_linear_kernel(self, kernel: LinearKernel | None) -> None:
         """Every projection (attention, dense MLPs, routers, lm_head) and the routed experts compute their
         matmuls with `kernel(x, weight, bias)` (see linear.py); None restores F.linear."""
@@ -95,30 +115,41 @@ class Decoder(nn.Module):
 
     def set_decode_ops(self, ops) -> None:
         """Fused ops for one-token steps (see _ops/decode.py for the interface; None: the torch code throughout).
-        The runtime sets them for a bf16 model on the CPU; results match the torch path up to rounding."""
+        The build sets them for a bf16 model on the CPU, before binding the experts; results match the torch
+        path up to rounding. MoE blocks take the fused softmax top-k (the expert compute is bound apart)."""
+        self.decode_ops = ops
         for module in self.modules():
             if isinstance(module, Attention):
                 module.set_decode_ops(ops)
-            elif isinstance(module, (RMSNorm, MoeBlock, DecoderLayer)):
+            elif isinstance(module, (RMSNorm, DecoderLayer)):
                 module.ops = ops
+            elif isinstance(module, MoeBlock):
+                module.select = make_selector(module.spec, None if ops is None else ops.route)
 
-    def set_expert_provider(self, provider) -> None:
-        self.provider = provider
-        for layer in self.layers:
-            if hasattr(layer, "moe"):
-                layer.moe.provider = provider
+    def bind_experts(self, strategies: dict) -> None:
+        """Give each MoE block its expert-compute strategy (layer -> (layer, x, weights, ids) -> [N, D]).
+        Once: a model's experts are never replaced after it is built."""
+        blocks = self.moe_blocks()
+        if any(b.experts is not _unbound for b in blocks):
+            raise RuntimeError("this decoder's experts are already bound; build a new decoder for another source")
+        if sorted(strategies) != sorted(b.layer for b in blocks):
+            raise ValueError(f"bind_experts needs a strategy for MoE layers {sorted(b.layer for b in blocks)}, "
+                             f"got {sorted(strategies)}")
+        for block in blocks:
+            block.experts = strategies[block.layer]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache,
                 token_mask: torch.Tensor, last_only: bool = False, seq_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [B, T]; token_mask [B, T] bool -> logits float32 [B, T or 1, V].
 
-        seq_ids [B]: which sequence each row is (for the expert provider's predictor; row index if None).
+        seq_ids [B]: which sequence each row is (for routing observers, e.g. the cache's predictor; row index
+        if None).
         """
         b, t = input_ids.shape
-        begin = getattr(self.provider, "begin_step", None)
-        if begin is not None:     # real tokens in the order the MoE blocks see them
+        if self.observers:     # real tokens in the order the MoE blocks see them
             rows = seq_ids if seq_ids is not None else torch.arange(b, device=input_ids.device)
-            begin(input_ids[token_mask], rows.to(input_ids.device)[:, None].expand(b, t)[token_mask])
+            self.observers.begin_step(input_ids[token_mask],
+                                      rows.to(input_ids.device)[:, None].expand(b, t)[token_mask])
         start = kv_cache.begin(token_mask)
         x = self.embed(input_ids)                                                # [B, T, D]
         if self.spec.embedding_multiplier != 1.0:

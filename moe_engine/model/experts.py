@@ -5,14 +5,23 @@ One expert is one contiguous 1-D buffer, so moving it between tiers is one copy:
     packed = [ gate  I x D | up  I x D | down  D x I ]      (row-major, the model dtype)
            (+ [ gate bias I | up bias I | down bias D ] when the experts have biases, GPT-OSS)
 
-The MoE block never owns routed experts. It asks an `ExpertProvider` for the packed buffer of
-(layer, expert); the provider decides where the bytes live and when they move. This module
-defines the protocol only; implementations live in moe_engine/experts/.
+The MoE block never owns routed experts. Two seams connect it to whoever does, both set once when the
+engine is built (runtime/build.py) and never replaced:
+
+    ExpertSource      fetch(layer, experts, counts) -> LayerFetch: the layer's experts in compute order,
+                      each with its packed buffer and where it is computed (implementations: experts/)
+    RoutingObserver   begin_step(token ids, seq ids) and observe(layer, router input, experts, weights):
+                      what each step routed; any number stack in one `Observers` (the cache's predictor
+                      feed, trace recorders, the profiler, calibration, the serving loop's forecasts)
+
+Observers only watch: nothing they do changes what the block computes. The block's expert-compute
+strategy (expert_compute.py) is the one caller of `fetch`; a strategy backed by other processes
+(expert parallelism) replaces it without touching the model.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -121,55 +130,85 @@ def expert_ffn(x: torch.Tensor, packed: torch.Tensor, layout: ExpertLayout, act=
     return linear(glu(gate, up, act), layout.down(packed), b_down)
 
 
-class ExpertProvider(Protocol):
+class LayerFetch:
+    """One layer's routed experts as a source hands them to the MoE block.
+
+    Iterating yields (expert, packed buffer, on_host) in compute order, device experts first; on_host
+    experts (hybrid execution) are computed on the host CPU from their bytes in host RAM. `on_host` is
+    known before any buffer is taken, so the block can copy those experts' tokens to the host before it
+    queues device work. A buffer is valid until the next one is taken unless the source's buffers are
+    stable (`ExpertSource.buffers_stable`): a cache may reuse a slot for the next expert.
+    """
+
+    __slots__ = ("order", "_get")
+
+    def __init__(self, order: list[tuple[int, bool]], get: Callable[[int], torch.Tensor]):
+        self.order = order                    # [(expert, on_host)] in compute order
+        self._get = get                       # expert -> packed buffer (waits for exactly that expert)
+
+    @property
+    def on_host(self) -> bool:
+        return any(host for _, host in self.order)
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, bool]]:
+        for e, host in self.order:
+            yield e, self._get(e), host
+
+
+class ExpertSource(Protocol):
     """What the MoE block needs from whoever holds the routed experts.
 
-    `prepare` announces every expert a layer is about to use and how many tokens each gets (so
-    loads can start together) and returns the compute order as (expert, on_host) pairs: on_host
-    experts are computed where their bytes are, on the host CPU (hybrid execution); `get`
-    returns one expert's packed buffer (on the compute device, or on the host for on_host
-    experts), waiting for exactly it. `observe` reports the routing decision (for prediction
-    and statistics); it must not change what the block computes.
-
-    Optional attribute `buffers_stable` (default False): True when buffers returned by `get` never move or
-    change while the engine runs (every expert resident), so the block may fetch all of a layer's experts
-    before computing any; otherwise it uses each buffer right after its `get`, as a cache may reuse a slot for
-    the next expert it is asked for.
+    `fetch` announces every expert a layer is about to use and how many tokens each gets (so loads can
+    start together) and returns them in compute order (LayerFetch). `buffers_stable`: True when buffers
+    never move or change while the engine runs (every expert resident), so a layer's experts may be
+    taken together before any is computed.
     """
 
-    def prepare(self, layer: int, experts: Sequence[int],
-                counts: Sequence[int] | None = None) -> list[tuple[int, bool]]: ...
+    buffers_stable: bool
 
-    def get(self, layer: int, expert: int) -> torch.Tensor: ...
-
-    def observe(self, layer: int, router_input: torch.Tensor, experts: torch.Tensor,
-                weights: torch.Tensor) -> None: ...
+    def fetch(self, layer: int, experts: Sequence[int], counts: Sequence[int]) -> LayerFetch: ...
 
 
-class ForwardingProvider:
-    """An ExpertProvider proxy that passes every call to `inner`; subclasses watch what goes by.
-
-    Recorders (routing traces, calibration, serving forecasts) override `begin_step` / `observe`
-    and call super() so the real provider still sees everything; other attributes (stats(),
-    nbytes(), capacity_experts, ...) are the inner provider's.
-    """
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+class RoutingObserver(Protocol):
+    """Told what each forward step routes. Must not change what the model computes."""
 
     def begin_step(self, token_ids: torch.Tensor, seq_ids: torch.Tensor) -> None:
-        begin = getattr(self.inner, "begin_step", None)
-        if begin is not None:
-            begin(token_ids, seq_ids)
+        """A step starts: its real tokens' ids [N] and their sequences' ids [N], in the order the MoE blocks see them."""
 
     def observe(self, layer: int, router_input: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> None:
-        self.inner.observe(layer, router_input, experts, weights)
+        """Layer `layer` routed the step's tokens: router input [N, D], experts [N, K], weights [N, K] (float32)."""
 
-    def prepare(self, layer: int, experts: Sequence[int], counts: Sequence[int] | None = None):
-        return self.inner.prepare(layer, experts, counts)
 
-    def get(self, layer: int, expert: int) -> torch.Tensor:
-        return self.inner.get(layer, expert)
+class Observers:
+    """The routing observers of one decoder, called in the order they were added (they stack).
+
+    The engine's build registers the expert cache's own observer first (it feeds the predictor that
+    steers prefetching); recorders add themselves for as long as they record and remove themselves after.
+    """
+
+    def __init__(self, items: Sequence[RoutingObserver] = ()):
+        self._items: list[RoutingObserver] = list(items)
+
+    def add(self, observer: RoutingObserver) -> RoutingObserver:
+        if any(o is observer for o in self._items):
+            raise ValueError(f"{type(observer).__name__} is already observing this model")
+        self._items = [*self._items, observer]          # copied, never mutated: a step may be iterating it
+        return observer
+
+    def remove(self, observer: RoutingObserver) -> None:
+        """Stop calling `observer` (a no-op when it is not observing)."""
+        self._items = [o for o in self._items if o is not observer]
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def begin_step(self, token_ids: torch.Tensor, seq_ids: torch.Tensor) -> None:
+        for o in self._items:
+            o.begin_step(token_ids, seq_ids)
+
+    def observe(self, layer: int, router_input: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        for o in self._items:
+            o.observe(layer, router_input, experts, weights)

@@ -9,13 +9,46 @@
     softmax over the experts whose logits lie within a relative margin 2 * jitter_eps of it.
 
 All math is float32. The routed scaling factor is not applied here: the MoE block scales the combined
-routed output, so the weights reported to the expert provider stay probabilities.
+routed output, so the weights reported to routing observers stay probabilities.
+
+`make_selector` picks the rule of a spec once, when the model is built: plain softmax top-k (the fused C
+op of the decode ops for a bf16 model on the CPU, else torch), or `select_experts` for every other kind.
 """
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 
 from .spec import MoeSpec
+
+# logits [N, E], correction bias [E] or None -> (weights [N, K] float32, ids [N, K] int64)
+Selector = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
+def softmax_top_k(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] -> (weights [N, K] float32, expert ids [N, K] int64): softmax in float32, top-k,
+    optionally renormalized (Mixtral, Qwen, OLMoE)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def make_selector(spec: MoeSpec, fused_route=None) -> Selector:
+    """The selection rule of `spec`. fused_route(logits, k, normalize): the decode ops' softmax top-k, taken
+    for plain softmax routers whose logits are not computed in float32 (a bf16 model's)."""
+    if spec.scoring == "softmax" and spec.n_group == 1 and not spec.correction_bias:
+        if fused_route is not None and not spec.router_fp32:
+            return lambda logits, bias: fused_route(logits, spec.top_k, spec.norm_topk_prob)
+        return lambda logits, bias: softmax_top_k(logits, spec.top_k, spec.norm_topk_prob)
+    return functools.partial(_select, spec=spec)
+
+
+def _select(logits: torch.Tensor, bias: torch.Tensor | None, spec: MoeSpec):
+    return select_experts(logits, spec, bias)
 
 
 def select_experts(logits: torch.Tensor, spec: MoeSpec,

@@ -19,6 +19,8 @@ Presets (PRESETS; assumptions stated per entry, all numbers are effective rates,
   this-cpu-dram   the same CPU with experts in host RAM (page cache) copied into slots at 10 GB/s
                   (one-thread memcpy, an assumption; `measure_dram` measures it).
 `measure_disk` / `measure_dram` measure the link on the spot (the engine's own _ops reader for disk).
+`host_compute_bytes_per_s` (simulate --host-compute, no preset sets it) models hybrid execution: a miss is
+computed by the host CPU from host RAM when that is faster than loading it, as the engine's cost model decides.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import _ops
 from ..errors import ConfigError
 
 GB = 1e9
@@ -42,6 +45,8 @@ class Hardware:
     layer_overhead_s: float = 0.0           # per MoE layer of a token (framework and launch overhead)
     token_overhead_s: float = 0.0           # per token (sampling, embedding, Python)
     overlap: bool = True                    # IO runs while compute runs (async loader); False: loads serialize
+    host_compute_bytes_per_s: float | None = None   # hybrid execution: the host CPU computes a miss streaming
+                                                    # its weights at this rate when that beats loading it
     memory_bytes: int | None = None         # the compute tier's size, when the preset is a concrete card
     notes: str = ""
 
@@ -52,6 +57,9 @@ class Hardware:
         for field in ("load_latency_s", "expert_overhead_s", "layer_overhead_s", "token_overhead_s"):
             if getattr(self, field) < 0:
                 raise ConfigError(f"hardware {self.name!r}: {field} must be >= 0, got {getattr(self, field)}")
+        if self.host_compute_bytes_per_s is not None and not self.host_compute_bytes_per_s > 0:
+            raise ConfigError(f"hardware {self.name!r}: host_compute_bytes_per_s must be > 0, got "
+                              f"{self.host_compute_bytes_per_s}")
 
     def load_s(self, nbytes: int) -> float:
         """Seconds one load of `nbytes` holds the link."""
@@ -60,6 +68,12 @@ class Hardware:
     def expert_s(self, nbytes: int) -> float:
         """Seconds to compute one expert of `nbytes` weights for one token."""
         return self.expert_overhead_s + nbytes / self.compute_bytes_per_s
+
+    def host_expert_s(self, nbytes: int, tokens: int = 1) -> float | None:
+        """Seconds for the host CPU to compute one expert of `nbytes` for `tokens` tokens (None: no hybrid)."""
+        if self.host_compute_bytes_per_s is None:
+            return None
+        return self.expert_overhead_s + tokens * nbytes / self.host_compute_bytes_per_s
 
     def replace(self, **changes) -> Hardware:
         return dataclasses.replace(self, **changes)
@@ -96,25 +110,9 @@ def preset(name: str) -> Hardware:
     return PRESETS[name]
 
 
-def parse_rate(text: str | float, flag: str) -> float:
-    """'2.2G', '25GB', '1.5e9' or a number -> bytes/s; errors name `flag`."""
-    if isinstance(text, int | float):
-        value = float(text)
-    else:
-        s = text.strip().upper().removesuffix("/S").removesuffix("B")
-        mult = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(s[-1:], 1.0)
-        try:
-            value = float(s[:-1] if mult != 1.0 else s) * mult
-        except ValueError:
-            raise ConfigError(f"{flag} {text!r}: expected bytes per second like 2.2G, 25GB or 1.5e9") from None
-    if not value > 0:
-        raise ConfigError(f"{flag} {text!r}: must be > 0")
-    return value
-
-
 def measure_disk(path: str | Path, nbytes: int = 512 << 20, io_threads: int = 2, chunk: int = 64 << 20) -> float:
     """Direct-IO read bandwidth (bytes/s) of the first `nbytes` of `path` with the engine's own reader."""
-    from .. import _ops
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"cannot measure disk bandwidth: {path} is not a file (give a large checkpoint file)")

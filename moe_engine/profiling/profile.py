@@ -25,7 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..experts.policies import DEFAULT_POLICY, make_policy
 from .lrc import SEGMENTS, lrc_metrics
+from .record import RoutingRecorder
 from .replay import replay
 from .trace import Trace
 
@@ -96,19 +98,15 @@ def run_profile(engine, prompts: list[str], max_new_tokens: int = 32, progress: 
 
 def _generate(engine, prompts: list[str], max_new_tokens: int, progress: bool) -> tuple[Trace, list[RequestTiming]]:
     """Each prompt alone through the engine with its routing recorded; one RequestTiming per prompt."""
-    from .record import RoutingRecorder
     ids = [engine.encode(p) for p in prompts]
-    recorder = RoutingRecorder(engine.provider, engine.spec.moe_layers)
+    recorder = RoutingRecorder(engine.spec.moe_layers)
     requests = []
-    engine.decoder.set_expert_provider(recorder)
-    try:
+    with engine.observing(recorder):
         for row in tqdm(ids, desc="profiling", unit="prompt", disable=not progress, leave=False):
             engine.generate(torch.tensor(row), max_new_tokens=max_new_tokens, do_sample=False)
             t = engine.timings
             requests.append(RequestTiming(t.prompt_tokens, t.steps, t.ttft_s, t.prefill_s, t.decode_s,
                                           list(t.step_s)))
-    finally:
-        engine.decoder.set_expert_provider(engine.provider)
     return recorder.trace([len(r) for r in ids], engine.spec.moe.num_experts), requests
 
 
@@ -165,19 +163,13 @@ def time_per_token(stats: dict, requests: list[RequestTiming]) -> dict:
 
 def policy_name(engine, settings: dict | None) -> str:
     """Name of the eviction policy the engine's cache runs (the default policy when all experts are resident)."""
-    table = getattr(engine.provider, "table", None)
-    if table is not None:
-        return table.policy.name
-    from ..experts.policies import DEFAULT_POLICY
-    return (settings or {}).get("policy") or DEFAULT_POLICY
+    return engine.experts.policy_name or (settings or {}).get("policy") or DEFAULT_POLICY
 
 
 def engine_quotas(engine, moe_layers: list[int]) -> list[int]:
     """Expert slots of each MoE layer in the live cache (all experts when they are all resident)."""
-    table = getattr(engine.provider, "table", None)
-    if table is None:
-        return [engine.spec.moe.num_experts] * len(moe_layers)
-    return [table.quotas[m] for m in moe_layers]
+    quotas = engine.experts.quotas
+    return [quotas[m] for m in moe_layers]
 
 
 def sweep_sizes(top_k: int, num_experts: int, points: int = SWEEP_POINTS) -> list[int]:
@@ -190,7 +182,6 @@ def cache_sweep(trace: Trace, policy: str, quotas: list[int], live_hit_rate: flo
     token (demand loads, no prefetch, one cache kept across prompts as in the run), plus the same replay at
     the live cache's own quotas and the hit rate the run measured (which prefetching and step-wise prefill
     lookups make differ from the replay)."""
-    from ..experts.policies import make_policy
     sizes = sweep_sizes(trace.top_k, int(trace.num_experts))
     runs = [replay(trace, make_policy(policy), c, reset=False) for c in sizes]
     at_live = replay(trace, make_policy(policy), quotas, reset=False) if min(quotas) >= trace.top_k else None

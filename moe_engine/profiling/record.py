@@ -1,6 +1,6 @@
 """Recording routing traces (`moe-engine trace`) in the npz format of ARCHITECTURE.md.
 
-    Engine.generate(prompt) --> decoder --begin_step / observe--> RoutingRecorder --> inner provider
+    Engine.generate(prompt) --> decoder --begin_step / observe--> RoutingRecorder (one of the engine's observers)
                                                                      | per step: token ids, seq ids,
                                                                      | experts, weights (router inputs)
                                                                      v
@@ -20,22 +20,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..model.experts import ForwardingProvider
 from .trace import Trace
 
 
-class RoutingRecorder(ForwardingProvider):
-    """An ExpertProvider proxy that writes down what every MoE layer chose, then passes everything on."""
+class RoutingRecorder:
+    """A routing observer that writes down what every MoE layer chose."""
 
-    def __init__(self, inner, moe_layers: list[int], router_inputs: bool = False):
-        super().__init__(inner)
+    def __init__(self, moe_layers: list[int], router_inputs: bool = False):
         self.moe_layers = list(moe_layers)
         self.keep_inputs = router_inputs
         self.steps: list[dict] = []
 
     def begin_step(self, token_ids: torch.Tensor, seq_ids: torch.Tensor) -> None:
         self.steps.append({"tokens": token_ids.cpu(), "seqs": seq_ids.cpu(), "experts": {}, "weights": {}, "x": {}})
-        super().begin_step(token_ids, seq_ids)
 
     def observe(self, layer, router_input, experts, weights) -> None:
         step = self.steps[-1]
@@ -43,7 +40,6 @@ class RoutingRecorder(ForwardingProvider):
         step["weights"][layer] = weights.float().cpu()
         if self.keep_inputs:
             step["x"][layer] = router_input.to(torch.float16).cpu()
-        super().observe(layer, router_input, experts, weights)
 
     def trace(self, prompt_lens: list[int], num_experts: int) -> Trace:
         """All recorded steps regrouped per sequence (sequences in order of first appearance)."""
@@ -97,14 +93,11 @@ def record_trace(engine, prompts: list, max_new_tokens: int = 32, router_inputs:
     if not prompts:
         raise ConfigError("no prompts to trace: give at least one")
     spec = engine.spec
-    recorder = RoutingRecorder(engine.provider, spec.moe_layers, router_inputs)
+    recorder = RoutingRecorder(spec.moe_layers, router_inputs)
     lens = []
-    engine.decoder.set_expert_provider(recorder)
-    try:
+    with engine.observing(recorder):
         for p in tqdm(prompts, desc="tracing", unit="prompt", disable=not progress, leave=False):
             ids = torch.tensor(p) if not isinstance(p, str) else torch.tensor(engine.encode(p))
             lens.append(int(ids.numel()))
             engine.generate(ids, max_new_tokens=max_new_tokens, **generate_kw)
-    finally:
-        engine.decoder.set_expert_provider(engine.provider)
     return recorder.trace(lens, spec.moe.num_experts)

@@ -98,7 +98,7 @@ def _run(table: SlotTable, experts: np.ndarray, step0: int, scorer: Scorer | Non
     """Serve steps experts [T, L, K] (global step numbers from step0) through `table`."""
     for t, row in enumerate(experts.tolist()):
         step = step0 + t
-        for layer, need in enumerate(row):
+        for layer, need in enumerate(map(sorted, row)):             # in id order, as the MoE block dispatches
             missing = table.lookup(layer, need, step)
             if scorer is not None:
                 scorer.observe(layer, need)

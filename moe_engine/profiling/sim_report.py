@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import parse_rate
 from ..errors import ConfigError
-from .hardware import Hardware, parse_rate, preset
+from .hardware import Hardware, preset
 from .lrc import format_lrc
 from .shapes import ModelShape, expert_bytes_shape, shape_from_config, shape_preset
 from .trace import Trace
@@ -57,9 +58,11 @@ def pick_shape(trace: Trace, model_dir: str | None, model_shape: str | None, exp
 
 
 def pick_hardware(name: str, bandwidth: str | None, compute: str | None, latency: float | None,
-                  no_overlap: bool) -> Hardware:
+                  no_overlap: bool, host_compute: str | None = None) -> Hardware:
     hw = preset(name)
     changes = {}
+    if host_compute is not None:
+        changes["host_compute_bytes_per_s"] = parse_rate(host_compute, "--host-compute")
     if bandwidth is not None:
         changes["link_bytes_per_s"] = parse_rate(bandwidth, "--bandwidth")
     if compute is not None:

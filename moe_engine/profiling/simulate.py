@@ -1,20 +1,19 @@
-"""Offloading simulator: a routing trace through the engine's own cache code on a modelled timeline.
+"""Offloading simulator: a routing trace through the engine's own cache controller on a modelled timeline.
 
-    trace row t (one decode token) --for each layer l-->  predictor.observe/predict (the engine's predictor objects)
-        dense part of l: layer_dense_bytes / compute rate          SlotTable.lookup + place (the engine's policy)
-        misses -> demand jobs (priority 0) --+                     prefetches from the forecast (priority d)
-                                             v
-                              Link: one queue, demand before prefetch, non-preemptive, bytes / bandwidth + latency
-        experts of l computed in the engine's order (ready, loading, demand); one that is still loading
-        stalls compute until its job finishes; then lm_head.
+    trace row t (one token) --for each layer l-->  predictor.observe/predict (the engine's predictor objects)
+        dense part of l: layer_dense_bytes / compute rate
+        CacheController.prepare (experts/controller.py: the object the live cache runs): lookup, demand loads,
+            deferred misses, hybrid decisions, prefetches --> LinkTransport: one modelled link, demand before
+            prefetch, non-preemptive, bytes / bandwidth + latency
+        experts of l computed in the controller's order; acquire() waits for a load that is still running
+        (compute stalls until it finishes); host experts take the host CPU's time; then lm_head.
 
-What comes from the engine: SlotTable and the eviction policy objects (experts/table.py, policies.py),
-CacheCounters (hits, loads, prefetch used/wasted: experts/tracker.py), the prefetch decisions (which
-predicted experts to load, the precision gate, protection of the step's prefetches:
-experts/prefetch_gate.PrefetchGate, the object OffloadedExperts runs), predictors through the
-ExpertPredictor protocol. What is modelled: time (hardware.py), one link with the aggregate bandwidth
-of the loader threads, and the cancelling of stale queued prefetches (mirrors
-OffloadedExperts._cancel_stale, a method of the provider that owns the loader's jobs).
+The simulator is the live cache's controller with a modelled link instead of loader threads and slots,
+so it makes the engine's decisions by construction (slot table, eviction policy, deferred misses,
+schedule hints, the prefetch gate, stale-prefetch cancelling, the lookahead rule on modelled times,
+counters); what is modelled is time (hardware.py) and one link with the aggregate bandwidth of the
+loader threads. tests/test_controller.py replays one routing log through the live cache and through
+this simulator and gets the same decisions step by step.
 
 Every trace row is one decode step (batch 1). Rows of a sequence's prompt (`prompt_len` in the trace,
 when present) are replayed the same way to warm the cache but reported apart, as the engine's
@@ -22,16 +21,19 @@ decode tokens/s excludes prefill. `reset`: every sequence starts with an empty c
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..experts.prefetch_gate import PrefetchGate
+from predictors.oracle import OraclePredictor
+
+from ..errors import ConfigError
+from ..experts.controller import CacheController
+from ..experts.loader import DONE, LoadJob
 from ..experts.policies import make_policy
-from ..experts.table import SlotTable
 from ..experts.tracker import CacheCounters
+from ..runtime.plugins import resolve_predictor
 from .belady import belady
 from .hardware import Hardware
 from .shapes import ModelShape
@@ -95,6 +97,66 @@ class Link:
         self.busy_seconds += job.seconds
 
 
+class LinkTransport:
+    """The cache controller's transport in the simulator (experts/ledger.Transport): loads on one modelled link,
+    time from the simulator's timeline. A load counts when submitted and is taken back if it is cancelled
+    before it starts; without overlap a load holds compute for its whole time when it is issued."""
+
+    parallelism = 1                                 # one link carries the loader threads' aggregate bandwidth
+
+    def __init__(self, sim: "Simulator"):
+        self.sim, self.link = sim, Link()
+        self._jobs: dict[LoadJob, Job] = {}
+        self._order = 0
+
+    def now(self) -> float:
+        return self.sim.now
+
+    def submit(self, job: LoadJob) -> None:
+        sim = self.sim
+        job.seconds = sim.load_s
+        sim.counters.loaded(job.layer, sim.shape.expert_bytes, 0)
+        if not sim.hw.overlap:                     # loads serialize with compute: done when issued
+            sim.stall += sim.load_s
+            sim.now += sim.load_s
+            self.link.busy_seconds += sim.load_s
+            job.state = DONE
+            return
+        self._order += 1
+        self._jobs[job] = j = Job(job.layer, job.expert, job.priority, self._order, sim.now, sim.load_s, job.prefetch)
+        self.link.submit(j)
+
+    def promote(self, job: LoadJob) -> None:
+        j = self._jobs.get(job)
+        if j is not None and j.start is None:
+            j.priority = 0
+
+    def cancel(self, job: LoadJob) -> bool:
+        j = self._jobs.get(job)
+        if j is None or not self.link.cancel(j):
+            return False
+        del self._jobs[job]
+        self.sim.counters.loads -= 1                  # never moved
+        self.sim.counters.bytes_loaded -= self.sim.shape.expert_bytes
+        return True
+
+    def busy(self, job: LoadJob) -> bool:
+        j = self._jobs.get(job)
+        return j is not None and (j.finish is None or j.finish > self.sim.now)
+
+    def wait(self, job: LoadJob) -> None:
+        sim, j = self.sim, self._jobs.pop(job)
+        done = self.link.finish(j)
+        if done > sim.now:
+            sim.stall += done - sim.now
+            sim.now = done
+        job.state = DONE
+
+    def sync(self) -> None:
+        """Start every queued load whose start time has come (before a layer's decisions)."""
+        self.link.run_until(self.sim.now)
+
+
 @dataclass
 class SimResult:
     capacity_experts: int
@@ -138,37 +200,45 @@ class SimResult:
 
 
 class Simulator:
-    """One cache size: `run` replays the trace and returns a SimResult."""
+    """One cache size: `run` replays the trace and returns a SimResult. events: a list to record the controller's
+    decisions in (see experts/controller.py)."""
 
     def __init__(self, trace: Trace, shape: ModelShape, hw: Hardware, quotas: list[int], policy: str = "default",
-                 predictor=None, reset: bool = True, max_lookahead: int = MAX_LOOKAHEAD):
+                 predictor=None, reset: bool = True, max_lookahead: int = MAX_LOOKAHEAD, events: list | None = None):
         if min(quotas) < trace.top_k:
             raise ValueError(f"per-layer cache size {min(quotas)} is below top_k={trace.top_k}")
         self.trace, self.shape, self.hw, self.quotas = trace, shape, hw, list(quotas)
         self.policy_name, self.predictor, self.reset = policy, predictor, reset
-        self.max_lookahead = max_lookahead
+        self.max_lookahead, self.events = max_lookahead, events
         self.expert_s = hw.expert_s(shape.expert_bytes)
+        self.host_expert_s = hw.host_expert_s(shape.expert_bytes)
         self.load_s = hw.load_s(shape.expert_bytes)
         self.dense_s = hw.layer_overhead_s + shape.layer_dense_bytes / hw.compute_bytes_per_s
         self.head_s = hw.token_overhead_s + shape.lm_head_bytes / hw.compute_bytes_per_s
 
     # ---- state of one cache -----------------------------------------------------------------------
     def _new_cache(self) -> None:
-        if hasattr(self, "table"):
-            self.hits = [a + b for a, b in zip(self.hits, self.table.hits)]
-            self.misses = [a + b for a, b in zip(self.misses, self.table.misses)]
-        self.table = SlotTable(self.quotas, int(self.trace.num_experts), make_policy(self.policy_name))
-        self.jobs: dict[tuple[int, int], Job] = {}
-        self.gate = PrefetchGate(len(self.quotas), self.trace.top_k)   # the engine's prefetch decisions
-        self.loads_per_layer = 0.0
+        if hasattr(self, "ctl"):
+            self.hits = [a + b for a, b in zip(self.hits, self.ctl.table.hits)]
+            self.misses = [a + b for a, b in zip(self.misses, self.ctl.table.misses)]
+        self.ctl = CacheController(self.quotas, int(self.trace.num_experts), make_policy(self.policy_name),
+                                   self.trace.top_k, self.transport, self.counters, self._host_decision(),
+                                   self.max_lookahead, self.events)
+
+    def _host_decision(self):
+        """Hybrid execution when the hardware has a host compute rate: a miss runs on the host when that is
+        faster than loading it (the live cost model's rule: the host holds every expert)."""
+        if self.host_expert_s is None:
+            return None
+        return lambda layer, e, tokens: self.hw.host_expert_s(self.shape.expert_bytes, tokens) < self.load_s
 
     def run(self) -> SimResult:
         tr = self.trace
         self.counters = CacheCounters(tr.num_layers)
-        self.link, self.now, self.order = Link(), 0.0, 0
-        self.stall = self.compute = 0.0
+        self.now, self.stall, self.compute = 0.0, 0.0, 0.0
+        self.transport = LinkTransport(self)
         self.hits, self.misses = [0] * tr.num_layers, [0] * tr.num_layers
-        self.__dict__.pop("table", None)
+        self.__dict__.pop("ctl", None)
         prompt = self._prompt_mask()
         times = np.zeros(tr.num_steps)
         stalls = np.zeros(tr.num_steps)
@@ -189,7 +259,8 @@ class Simulator:
         return SimResult(sum(self.quotas), self.quotas, self.counters, hits, misses, bel,
                          int((~prompt).sum()), float(times[~prompt].sum()), int(prompt.sum()),
                          float(times[prompt].sum()), self.stall, float(stalls[~prompt].sum()), self.compute,
-                         self.link.busy_seconds, self.shape.expert_bytes, {"decode_loads": int(loads[~prompt].sum())})
+                         self.transport.link.busy_seconds, self.shape.expert_bytes,
+                         {"decode_loads": int(loads[~prompt].sum())})
 
     def _prompt_mask(self) -> np.ndarray:
         mask = np.zeros(self.trace.num_steps, dtype=bool)
@@ -201,121 +272,33 @@ class Simulator:
 
     # ---- one token ------------------------------------------------------------------------------
     def _token(self, row: int, seq: int) -> None:
-        tr = self.trace
-        step = row
-        self.gate.new_step()
-        for layer in range(tr.num_layers):
+        for layer in range(self.trace.num_layers):
             self._advance(self.dense_s)
-            need = [int(e) for e in tr.experts[row, layer]]
-            issued0 = self.order
-            preds = self._forecast(row, seq, layer, need)
-            order = self._prepare(layer, need, step)
-            self._prefetch(layer, preds, step)
-            self._compute(layer, order)
-            self.loads_per_layer = 0.9 * self.loads_per_layer + 0.1 * (self.order - issued0)
+            need = sorted({int(e) for e in self.trace.experts[row, layer]})       # as the MoE block dispatches
+            preds = self._forecast(row, seq, layer)
+            self.transport.sync()
+            for e, on_host in self.ctl.prepare(layer, need, [1] * len(need), preds):
+                self.ctl.acquire(layer, e)
+                self._advance(self.host_expert_s if on_host else self.expert_s)
         self._advance(self.head_s)
 
     def _advance(self, seconds: float) -> None:
         self.now += seconds
         self.compute += seconds
 
-    def _forecast(self, row: int, seq: int, layer: int, need: list[int]) -> dict[int, torch.Tensor]:
+    def _forecast(self, row: int, seq: int, layer: int) -> dict[int, torch.Tensor]:
         if self.predictor is None or not self.hw.overlap:
             return {}
-        ex = torch.tensor([need], dtype=torch.long)
+        ex = torch.tensor(self.trace.experts[row, layer][None], dtype=torch.long)         # [1, K] router order
         w = torch.from_numpy(np.asarray(self.trace.probs[row, layer], dtype=np.float32))[None]
         tok = None if self.trace.token_ids is None else torch.tensor([int(self.trace.token_ids[row])])
         try:
             self.predictor.observe(layer, None, ex, w, tok, torch.tensor([seq]))
-            return self.predictor.predict(layer, self._lookahead())
+            return self.predictor.predict(layer, self.ctl.lookahead())
         except Exception as e:   # noqa: BLE001 - a predictor that needs hidden states cannot run from routing
-            from ..errors import ConfigError
             name = getattr(self.predictor, "name", type(self.predictor).__name__)
             raise ConfigError(f"--predictor {name!r} cannot run from a routing trace ({type(e).__name__}: {e}); "
                               f"use none, oracle, or path (trained on routing only)") from None
-
-    def _layer_s(self) -> float:
-        """Modelled compute of one layer pass (what the engine's LookaheadClock measures)."""
-        return self.dense_s + self.trace.top_k * self.expert_s
-
-    def _lookahead(self) -> int:
-        """The engine's rule (OffloadedExperts.lookahead) with the modelled load and layer times."""
-        need = max(self.loads_per_layer, 1.0) * self.load_s
-        return max(1, min(self.max_lookahead, math.ceil(need / max(self._layer_s(), 1e-9))))
-
-    def _prepare(self, layer: int, need: list[int], step: int) -> list[int]:
-        """Lookup, demand loads; returns the compute order (as OffloadedExperts.prepare)."""
-        self.link.run_until(self.now)
-        self._cancel_stale(layer, need)
-        self.gate.score(layer, need)
-        missing = self.table.lookup(layer, need, step)
-        self.counters.accessed(layer, step, need)
-        for e in need:
-            if e not in missing:
-                self.counters.prefetch_hit(layer, e)
-                job = self.jobs.get((layer, e))
-                if job is not None and job.start is None:
-                    job.priority = 0                      # promoted to a demand load
-        for e in missing:
-            protected = self._inflight(layer) | set(need)
-            placed = self.table.place(layer, e, step, protected=protected)
-            if placed is None:
-                raise RuntimeError(f"layer {layer}: every slot is held by experts of step {step}")
-            self._evicted(layer, placed[1])
-            self._submit(layer, e, 0)
-        ready = [e for e in need if e not in missing and (layer, e) not in self.jobs]
-        loading = [e for e in need if e not in missing and (layer, e) in self.jobs]
-        return ready + loading + [e for e in missing]
-
-    def _compute(self, layer: int, order: list[int]) -> None:
-        for e in order:
-            job = self.jobs.pop((layer, e), None)
-            if job is not None:
-                done = self.link.finish(job)
-                if done > self.now:
-                    self.stall += done - self.now
-                    self.now = done
-            self._advance(self.expert_s)
-
-    def _submit(self, layer: int, e: int, priority: int) -> None:
-        self.order += 1
-        job = Job(layer, e, priority, self.order, self.now, self.load_s, priority != 0)
-        self.counters.issued(layer, e, job.prefetch)
-        self.counters.loaded(layer, self.shape.expert_bytes, 0)
-        if not self.hw.overlap:                           # loads serialize with compute: done when issued
-            self.stall += self.load_s
-            self.now += self.load_s
-            self.link.busy_seconds += self.load_s
-            return
-        self.jobs[(layer, e)] = job
-        self.link.submit(job)
-
-    def _evicted(self, layer: int, e: int | None) -> None:
-        if e is not None:
-            self.jobs.pop((layer, e), None)
-            self.counters.evicted(layer, e)
-
-    def _inflight(self, layer: int) -> set[int]:
-        return {e for (lay, e), j in self.jobs.items()
-                if lay == layer and (j.finish is None or j.finish > self.now)}
-
-    def _cancel_stale(self, layer: int, need: list[int]) -> None:
-        for (lay, e), job in list(self.jobs.items()):
-            if lay == layer and e not in need and job.prefetch and self.link.cancel(job):
-                del self.jobs[(lay, e)]
-                self.table.remove(lay, e)
-                self.counters.cancelled(lay, e)
-                self.counters.loads -= 1                  # never moved
-                self.counters.bytes_loaded -= self.shape.expert_bytes
-
-    def _prefetch(self, layer: int, preds: dict[int, torch.Tensor], step: int) -> None:
-        """OffloadedExperts._prefetch on the modelled link: the same PrefetchGate makes the decisions."""
-        self.gate.issue(layer, preds, self.table, step, self._inflight, self._issue_prefetch,
-                        load_s=self.load_s, layer_s=self._layer_s())
-
-    def _issue_prefetch(self, target: int, e: int, placed: tuple[int, int | None], distance: int) -> None:
-        self._evicted(target, placed[1])
-        self._submit(target, e, distance)
 
 
 def compute_bound_tokens_per_s(shape: ModelShape, hw: Hardware) -> float:
@@ -331,10 +314,7 @@ def make_predictor(spec: str | None, trace: Trace, model_dir=None):
     if spec in (None, "none"):
         return None
     if spec == "oracle":
-        from predictors.oracle import OraclePredictor
         return OraclePredictor(trace.experts, trace.probs, trace.seq_offsets)
-    from ..errors import ConfigError
-    from ..runtime.plugins import resolve_predictor
     if spec.partition(":")[0] in NEEDS_HIDDEN_STATES:
         raise ConfigError(f"--predictor {spec!r} reads router inputs (hidden states), which a routing trace does not "
                           f"carry; use none, oracle, or path (trained on routing only)")
@@ -344,7 +324,6 @@ def make_predictor(spec: str | None, trace: Trace, model_dir=None):
 def simulate(trace: Trace, shape: ModelShape, hw: Hardware, cache_sizes: list[int], policy: str = "default",
              predictor: str | None = None, reset: bool = True, model_dir=None) -> dict:
     """JSON-ready results for each per-layer cache size; the top level repeats the first size's contract keys."""
-    from ..errors import ConfigError
     if shape.num_layers != trace.num_layers or shape.top_k != trace.top_k or shape.num_experts < trace.num_experts:
         raise ConfigError(f"the trace has {trace.num_layers} layers x top-{trace.top_k} over {trace.num_experts} "
                           f"experts but the model shape {shape.name!r} has {shape.num_layers} x top-{shape.top_k} "

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..model.experts import ExpertLayout, ForwardingProvider
+from ..model.experts import ExpertLayout
 from .format import QuantLayout
 
 WINDOW = 512
@@ -32,11 +32,10 @@ class LayerStats:
     seen: int = 0
 
 
-class CalibrationRecorder(ForwardingProvider):
-    """An ExpertProvider proxy that tallies routing and samples router inputs, then passes everything on."""
+class CalibrationRecorder:
+    """A routing observer that tallies routing and samples router inputs."""
 
-    def __init__(self, inner, moe_layers: list[int], num_experts: int, samples: int, seed: int = 0):
-        super().__init__(inner)
+    def __init__(self, moe_layers: list[int], num_experts: int, samples: int, seed: int = 0):
         self.stats = {m: LayerStats(np.zeros(num_experts), np.zeros(num_experts)) for m in moe_layers}
         self.samples = samples
         self.rng = np.random.default_rng(seed)
@@ -55,7 +54,9 @@ class CalibrationRecorder(ForwardingProvider):
                 if j < self.samples:
                     s.inputs[j] = row.clone()
             s.seen += 1
-        super().observe(layer, router_input, experts, weights)
+
+    def begin_step(self, token_ids, seq_ids) -> None:
+        """Calibration tallies whole windows: nothing to note per step."""
 
 
 def calibration_tokens(engine, path, max_tokens: int) -> list[int]:
@@ -74,14 +75,11 @@ def record_calibration(engine, path, max_tokens: int, samples: int, progress: bo
     spec = engine.spec
     ids = calibration_tokens(engine, path, max_tokens)
     window = min(WINDOW, engine.max_context)
-    rec = CalibrationRecorder(engine.provider, spec.moe_layers, spec.moe.num_experts, samples)
-    engine.decoder.set_expert_provider(rec)
-    try:
+    rec = CalibrationRecorder(spec.moe_layers, spec.moe.num_experts, samples)
+    with engine.observing(rec):
         for start in tqdm(range(0, len(ids), window), desc="calibrating", unit="window", disable=not progress,
                           leave=False):
             engine.logits(torch.tensor([ids[start:start + window]]))
-    finally:
-        engine.decoder.set_expert_provider(engine.provider)
     return rec.stats
 
 

@@ -169,9 +169,10 @@ class QuantLayout:
         """The expert's buffer -> (W1 [2I, D], W2 [D, I]) in `dtype`."""
         return dequantize_matrix(self.w1.views(buf), dtype), dequantize_matrix(self.w2.views(buf), dtype)
 
-    def ffn(self, x: torch.Tensor, buf: torch.Tensor, act="silu", linear=None) -> torch.Tensor:
-        """The expert over its quantized buffer; `linear` (a dense-weight matmul kernel) is not used here."""
-        return quant_expert_ffn(x, buf, self, act)
+    def ffn(self, x: torch.Tensor, buf: torch.Tensor, act="silu", linear=None, kernel: str = "auto") -> torch.Tensor:
+        """The expert over its quantized buffer (kernel: see kernels.qlinear); `linear` (a dense-weight matmul
+        kernel) is not used here."""
+        return quant_expert_ffn(x, buf, self, act, kernel)
 
 
 def quantize_matrix(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

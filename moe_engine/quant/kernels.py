@@ -7,13 +7,13 @@
   dense W in memory); _ops falls back to the reference when the extension is missing.
 - CUDA: the Triton kernel of triton_qmatmul.py when triton imports, else the reference.
 
-`MOE_ENGINE_QUANT_KERNEL=reference` forces the reference everywhere (a test hook); results of
-the fast paths match it to float32 rounding (tests/test_quant_kernels.py).
+kernel="reference" forces the reference (the build passes KernelConfig.quant, whose default is
+MOE_ENGINE_QUANT_KERNEL: a test hook); results of the fast paths match it to float32 rounding
+(tests/test_quant_kernels.py).
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -31,9 +31,9 @@ def _triton_qlinear():
     return qlinear_triton
 
 
-def qlinear(x: torch.Tensor, m: QMatrix, kernel: str | None = None) -> torch.Tensor:
-    """x [N, C] -> [N, R]; kernel: None (auto), "reference", "fast"."""
-    kernel = kernel or os.environ.get("MOE_ENGINE_QUANT_KERNEL", "auto")
+def qlinear(x: torch.Tensor, m: QMatrix, kernel: str = "auto") -> torch.Tensor:
+    """x [N, C] -> [N, R]; kernel: "auto" (the fast path of x's device) or "reference" (chosen at build:
+    runtime/config.py KernelConfig.quant)."""
     if kernel == "reference":
         return qlinear_reference(x, m)
     if x.device.type == "cuda":
@@ -42,8 +42,7 @@ def qlinear(x: torch.Tensor, m: QMatrix, kernel: str | None = None) -> torch.Ten
     return _ops.qlinear(x, m)
 
 
-def quant_expert_ffn(x: torch.Tensor, buf: torch.Tensor, layout, act="silu",
-                     kernel: str | None = None) -> torch.Tensor:
+def quant_expert_ffn(x: torch.Tensor, buf: torch.Tensor, layout, act="silu", kernel: str = "auto") -> torch.Tensor:
     """SwiGLU expert over a quantized buffer (layout: a format.QuantLayout): down(glu(gate(x), up(x))) (+ float32
     biases). x [N, D] -> [N, D]."""
     b1, b2 = layout.biases(buf)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.experts import ForwardingProvider
 from .detokenize import IncrementalText
 from .sampling import Sampler, SamplingParams
 from .stopping import StopChecker
@@ -144,8 +143,8 @@ class StepKV:
             s.length += m
 
 
-class PathRecorder(ForwardingProvider):
-    """ExpertProvider proxy that learns, online, which experts each token id tends to use at each MoE layer.
+class PathRecorder:
+    """A routing observer that learns, online, which experts each token id tends to use at each MoE layer.
 
     Routing depends strongly on the token itself (on the bundled model the experts a token id used
     before predict 68-94% of its next routing per layer, recall@2; its previous token's experts
@@ -156,8 +155,7 @@ class PathRecorder(ForwardingProvider):
 
     MAX_TABLE = 32 << 20                                    # entries (float32) in the token table
 
-    def __init__(self, inner, moe_layers: list[int], vocab_size: int, num_experts: int, top_k: int):
-        super().__init__(inner)
+    def __init__(self, moe_layers: list[int], vocab_size: int, num_experts: int, top_k: int):
         self.index = {m: i for i, m in enumerate(moe_layers)}
         self.top_k = top_k
         self.buckets = max(1, min(vocab_size, self.MAX_TABLE // max(1, len(moe_layers) * num_experts)))
@@ -169,7 +167,6 @@ class PathRecorder(ForwardingProvider):
     def begin_step(self, token_ids, seq_ids) -> None:
         self._rows = seq_ids.tolist()
         self._tokens = token_ids.cpu() % self.buckets
-        super().begin_step(token_ids, seq_ids)
 
     def observe(self, layer, router_input, experts, weights) -> None:
         i = self.index[layer]
@@ -182,7 +179,6 @@ class PathRecorder(ForwardingProvider):
         for seq, row in last.items():
             path = self.paths.setdefault(seq, [frozenset()] * len(self.index))
             path[i] = frozenset(ids[row])
-        super().observe(layer, router_input, experts, weights)
 
     def forecast(self, seq_id: int, next_token: int) -> list[frozenset[int]] | None:
         """Predicted experts per MoE layer of the sequence's next step (feeding `next_token`)."""

@@ -1,15 +1,34 @@
-"""Build the decoder from a checkpoint: construct on the meta device, validate shapes, fill weights."""
+"""Building the model's pieces: the decoder with its kernels, the expert cache, and the seam between them.
+
+    build_decoder   construct on the meta device, validate shapes, allocate, fuse q|k|v where the decode
+                    ops run, fill every non-expert weight, choose the matmul kernel and the decode ops
+    build_cache     every expert resident, or the offloading cache over the plan's slots (host tier and
+                    hybrid cost model on a GPU; the predictor feed when prefetching)
+    bind_experts    each MoE block's expert-compute strategy over the cache (model/expert_compute.py), and
+                    the cache's routing observer registered first; once per decoder
+
+Every choice is made here, once, from the configuration (config.py); nothing is swapped later.
+"""
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import _ops
+from .._ops.decode import decode_ops as make_decode_ops
 from ..checkpoint import Checkpoint
+from ..experts import ExpertCache, OffloadedExperts, ResidentExperts
+from ..experts.costmodel import calibrate
+from ..experts.host import HostTier
+from ..experts.policies import make_policy
 from ..model.decoder import Decoder
+from ..model.expert_compute import ExpertLoop, FusedExperts, dense_ffn
+from ..quant.kernels import quant_expert_ffn
+from .config import KernelConfig, OffloadConfig
+from .forecast import Forecaster
+from .plugins import default_predictor
 
 
 def non_expert_shapes(decoder: Decoder) -> dict[str, tuple[int, ...]]:
@@ -18,41 +37,46 @@ def non_expert_shapes(decoder: Decoder) -> dict[str, tuple[int, ...]]:
     return {n: tuple(t.shape) for n, t in decoder.state_dict().items() if n not in skip}
 
 
-def build_decoder(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, progress: bool = True) -> Decoder:
+def build_decoder(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, progress: bool = True,
+                  kernels: KernelConfig | None = None) -> Decoder:
     """Validate the checkpoint against the spec, then load every non-expert weight in `dtype` (routers'
-    correction biases in float32, see Decoder.cast)."""
+    correction biases in float32, see Decoder.cast). The experts are bound apart (bind_experts)."""
+    kernels = kernels or KernelConfig()
     with torch.device("meta"):
         decoder = Decoder(ckpt.spec).cast(dtype)
     shapes = non_expert_shapes(decoder)
     ckpt.validate(shapes)
     decoder = decoder.to_empty(device=device)
     decoder.tie_weights()
+    ops = decode_ops(kernels, dtype, device)
+    if ops is not None:
+        decoder.fuse_qkv()                    # before reading: q, k and v land in the fused tensor's views
     params = decoder.state_dict()
     with torch.no_grad():
         for name in tqdm(shapes, desc="loading weights", unit="tensor", disable=not progress, leave=False):
             params[name].copy_(ckpt.read(name, params[name].dtype))
     decoder.init_rotary(device)
-    decoder.set_linear_kernel(linear_kernel(dtype, device))
-    decoder.set_decode_ops(decode_ops(dtype, device))
+    decoder.set_linear_kernel(linear_kernel(kernels, dtype, device))
+    decoder.set_decode_ops(ops)
     return decoder.eval()
 
 
-def linear_kernel(dtype: torch.dtype, device: torch.device):
+def linear_kernel(kernels: KernelConfig, dtype: torch.dtype, device: torch.device):
     """The matmul kernel the decoder's linear layers and experts use: moe_engine._C's bf16 GEMV (through
     _ops.bf16_linear, which hands prefill-sized inputs to torch) for a bf16 model on the CPU when the extension
-    loaded; None (F.linear) otherwise, so float32 and GPU models compute exactly as torch does."""
-    if dtype == torch.bfloat16 and device.type == "cpu" and _ops.HAS_C_EXT:
-        return _ops.bf16_linear
-    return None
-
-
-def decode_ops(dtype: torch.dtype, device: torch.device):
-    """The fused one-token ops (_ops.decode.DecodeOps) for a bf16 model on the CPU when the extension loaded and
-    MOE_ENGINE_LINEAR_KERNEL is not "reference" (the test hook that runs the torch code everywhere); else None."""
-    if linear_kernel(dtype, device) is None or os.environ.get(_ops.LINEAR_KERNEL_ENV) == "reference":
+    loaded, or its torch twin where it would run (kernels.linear == "reference"); None (F.linear) otherwise,
+    so float32 and GPU models compute exactly as torch does."""
+    if dtype != torch.bfloat16 or device.type != "cpu" or not _ops.HAS_C_EXT:
         return None
-    from .._ops.decode import decode_ops as make
-    return make()
+    return _ops.bf16_linear if kernels.linear == "auto" else _ops.bf16_linear_twin
+
+
+def decode_ops(kernels: KernelConfig, dtype: torch.dtype, device: torch.device):
+    """The fused one-token ops (_ops.decode.DecodeOps) for a bf16 model on the CPU when the extension loaded,
+    the linear kernel is not the reference and decode ops are not switched off; else None."""
+    if linear_kernel(kernels, dtype, device) is None or kernels.linear != "auto" or not kernels.decode_ops:
+        return None
+    return make_decode_ops()
 
 
 def non_expert_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
@@ -65,34 +89,48 @@ def non_expert_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
 
 def routers(decoder: Decoder) -> dict[int, torch.Tensor]:
     """Router weights [E, D] of every MoE layer, for predictors."""
-    return {i: layer.moe.router.weight for i, layer in enumerate(decoder.layers) if getattr(layer, "moe", None)}
+    return {block.layer: block.router.weight for block in decoder.moe_blocks()}
 
 
-def set_expert_layouts(decoder: Decoder, experts) -> None:
-    """Quantized experts: tell each MoE block how each of its experts is stored (widths may differ)."""
-    for i, layer in enumerate(decoder.layers):
-        if getattr(layer, "moe", None) is not None:
-            layer.moe.expert_layouts = experts.layouts(i)
-
-
-def build_provider(ckpt: Checkpoint, decoder: Decoder, plan, dtype: torch.dtype, device: torch.device,
-                   policy: str, predictor, prefetch: bool, io_threads: int, progress: bool):
-    """All experts resident when no budget limits them; else the offloading cache over the plan's slots."""
-    from ..experts import OffloadedExperts, ResidentExperts
-    from ..experts.policies import make_policy
+def build_cache(experts, decoder: Decoder, plan, dtype: torch.dtype, device: torch.device, offload: OffloadConfig,
+                predictor, progress: bool) -> ExpertCache:
+    """All experts resident when no budget limits them; else the offloading cache over the plan's slots.
+    experts: the checkpoint, or its quantized experts (quant/store.QuantizedExperts); dtype: how they are stored."""
     if plan is None or (plan.all_resident and device.type == "cpu"):
-        return ResidentExperts(ckpt, dtype, device, progress)
+        return ResidentExperts(experts, dtype, device, progress)
     host = cost = None
     if device.type != "cpu":
-        from ..experts.costmodel import calibrate
-        from ..experts.host import HostTier
-        host = HostTier(ckpt, plan, dtype, device, io_threads, pinned=True, progress=progress)
-        cost = calibrate(ckpt.layout, decoder.embed.weight.dtype, device)    # activations in the model dtype
+        host = HostTier(experts, plan, dtype, device, offload.io_threads, pinned=True, progress=progress)
+        cost = calibrate(experts.layout, decoder.embed.weight.dtype, device)    # activations in the model dtype
     forecaster = None
-    if predictor is not None and prefetch:
-        from .forecast import Forecaster
-        from .plugins import default_predictor
-        moe = ckpt.spec.moe
+    if predictor is not None and offload.prefetch:
+        moe = decoder.spec.moe
         forecaster = Forecaster(predictor, default_predictor, routers(decoder), moe.top_k, moe.num_experts)
-    return OffloadedExperts(ckpt, plan, dtype, device, make_policy(policy), forecaster,
-                            io_threads=io_threads, host=host, cost_model=cost)
+    return OffloadedExperts(experts, plan, dtype, device, make_policy(offload.policy), forecaster,
+                            io_threads=offload.io_threads, host=host, cost_model=cost)
+
+
+def bind_experts(decoder: Decoder, cache: ExpertCache, layouts=None, quant_kernel: str = "auto") -> None:
+    """Each MoE block's expert-compute strategy over `cache`, chosen once: the decode ops' fused call for plain
+    bf16 SwiGLU experts on the CPU, else the per-expert loop (with the quantized experts' per-expert layouts,
+    `layouts(layer)`, when experts are quantized). The cache's routing observer is registered first."""
+    if cache.observer is not None:
+        decoder.observers.add(cache.observer)
+    ops = decoder.decode_ops
+    num_experts = decoder.spec.moe.num_experts
+    strategies = {}
+    for block in decoder.moe_blocks():
+        if layouts is not None:
+            lays = layouts(block.layer)
+            ffn = _quant_ffn(lays, block.act, quant_kernel)
+        else:
+            ffn = dense_ffn(block.layout, block.act, block.linear)
+        loop = ExpertLoop(cache, num_experts, ffn)
+        fusable = (ops is not None and layouts is None and not block.layout.bias
+                   and block.act in ("silu", "swish") and decoder.embed.weight.dtype == torch.bfloat16)
+        strategies[block.layer] = FusedExperts(loop, ops, block.spec.intermediate_size) if fusable else loop
+    decoder.bind_experts(strategies)
+
+
+def _quant_ffn(layouts, act, kernel: str):
+    return lambda e, x, buf: quant_expert_ffn(x, buf, layouts[e], act, kernel)

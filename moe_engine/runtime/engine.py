@@ -6,6 +6,7 @@ transformers-style conventions of the public API (see ARCHITECTURE.md).
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 from collections.abc import Iterator
 
@@ -22,12 +23,19 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class Engine:
-    def __init__(self, checkpoint, decoder, provider, tokenizer, device: torch.device, dtype: torch.dtype,
-                 gpu_mem: int | None = None, cpu_mem: int | None = None, plan=None):
+    """A built model: checkpoint, decoder (its experts bound to `experts`), tokenizer, budgets.
+
+    experts: the runtime's view of the expert cache (experts.ExpertCache); observers: the decoder's stack of
+    routing observers (add / remove, or `with engine.observing(recorder):`). Build one with moe_engine.load().
+    """
+
+    def __init__(self, checkpoint, decoder, experts, tokenizer, device: torch.device, dtype: torch.dtype,
+                 gpu_mem: int | None = None, cpu_mem: int | None = None, plan=None, quant: dict | None = None):
         self.checkpoint = checkpoint
         self.spec = decoder.spec
         self.decoder = decoder
-        self.provider = provider
+        self.experts = experts
+        self.observers = decoder.observers
         self.tokenizer = tokenizer
         self.device, self.dtype = device, dtype
         self.gpu_mem, self.cpu_mem = gpu_mem, cpu_mem
@@ -35,8 +43,7 @@ class Engine:
         self.generation_config = dict(checkpoint.generation_config)
         self.timings = Timings()
         self._next_seq = 0                    # sequence ids handed to the predictor, unique for this engine
-        self.quant: dict | None = None        # how experts are quantized (stats "quant"), None when they are not
-        decoder.set_expert_provider(provider)
+        self.quant = quant                    # how experts are quantized (stats "quant"), None when they are not
 
     # ---- ids and text ------------------------------------------------------------------------
     @property
@@ -237,6 +244,16 @@ class Engine:
         cache = KVCache.for_spec(self.spec, b, t, self.dtype, self.device)
         return self.decoder(ids, positions, cache, mask, seq_ids=self._new_seq_ids(b)).cpu()
 
+    @contextlib.contextmanager
+    def observing(self, observer):
+        """Register a routing observer (model.experts.RoutingObserver) for the duration of the block."""
+        self._check_open()
+        self.observers.add(observer)
+        try:
+            yield observer
+        finally:
+            self.observers.remove(observer)
+
     def stats(self) -> dict:
         self._check_open()
         host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -245,18 +262,17 @@ class Engine:
         else:   # allocator accounting of the compute tier: weights, KV reserve, expert slots, IO buffers
             weights = sum(p.numel() * p.element_size() for p in self.decoder.parameters())
             kv = self.plan.kv_bytes if self.plan else 0
-            device_peak = weights + kv + self.provider.nbytes()
-        out = build_stats(self.timings, self.provider, self.spec.num_layers, self.gpu_mem, device_peak,
-                          self.cpu_mem, host_peak)
+            device_peak = weights + kv + self.experts.nbytes()
+        out = build_stats(self.timings, self.experts.stats(), self.gpu_mem, device_peak, self.cpu_mem, host_peak)
         out["quant"] = self.quant or {"name": "none"}
         return out
 
     def close(self) -> None:
         """Release weights, loader threads and file handles; later calls raise MoeEngineError. Idempotent."""
-        if self.provider is not None and hasattr(self.provider, "close"):
-            self.provider.close()
+        if self.experts is not None:
+            self.experts.close()
         self.checkpoint.close()
-        self.provider = None
+        self.experts = None
         self.decoder = None
 
     def _check_open(self) -> None:

@@ -2,7 +2,7 @@
 
     decoder step --begin_step(token_ids, seq_ids)--> Forecaster
     MoE layer L  --routed(L, router input, experts, weights)--> predictor.observe ; predictor.predict(L, depth)
-                 --> checked scores {L+d: [N, E]} --> prefetcher (provider) and the recall meter
+                 --> checked scores {L+d: [N, E]} --> the cache controller's prefetches and the recall meter
 
 Predictions only steer loading. A predictor that raises or answers with a malformed result
 (not a dict of [N, E] tensors for later MoE layers, or non-finite scores) is switched off with
@@ -34,7 +34,7 @@ class Forecaster:
         self.layers = sorted(routers)
         self.routers, self.top_k, self.num_experts = routers, top_k, num_experts
         self.make_fallback = make_fallback
-        self.depth = depth                          # lookahead asked for; the provider may change it
+        self.depth = depth                          # lookahead asked for; the cache sets it each layer
         self.meter = RecallMeter(self.layers, MAX_DEPTH, (top_k, 2 * top_k))
         self.failures: list[str] = []
         self.predictor = None

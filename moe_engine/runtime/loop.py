@@ -68,13 +68,12 @@ class EngineLoop:
         self.decode_tokens = 0
         self.prompt_tokens = 0
         spec = engine.spec
-        self.recorder = PathRecorder(engine.provider, spec.moe_layers, spec.vocab_size, spec.moe.num_experts,
-                                     spec.moe.top_k)
+        self.recorder = PathRecorder(spec.moe_layers, spec.vocab_size, spec.moe.num_experts, spec.moe.top_k)
         self._thread = threading.Thread(target=self._run, name="moe-engine-loop", daemon=True)
 
     # ---- callers' side --------------------------------------------------------------------------
     def start(self) -> EngineLoop:
-        self.engine.decoder.set_expert_provider(self.recorder)
+        self.engine.observers.add(self.recorder)         # removed again at shutdown; other observers stay
         self._thread.start()
         return self
 
@@ -116,8 +115,7 @@ class EngineLoop:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        if self.engine.decoder is not None:
-            self.engine.decoder.set_expert_provider(self.engine.provider)
+        self.engine.observers.remove(self.recorder)
 
     # ---- the loop thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -200,19 +198,18 @@ class EngineLoop:
     def _hint_next(self, passed_over: list, resident) -> None:
         """Schedule-aware eviction: tell the expert cache which experts the next step's group (the scheduler's
         pick among the sequences passed over now) is forecast to use, so this step evicts others first."""
-        hint = getattr(self.engine.provider, "hint_upcoming", None)
-        peek = getattr(self.scheduler, "peek", None)
-        if hint is None or peek is None or not self.schedule_aware_eviction:
+        cache = self.engine.experts
+        if not cache.evicts or not self.schedule_aware_eviction:
             return
-        nxt = set(peek(passed_over, self.max_batch, resident)) if passed_over else set()
+        nxt = set(self.scheduler.peek(passed_over, self.max_batch, resident)) if passed_over else set()
         paths = [c.experts for c in passed_over if c.seq_id in nxt and c.experts is not None]
-        hint({m: frozenset().union(*(p[i] for p in paths)) for i, m in enumerate(self.engine.spec.moe_layers)})
+        cache.hint_upcoming({m: frozenset().union(*(p[i] for p in paths))
+                             for i, m in enumerate(self.engine.spec.moe_layers)})
 
     def _resident(self) -> list[frozenset[int]] | None:
-        table = getattr(self.engine.provider, "table", None)
-        if table is None:
-            return None
-        return [frozenset(table.resident_experts(m)) for m in self.engine.spec.moe_layers]
+        """Each MoE layer's resident experts, for the scheduler; None when every expert is resident."""
+        cache = self.engine.experts
+        return [cache.residents(m) for m in self.engine.spec.moe_layers] if cache.evicts else None
 
     # ---- model work -----------------------------------------------------------------------------
     def _setup(self, s: _Seq) -> None:

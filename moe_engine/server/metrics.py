@@ -116,26 +116,19 @@ class EngineCollector:
         stats = self._stats()
         if stats is None:
             return
-        yield from _cache_families(stats["cache"], _host_table(self.engine))
+        yield from _cache_families(stats["cache"])
         yield from _io_families(stats["io"], stats["prefetch"])
 
 
-def _host_table(engine):
-    """The host tier's slot table when the engine has one (GPU compute with --cpu-mem), else None."""
-    host = getattr(getattr(engine, "provider", None), "host", None)
-    return getattr(host, "table", None)
-
-
-def _cache_families(cache: dict, host_table) -> list:
+def _cache_families(cache: dict) -> list:
     hits = CounterMetricFamily(P + "expert_cache_hits", "Expert lookups that found the expert in the tier.",
                                labels=["tier"])
     lookups = CounterMetricFamily(P + "expert_cache_lookups", "Expert lookups per tier.", labels=["tier"])
     hits.add_metric(["compute"], cache["hits"])
     lookups.add_metric(["compute"], cache["hits"] + cache["misses"])
-    if host_table is not None:
-        h, m = sum(host_table.hits), sum(host_table.misses)
-        hits.add_metric(["host"], h)
-        lookups.add_metric(["host"], h + m)
+    if "host_lookups" in cache:          # the host tier's own lookups (GPU compute with a --cpu-mem tier)
+        hits.add_metric(["host"], cache["host_hits"])
+        lookups.add_metric(["host"], cache["host_lookups"])
     evictions = CounterMetricFamily(P + "expert_cache_evictions", "Experts evicted from the compute tier.",
                                     value=cache["evictions"])
     capacity = GaugeMetricFamily(P + "expert_cache_capacity_experts", "Expert slots of the compute tier.",
