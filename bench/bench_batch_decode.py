@@ -34,7 +34,7 @@ from results import add_record_flag, record, wants_record  # noqa: E402
 
 
 def make_step_kv(gather: bool):
-    from moe_engine.runtime.batching import StepKV
+    from moe_engine.runtime.kv_cache import StepKV
 
     class GatherStepKV(StepKV):
         ragged = False                       # the decoder's attention then calls update(): the gather
@@ -45,7 +45,7 @@ def make_step_kv(gather: bool):
 @torch.inference_mode()
 def step_ms(eng, batch: int, context: int, steps: int, gather: bool) -> float:
     """Mean ms of `steps` decode steps over `batch` sequences whose caches hold `context` tokens."""
-    from moe_engine.runtime.batching import SeqKV
+    from moe_engine.runtime.kv_cache import SeqKV
     spec, cls = eng.spec, make_step_kv(gather)
     g = torch.Generator().manual_seed(context)
     seqs = []

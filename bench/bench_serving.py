@@ -49,7 +49,7 @@ def serve(load: list[dict], scheduler: str, budget: int, kv_tokens: int, max_num
           max_wait: int | None = None, miss_weight: float = 2.0, hint: bool = True,
           prefill_wait: int | None = None) -> dict:
     import moe_engine
-    from moe_engine.runtime.batching import Request
+    from moe_engine.runtime.loop import Request
     from moe_engine.runtime.loop import EngineLoop
     from moe_engine.runtime.sampling import SamplingParams
     eng = moe_engine.load(gpu_mem=budget, max_kv_tokens=kv_tokens, progress=False)

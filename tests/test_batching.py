@@ -10,7 +10,7 @@ import torch
 
 import moe_engine
 from moe_engine.errors import ConfigError
-from moe_engine.runtime.batching import QueueFull, Request
+from moe_engine.runtime.loop import QueueFull, Request
 from moe_engine.runtime.loop import EngineLoop
 from moe_engine.runtime.sampling import SamplingParams
 
@@ -162,12 +162,12 @@ def test_offline_generate_bad_arguments(eng):
 def test_bf16_decode_reads_each_sequence_cache_in_place(monkeypatch):
     """bf16 on the CPU: decode steps of the loop attend over each sequence's own KV cache (StepKV.rows, no gather
     through update) and every sequence's text equals its run alone."""
-    from moe_engine.runtime import batching
+    from moe_engine.runtime import kv_cache
     eng = moe_engine.load(dtype="bfloat16", progress=False)
     if eng.decoder.layers[0].attn.ops is None:
         pytest.skip("no decode ops (moe_engine._C not loaded)")
     calls = {"rows": 0, "update_t1": 0}
-    rows, update = batching.StepKV.rows, batching.StepKV.update
+    rows, update = kv_cache.StepKV.rows, kv_cache.StepKV.update
 
     def counted_rows(self, *a):
         calls["rows"] += 1
@@ -176,8 +176,8 @@ def test_bf16_decode_reads_each_sequence_cache_in_place(monkeypatch):
     def counted_update(self, layer, k, v):
         calls["update_t1"] += k.shape[2] == 1
         return update(self, layer, k, v)
-    monkeypatch.setattr(batching.StepKV, "rows", counted_rows)
-    monkeypatch.setattr(batching.StepKV, "update", counted_update)
+    monkeypatch.setattr(kv_cache.StepKV, "rows", counted_rows)
+    monkeypatch.setattr(kv_cache.StepKV, "update", counted_update)
     ids = [eng.encode(p) for p in PROMPTS[:5]]
     lengths = [6, 3, 9, 5, 7]
     loop = EngineLoop(eng, max_num_seqs=5, max_batch=4, scheduler="fifo").start()

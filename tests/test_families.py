@@ -20,7 +20,7 @@ from moe_engine.experts.plan import kv_bytes_per_token
 from moe_engine.model.mla import MlaAttention
 from moe_engine.model.routing import select_experts, sparsemixer
 from moe_engine.model.spec import MlaSpec, MoeSpec
-from moe_engine.runtime.kv_cache import KVCache
+from moe_engine.runtime.kv_cache import SeqKV
 
 NEW_FAMILIES = ["deepseek_v2-qlora-grouped-yarn", "deepseek_v3", "phimoe-longrope-window-jitter"]
 IDS = torch.randint(3, BASE["vocab_size"], (1, 14), generator=torch.Generator().manual_seed(7))
@@ -90,8 +90,8 @@ def test_mla_kv_cache_holds_the_compressed_latent(checkpoint_dir):
     assert per_token == spec.num_layers * (mla.kv_lora_rank + mla.qk_rope_head_dim) * 4
     full = spec.num_layers * spec.num_heads * (mla.qk_head_dim + mla.v_head_dim) * 4
     assert per_token < full
-    cache = KVCache.for_spec(spec, batch=3, capacity=10, dtype=torch.float32, device="cpu")
-    assert cache.nbytes() == 3 * 10 * per_token
+    caches = [SeqKV.for_spec(spec, capacity=10, dtype=torch.float32, device="cpu") for _ in range(3)]
+    assert sum(c.nbytes() for c in caches) == 3 * 10 * per_token
 
 
 @pytest.mark.parametrize("heads,rank,dn,dr,dv,t,s", [(4, 16, 8, 4, 6, 1, 9), (2, 32, 16, 8, 16, 3, 20),
@@ -197,9 +197,9 @@ def test_bf16_serving_steps_read_each_cache_in_place(checkpoint_dir, case, monke
     mask = torch.ones_like(ids)
     mask[0, :4] = mask[2, :7] = 0
     want = eng.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
-    from moe_engine.runtime import batching
-    rows, calls = batching.StepKV.rows, []
-    monkeypatch.setattr(batching.StepKV, "rows", lambda self, *a: calls.append(1) or rows(self, *a))
+    from moe_engine.runtime import kv_cache
+    rows, calls = kv_cache.StepKV.rows, []
+    monkeypatch.setattr(kv_cache.StepKV, "rows", lambda self, *a: calls.append(1) or rows(self, *a))
     got = eng.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], max_batch=2)
     eng.close()
     assert calls and torch.equal(got, want)

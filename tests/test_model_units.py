@@ -11,7 +11,7 @@ from moe_engine.model.expert_compute import ExpertLoop, dense_ffn
 from moe_engine.model.experts import ExpertLayout, LayerFetch, expert_ffn
 from moe_engine.model.moe import MoeBlock
 from moe_engine.model.spec import MoeSpec
-from moe_engine.runtime.kv_cache import KVCache
+from moe_engine.runtime.kv_cache import SeqKV, StepKV
 
 
 class DictSource:
@@ -103,22 +103,38 @@ def test_attention_mask_matches_definition(window):
                 assert bool(mask[b, 0, q, s]) == expect, (b, q, s)
 
 
-def test_kv_cache_grows_and_keeps_contents():
-    cache = KVCache(num_layers=2, batch=2, num_kv_heads=1, head_dim=3, capacity=2, dtype=torch.float32,
-                    device=torch.device("cpu"))
-    written = []
-    for step in range(5):
-        t = 2 if step == 0 else 1
-        mask = torch.ones(2, t, dtype=torch.bool)
-        mask[1, 0] = step != 3
-        start = cache.begin(mask)
+def test_step_kv_writes_each_sequence_and_reads_them_right_aligned():
+    """Two sequences' caches through four steps (a left-padded prefill, decodes, a step one row sits out): each
+    row reads exactly its own keys so far, right-aligned before the new slots; each cache keeps what was written."""
+    seqs = [SeqKV(num_layers=2, kv_heads=1, head_dim=3, capacity=6, dtype=torch.float32, device="cpu")
+            for _ in range(2)]
+    written = [[], []]
+    for new, t in [([2, 1], 2), ([1, 1], 1), ([1, 0], 1), ([1, 1], 1)]:
+        mask = torch.zeros(2, t, dtype=torch.bool)
+        for i, n in enumerate(new):
+            mask[i, t - n:] = True
+        kv = StepKV(seqs)
+        start = kv.begin(mask)
+        assert start == max(s.length for s in seqs)
         k = torch.randn(2, 1, t, 3)
-        written.append(k)
-        k_all, v_all = cache.update(0, k, k + 1)
-        assert start == sum(w.shape[2] for w in written[:-1])
-        assert torch.equal(k_all, torch.cat(written, dim=2)) and torch.equal(v_all, k_all + 1)
-    assert cache.capacity >= 6 and cache.valid.shape == (2, 6)
-    assert cache.valid[1].tolist() == [True, True, True, True, False, True]
+        for i, n in enumerate(new):
+            written[i].append(k[i, :, t - n:])
+        k_all, v_all = kv.update(0, k, k + 1)
+        assert k_all.shape[2] == start + t
+        for i in range(2):
+            real = kv.valid[i]                                                # [S + t] the row's real slots
+            assert torch.equal(k_all[i, :, real], torch.cat(written[i], dim=1))
+            assert torch.equal(v_all[i, :, real], k_all[i, :, real] + 1)
+        kv.commit()
+    assert [s.length for s in seqs] == [5, 3]
+    assert torch.equal(seqs[0].k[0][:, :5], torch.cat(written[0], dim=1))
+    one = StepKV(seqs[1:])                                                    # one row: its own cache, no copy
+    one.begin(torch.ones(1, 1, dtype=torch.bool))
+    k_new, v_new, k_all, _ = one.slots(0, 1)
+    assert k_all.data_ptr() == seqs[1].k[0].data_ptr() and k_new.shape == (1, 1, 1, 3) and k_all.shape[2] == 4
+    assert StepKV(seqs).slots(0, 1) is None
+    with pytest.raises(ValueError, match="holds 6 tokens"):
+        StepKV(seqs[:1]).begin(torch.ones(1, 2, dtype=torch.bool))           # 5 + 2 > 6
 
 
 def test_expert_byte_ranges_hold_the_packed_expert(checkpoint_dir):

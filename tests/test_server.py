@@ -249,7 +249,7 @@ def test_disconnect_while_waiting_for_a_whole_response(live):
 def test_a_failed_step_ends_its_request_with_an_error(live, client, monkeypatch):
     def broken(batch):
         raise RuntimeError("expert read failed (injected)")
-    monkeypatch.setattr(live.state.loop, "_decode", broken)
+    monkeypatch.setattr(live.state.loop.batcher, "decode", broken)
     with httpx.stream("POST", live.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"prompt": PROMPTS[0], "max_tokens": 5, "stream": True}) as r:
         events = sse_events(r)

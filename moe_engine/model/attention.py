@@ -1,10 +1,9 @@
 """RMSNorm and grouped-query attention with rotary embeddings, q/k norms and an external KV cache.
 
-The KV cache is any object with `update(layer, k, v) -> (k_all, v_all)` that appends this
-step's keys/values (k, v [B, Hkv, T, Dh]) and returns everything cached for the layer
-([B, Hkv, S, Dh]); masks are built by the decoder and passed in. A one-token step through the decode
-ops uses, when the cache has them, `slots` (write the new k, v in place) or `ragged` + `rows` (each
-row's own cache, no gather: runtime.batching.StepKV).
+The KV cache (runtime/kv_cache.StepKV) has `update(layer, k, v) -> (k_all, v_all)`, which appends this
+step's keys/values (k, v [B, Hkv, T, Dh]) and returns everything cached for the layer ([B, Hkv, S, Dh]);
+masks are built by the decoder and passed in. A one-token step through the decode ops uses `slots` (one
+sequence: write the new k, v in place) or `ragged` + `rows` (several: each row's own cache, no gather).
 
 Decode ops (optional, injected by the runtime through Decoder.set_decode_ops; see _ops/decode.py for the
 interface): with them a one-token step runs RMSNorm as one call, and attention as fused q|k|v projection
@@ -112,11 +111,11 @@ class Attention(nn.Module):
         """One token per row through the decode ops (the same math as forward's torch path)."""
         ops = self.ops
         qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)                 # [B, 1, (H + 2 Hkv) Dh]
-        slots = getattr(kv_cache, "slots", None)
-        if slots is not None:     # rotated k and v written straight into the cache's new slot
-            k_new, v_new, k, v = slots(self.layer, 1)                       # [B, Hkv, 1, Dh], [B, Hkv, S, Dh]
+        slots = kv_cache.slots(self.layer, 1)
+        if slots is not None:     # one sequence: rotated k and v written straight into its cache's new slot
+            k_new, v_new, k, v = slots                                      # [1, Hkv, 1, Dh], [1, Hkv, S, Dh]
             q = ops.rope_qkv(qkv, cos, sin, self.h, self.hkv, self.dh, k_new, v_new)[0]
-        elif getattr(kv_cache, "ragged", False):   # sequences with caches of their own (serving): no gather
+        elif kv_cache.ragged:     # several sequences with caches of their own: no gather
             q, k, v = ops.rope_qkv(qkv, cos, sin, self.h, self.hkv, self.dh)
             ks, vs, ms = kv_cache.rows(self.layer, k, v, mask)                # per row [Hkv, S_i, Dh], [S_i]
             return self.o_proj(ops.attend_rows(q, ks, vs, ms, self.scale, self.sinks))

@@ -1,146 +1,33 @@
-"""Continuous batching: sequences join and leave the running batch between steps.
+"""Continuous batching over the generation core: sequences join and leave the running batch between steps.
 
-    submit(request) -> waiting queue --admit (seats, KV reserve)--> prefill alone -> first token
-                                                                        |
+    enqueue(seq) -> waiting --admit (seats, KV reserve, grouped prefills)--> prefill together -> first token
+                                                                                   |
           running sequences --scheduler picks <= max_batch (scheduling/)--> one decode step together
-                                                                        |
-                      per-sequence sampler + stop check -> Event(text delta, finish) -> on_event callback
+                                                                                   |
+                                    core.sample + core.accept -> (sequence, token) to the driver
 
-One thread (the loop) owns the engine; other threads only submit, cancel and read counters.
-Each sequence has its own KV cache (`SeqKV`, sized prompt + max_tokens at admission and counted
-against the KV reserve); a step runs the chosen sequences together (`StepKV`): decode steps
-through the CPU decode ops attend over each sequence's own cache in place, other steps gather the
-caches right-aligned into one batch. Either way a row's attention sees exactly its own tokens and
-the outputs of a sequence do not depend on which others share its steps. The scheduler sees each
-sequence's predicted experts (those its previous token used, recorded by `PathRecorder`) and the
-cache's residents.
+The Batcher has no threads: Engine.generate(max_batch=N) drives it on the caller's thread, the server's
+EngineLoop (loop.py) on its own. Each sequence has its own KV cache (sized prompt + max_new at admission
+and counted against the KV reserve), so its outputs do not depend on which others share its steps.
+
+Admission needs a seat (`max_num_seqs`) and KV reserve (prompt + max_new of every admitted sequence <=
+`kv_tokens`). A decode step runs at most `max_batch` sequences, chosen by the scheduler ("fifo" = in
+order of readiness, round robin; "expert" = the ExpertFlow-style rescheduler, which forecasts each
+sequence's next experts from its next token id, see PathRecorder, and passes nobody over more than
+`max_wait_steps` steps). The schedule also steers the cache and admission: the expert cache is told the
+experts of the group the scheduler would pick next (evicted last), and with "expert" admission may wait up
+to `prefill_wait` steps so that prompts are prefilled together (a prompt touches most experts of every layer).
 """
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import collections
+import itertools
 
 import torch
 
-from .detokenize import IncrementalText
-from .sampling import Sampler, SamplingParams
-from .stopping import StopChecker
+from scheduling import Candidate, make_scheduler
 
-
-class QueueFull(Exception):
-    """More requests are waiting than the server queues; the client should retry later."""
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    max_tokens: int
-    sampling: SamplingParams
-    on_event: Callable[[Event], None]                # called on the loop thread; must not block
-    stop: list[str] = field(default_factory=list)
-    eos_token_ids: set[int] | None = None            # None: the model's
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-
-@dataclass
-class Event:
-    request_id: str
-    text: str                                        # new text since the previous event (stop strings cut)
-    token_ids: list[int]                             # new token ids since the previous event
-    finish_reason: str | None = None                 # "stop", "length", "abort", "error" on the last event
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-    ttft_s: float | None = None                      # on the last event: time to first token, end to end
-    e2e_s: float | None = None
-
-
-class SeqKV:
-    """One sequence's KV cache: per layer k [Hkv, capacity, Dk], v [Hkv, capacity, Dv]; `length` slots filled."""
-
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device,
-                 v_head_dim: int | None = None):
-        self.k = [torch.empty(kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(kv_heads, capacity, v_head_dim or head_dim, dtype=dtype, device=device)
-                  for _ in range(num_layers)]
-        self.length = 0
-
-    @classmethod
-    def for_spec(cls, spec, capacity: int, dtype, device) -> "SeqKV":
-        """Shaped by `spec.kv_dims` (MLA caches its compressed latent, not per-head keys and values)."""
-        heads, k_dim, v_dim = spec.kv_dims
-        return cls(spec.num_layers, heads, k_dim, capacity, dtype, device, v_head_dim=v_dim)
-
-
-class StepKV:
-    """The decoder's KV cache for one step over several sequences, right-aligned so new tokens share slots.
-
-    Row i's cached tokens sit at slots [S - len_i, S) and its new tokens at [S, S + T) (left-padded
-    when rows bring different numbers, as in a batched prefill); slot distance equals position
-    distance, so sliding windows still hold. New keys/values are also
-    written into each sequence's own SeqKV; `commit()` advances their lengths after the forward.
-
-    update() gathers every row's cache into one [B, Hkv, S, D] tensor per layer and step (B x S slots
-    copied). A decode step (one new token per row) can skip that: `rows()` writes the new token into
-    each SeqKV and hands back views of each sequence's own cache, for attention that takes a ragged
-    batch (the decode ops' attend_rows).
-    """
-
-    def __init__(self, seqs: list[SeqKV]):
-        self.seqs = seqs
-        self.start = max(s.length for s in seqs)
-        self.valid = None
-        self.t = 0
-
-    def begin(self, token_mask: torch.Tensor) -> int:
-        """token_mask [B, T]: real new tokens, left-padded (a row's real tokens are its last n_i)."""
-        b, t = token_mask.shape
-        valid = torch.zeros(b, self.start + t, dtype=torch.bool, device=token_mask.device)
-        for i, s in enumerate(self.seqs):
-            valid[i, self.start - s.length: self.start] = True
-        valid[:, self.start:] = token_mask
-        self.valid, self.t = valid, t
-        self.new = token_mask.sum(1).tolist()                             # [B] real new tokens per row
-        return self.start
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, h, t, _ = k.shape
-        out_k = k.new_zeros(b, h, self.start + t, k.shape[3])
-        out_v = v.new_zeros(b, h, self.start + t, v.shape[3])
-        for i, s in enumerate(self.seqs):
-            n = s.length
-            out_k[i, :, self.start - n: self.start] = s.k[layer][:, :n]
-            out_v[i, :, self.start - n: self.start] = s.v[layer][:, :n]
-            m = self.new[i]
-            s.k[layer][:, n: n + m] = k[i, :, t - m:]
-            s.v[layer][:, n: n + m] = v[i, :, t - m:]
-        out_k[:, :, self.start:] = k
-        out_v[:, :, self.start:] = v
-        return out_k, out_v
-
-    @property
-    def ragged(self) -> bool:
-        """This step brings exactly one new token per row, so rows() may replace update()."""
-        return self.t == 1 and all(m == 1 for m in self.new)
-
-    def rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
-        """k, v [B, Hkv, 1, D] of a ragged step (see `ragged`), mask [B, 1, 1, start + 1] over the right-aligned
-        slots -> per row i: its cache's k, v [Hkv, n_i + 1, D] with the new token written at n_i, and its mask [n_i + 1]."""
-        ks, vs, ms = [], [], []
-        for i, s in enumerate(self.seqs):
-            n = s.length
-            s.k[layer][:, n] = k[i, :, 0]
-            s.v[layer][:, n] = v[i, :, 0]
-            ks.append(s.k[layer][:, :n + 1])
-            vs.append(s.v[layer][:, :n + 1])
-            ms.append(mask[i, 0, 0, self.start - n:self.start + 1])
-        return ks, vs, ms
-
-    def commit(self) -> None:
-        for s, m in zip(self.seqs, self.new):
-            s.length += m
+from .core import GenerationCore, Sequence
 
 
 class PathRecorder:
@@ -190,23 +77,131 @@ class PathRecorder:
         return None if any(p is None for p in out) else out
 
 
-@dataclass(eq=False)
-class _Seq:
-    req: Request
-    seq_id: int
-    arrival: int
-    kv: SeqKV | None = None
-    sampler: Sampler | None = None
-    stopper: StopChecker | None = None
-    text: IncrementalText | None = None
-    hold: int = 0
-    sent: int = 0
-    produced: int = 0
-    last_token: int | None = None
-    pending: list[int] = field(default_factory=list)
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_first: float | None = None
+class Batcher:
+    def __init__(self, core: GenerationCore, cache, max_num_seqs: int, max_batch: int | None = None,
+                 scheduler: str = "expert", kv_tokens: int | None = None, max_wait_steps: int | None = None,
+                 max_prefill: int = 4, miss_weight: float = 2.0, schedule_aware_eviction: bool = True,
+                 prefill_wait: int | None = None):
+        self.core, self.cache, self.spec = core, cache, core.spec
+        self.max_num_seqs = max_num_seqs
+        self.max_batch = max_batch or max_num_seqs
+        self.max_prefill = max_prefill            # waiting sequences prefilled together in one step
+        self.schedule_aware_eviction = schedule_aware_eviction   # cache keeps the next group's forecast experts
+        self.kv_tokens = kv_tokens or max_num_seqs * core.max_context
+        self.scheduler_name = scheduler
+        if max_wait_steps is None:          # 4x the round-robin period (>= 1x - 1, so the bound can always hold)
+            max_wait_steps = 4 * -(-max_num_seqs // self.max_batch) - 1
+        self.scheduler = make_scheduler(scheduler, max_wait=max_wait_steps, miss_weight=miss_weight) \
+            if scheduler != "fifo" else make_scheduler("fifo")
+        if prefill_wait is None:                  # expert-aware scheduling also groups prefills; FIFO admits at once
+            prefill_wait = 0 if scheduler == "fifo" else max_wait_steps
+        self.prefill_wait = prefill_wait
+        self._held = 0                            # steps admission has been held for a fuller prefill group
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: dict[int, Sequence] = {}
+        self.kv_reserved = 0
+        self._ready = itertools.count()
+        self.arrival: dict[int, int] = {}         # seq -> order of readiness (FIFO = round robin)
+        self.steps = self.prefills = self.decode_tokens = self.prompt_tokens = 0
+        self.recorder = PathRecorder(self.spec.moe_layers, self.spec.vocab_size, self.spec.moe.num_experts,
+                                     self.spec.moe.top_k)
 
-    @property
-    def kv_tokens(self) -> int:
-        return len(self.req.prompt_ids) + self.req.max_tokens
+    # ---- admission --------------------------------------------------------------------------------
+    def enqueue(self, seq: Sequence) -> None:
+        self.arrival[seq.seq_id] = next(self._ready)
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Waiting sequences (in order) that get a seat and KV reserve now, at most max_prefill.
+
+        With `prefill_wait` > 0 and sequences decoding, admission holds while fewer sequences than a full
+        prefill group (max_prefill, or all that wait) would get in, for at most `prefill_wait` steps: prompts
+        prefilled together share their expert loads (a prompt touches most experts of every layer).
+        """
+        fits = self._admittable()
+        if 0 < fits < min(self.max_prefill, len(self.waiting)) and self.running and self._held < self.prefill_wait:
+            self._held += 1
+            return []
+        self._held = 0
+        out = [self.waiting.popleft() for _ in range(fits)]
+        for s in out:
+            self.kv_reserved += s.kv_tokens
+            self.running[s.seq_id] = s
+        return out
+
+    def _admittable(self) -> int:
+        seats = self.max_num_seqs - len(self.running)
+        kv, n = self.kv_reserved, 0
+        for s in itertools.islice(self.waiting, min(seats, self.max_prefill)):
+            if kv + s.kv_tokens > self.kv_tokens:
+                break
+            kv, n = kv + s.kv_tokens, n + 1
+        return n
+
+    def release(self, seq: Sequence) -> bool:
+        """A sequence leaves (finished, cancelled or failed): its seat and KV reserve are free again. False when it
+        was not running (it was still waiting, or had already left)."""
+        if self.running.pop(seq.seq_id, None) is None:
+            return False
+        self.kv_reserved -= seq.kv_tokens
+        self.scheduler.forget(seq.seq_id)
+        self.recorder.paths.pop(seq.seq_id, None)
+        self.arrival.pop(seq.seq_id, None)
+        seq.kv = None
+        return True
+
+    # ---- steps ------------------------------------------------------------------------------------
+    def prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """Admitted prompts in one forward (their expert loads are shared) -> each one's first token."""
+        for s in seqs:
+            self.core.start(s)
+        logits = self.core.step(seqs)
+        self.prefills += 1
+        self.prompt_tokens += sum(s.prompt_len for s in seqs)
+        return self._emit(seqs, logits)
+
+    def decoding(self) -> list[Sequence]:
+        return [s for s in self.running.values() if s.kv is not None and not s.done]
+
+    def decode(self, batch: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """One decode step over `batch` (pick's choice) -> each one's next token."""
+        logits = self.core.step(batch)
+        self.steps += 1
+        self.decode_tokens += len(batch)
+        return self._emit(batch, logits)
+
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, int]]:
+        tokens = self.core.sample(seqs, logits)
+        for s, tok in zip(seqs, tokens):
+            self.core.accept(s, tok)
+            self.arrival[s.seq_id] = next(self._ready)     # ready again: FIFO order is order of readiness
+        return list(zip(seqs, tokens))
+
+    # ---- the schedule -----------------------------------------------------------------------------
+    def pick(self, decoding: list[Sequence]) -> list[Sequence]:
+        """The sequences of this decode step (always through the scheduler, so its wait counters stay true)."""
+        cands = [Candidate(s.seq_id, self.arrival[s.seq_id], self.recorder.forecast(s.seq_id, s.tokens[-1]))
+                 for s in decoding]
+        resident = self._resident()
+        chosen = set(self.scheduler.select(cands, self.max_batch, resident))
+        self._hint_next([c for c in cands if c.seq_id not in chosen], resident)
+        return [s for s in decoding if s.seq_id in chosen]
+
+    def _hint_next(self, passed_over: list, resident) -> None:
+        """Schedule-aware eviction: tell the expert cache which experts the next step's group (the scheduler's
+        pick among the sequences passed over now) is forecast to use, so this step evicts others first."""
+        if not self.cache.evicts or not self.schedule_aware_eviction:
+            return
+        nxt = set(self.scheduler.peek(passed_over, self.max_batch, resident)) if passed_over else set()
+        paths = [c.experts for c in passed_over if c.seq_id in nxt and c.experts is not None]
+        self.cache.hint_upcoming({m: frozenset().union(*(p[i] for p in paths))
+                                  for i, m in enumerate(self.spec.moe_layers)})
+
+    def _resident(self) -> list[frozenset[int]] | None:
+        """Each MoE layer's resident experts, for the scheduler; None when every expert is resident."""
+        return [self.cache.residents(m) for m in self.spec.moe_layers] if self.cache.evicts else None
+
+    def counters(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), "kv_reserved": self.kv_reserved,
+                "steps": self.steps, "prefills": self.prefills, "decode_tokens": self.decode_tokens,
+                "prompt_tokens": self.prompt_tokens}

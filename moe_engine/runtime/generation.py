@@ -1,8 +1,12 @@
-"""The token-id generation loop: left-padded batched prefill, then one decode step per token.
+"""Driving the generation core on the caller's thread: generate() and stream() (the server drives it in loop.py).
 
-Knows nothing of text: token ids in, token ids out. Each yielded step carries the new token of
-every row (None for a row that finished earlier); rows finish on eos / stop strings (via the
-StopChecker) or at their token limit.
+    lockstep(core, seqs)    every sequence prefilled in one step, then one decode step over all that are still
+                            running, until none is; yields each step's tokens (stream() shows them as they come)
+    scheduled(core, ...)    the Batcher (batching.py) with the server's schedule: at most max_batch sequences
+                            per decode step, admission within the KV reserve, rows whose experts overlap grouped
+
+Both return what they measured in a Timings (Engine.stats reports the last call's); the sequences hold
+the tokens. Knows nothing of text.
 """
 from __future__ import annotations
 
@@ -10,12 +14,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
-
-from ..model.decoder import Decoder
-from .kv_cache import KVCache
-from .sampling import Sampler
-from .stopping import StopChecker
+from .batching import Batcher
+from .core import GenerationCore, Sequence
 
 
 @dataclass
@@ -28,42 +28,21 @@ class Timings:
     decode_tokens: int = 0
     decode_s: float = 0.0
     steps: int = 0
-    finish_reasons: list = field(default_factory=list)
     step_s: list = field(default_factory=list)     # seconds between consecutive decode steps' tokens (TPOT samples)
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompts -> ids [B, T], token_mask [B, T] bool, positions [B, T] (0 at each row's first real token)."""
-    t = max(len(r) for r in rows)
-    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), t, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, t - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, t - len(r):] = True
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
-@torch.inference_mode()
-def generate_tokens(decoder: Decoder, rows: list[list[int]], max_new_tokens: list[int], sampler: Sampler,
-                    stopper: StopChecker, pad_id: int, device, timings: Timings,
-                    seq_ids: torch.Tensor | None = None) -> Iterator[list[int | None]]:
-    """Yield, per step, the new token of each row (None once a row is done). seq_ids [B]: ids for predictors."""
-    spec = decoder.spec
+def lockstep(core: GenerationCore, seqs: list[Sequence], timings: Timings) -> Iterator[list[int | None]]:
+    """Yield, per step, the new token of each sequence (None for one that finished earlier)."""
     t0 = time.perf_counter()
-    ids, mask, positions = left_pad(rows, pad_id, device)
-    b, t = ids.shape
-    cache = KVCache.for_spec(spec, b, t + max(max_new_tokens), decoder.embed.weight.dtype, device)
-    logits = decoder(ids, positions, cache, mask, last_only=True, seq_ids=seq_ids)[:, 0]          # [B, V]
-    timings.prompt_tokens += int(mask.sum())
-    active = [n > 0 for n in max_new_tokens]
-    timings.finish_reasons = ["length"] * b
-    produced = [0] * b
-    next_pos = positions[:, -1] + 1                                              # [B]
-    first, t_prev = True, t0
-    while any(active):
-        tokens = sampler(logits).tolist()
+    for s in seqs:
+        core.start(s)
+    logits = core.step(seqs)                                                    # [B, V]: the prefill
+    timings.prompt_tokens += sum(s.prompt_len for s in seqs)
+    live = [s for s in seqs if s.max_new > 0]
+    rows = [i for i, s in enumerate(seqs) if s.max_new > 0]
+    first, t_prev, t_decode = True, t0, t0
+    while live:
+        tokens = core.sample(live, logits[rows])
         now = time.perf_counter()
         if first:
             timings.prefill_s += now - t0
@@ -72,24 +51,44 @@ def generate_tokens(decoder: Decoder, rows: list[list[int]], max_new_tokens: lis
         else:
             timings.step_s.append(now - t_prev)
         t_prev = now
-        step = []
-        for i in range(b):
-            if not active[i]:
-                step.append(None)
-                continue
-            step.append(tokens[i])
-            produced[i] += 1
-            if stopper.update(i, tokens[i]) or produced[i] >= max_new_tokens[i]:
-                active[i] = False
-                timings.finish_reasons[i] = stopper.reason(i) or "length"
+        new = dict(zip((s.seq_id for s in live), tokens))
+        for s, tok in zip(live, tokens):
+            core.accept(s, tok)
         timings.steps += 1
-        yield step
-        if not any(active):
+        yield [new.get(s.seq_id) for s in seqs]
+        live = [s for s in live if not s.done]
+        if not live:
             break
-        step_ids = torch.tensor([[tok if tok is not None else pad_id] for tok in step], device=device)
-        step_mask = torch.tensor([[a] for a in active], device=device)
-        logits = decoder(step_ids, next_pos[:, None], cache, step_mask, last_only=True, seq_ids=seq_ids)[:, 0]
-        next_pos = next_pos + 1
-        timings.decode_tokens += sum(active)
+        logits, rows = core.step(live), list(range(len(live)))
+        timings.decode_tokens += len(live)
     if not first:
         timings.decode_s += time.perf_counter() - t_decode
+
+
+def scheduled(core: GenerationCore, cache, seqs: list[Sequence], max_batch: int, scheduler: str,
+              kv_tokens: int | None, timings: Timings) -> None:
+    """Every sequence to its end through the server's Batcher (admission and schedule), on this thread."""
+    batcher = Batcher(core, cache, max_num_seqs=len(seqs), max_batch=max_batch, scheduler=scheduler,
+                      kv_tokens=kv_tokens)
+    for s in seqs:
+        if s.max_new > 0:
+            batcher.enqueue(s)
+    t0 = time.perf_counter()
+    with core.observing(batcher.recorder):
+        while batcher.waiting or batcher.running:
+            admitted = batcher.admit()
+            if admitted:
+                _release_done(batcher, batcher.prefill(admitted))
+            decoding = batcher.decoding()
+            if decoding:
+                _release_done(batcher, batcher.decode(batcher.pick(decoding)))
+    timings.prompt_tokens += batcher.prompt_tokens
+    timings.decode_tokens += batcher.decode_tokens
+    timings.steps += batcher.steps
+    timings.decode_s += time.perf_counter() - t0
+
+
+def _release_done(batcher: Batcher, tokens: list[tuple[Sequence, int]]) -> None:
+    for seq, _ in tokens:
+        if seq.done:
+            batcher.release(seq)
