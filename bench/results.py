@@ -22,6 +22,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import psutil
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "RESULTS.md"
@@ -49,13 +51,7 @@ def _cpuinfo_model() -> str:
 
 
 def _ram_gib() -> str:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return f"{int(line.split()[1]) / 2**20:.0f} GiB RAM"
-    except OSError:
-        pass
-    return "RAM unknown"
+    return f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
 
 
 def machine() -> str:

@@ -2,9 +2,11 @@
 
 Everything that can be checked without reading tensor data is checked in the constructor:
 config.json, the architecture, the safetensors index and headers, and that every tensor the
-decoder needs is present with the right shape. Experts are read one at a time, straight
-into a packed buffer, from byte ranges known up front (`expert_infos`); a family whose experts
-are stored otherwise (stacked, fused, quantized) converts them through its ExpertFormat.
+decoder needs is present with the right shape. Non-expert tensors are read with the safetensors
+library (`read`); experts are read one at a time, straight into a packed buffer, from byte ranges
+known up front (`expert_infos`, our own index: the offloading tiers read those ranges with direct
+IO); a family whose experts are stored otherwise (stacked, fused, quantized) converts them through
+its ExpertFormat.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..errors import CheckpointError
 from ..model.experts import ExpertLayout
@@ -64,6 +67,7 @@ class Checkpoint:
         self.layout = ExpertLayout.of(self.spec)
         self.expert_format = self.family.expert_format_for(self.config)
         self._raw_packed: dict[torch.dtype, bool] = {}     # raw_is_packed per dtype
+        self._files: dict[str, object] = {}                # path -> safetensors handle (non-expert reads)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,12 +109,21 @@ class Checkpoint:
 
     # ---- reading -----------------------------------------------------------------------------
     def read(self, generic: str, dtype: torch.dtype) -> torch.Tensor:
-        """One non-expert tensor by its generic decoder name, converted to `dtype`."""
+        """One non-expert tensor by its generic decoder name, converted to `dtype` (read with safetensors)."""
         fused = self.family.fused_source(generic)
-        if fused is not None:
-            name, part, parts = fused
-            return self.index.read(name).chunk(parts, dim=0)[part].to(dtype)
-        return self.index.read(self.family.checkpoint_name(generic)).to(dtype)
+        if fused is None:
+            name = self.family.checkpoint_name(generic)
+            return self._open(name).get_tensor(name).to(dtype)
+        name, part, parts = fused
+        rows = self.index.info(name).shape[0] // parts                   # a fused tensor: only this part's rows
+        return self._open(name).get_slice(name)[part * rows:(part + 1) * rows].to(dtype)
+
+    def _open(self, name: str):
+        """The safetensors file holding tensor `name`, opened once (its header was validated by the index)."""
+        path = self.index.info(name).path
+        if path not in self._files:
+            self._files[path] = safe_open(path, framework="pt", device="cpu")
+        return self._files[path]
 
     def expert_infos(self, layer: int, expert: int) -> tuple[TensorInfo, ...]:
         """Byte ranges (file, offset, nbytes) of one expert's tensors, in the order of its ExpertFormat."""
@@ -151,4 +164,5 @@ class Checkpoint:
         return out
 
     def close(self) -> None:
+        self._files.clear()
         self.index.close()

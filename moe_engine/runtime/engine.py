@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import resource
 from collections.abc import Iterator
 
 import torch
@@ -199,14 +198,13 @@ class Engine:
 
     def stats(self) -> dict:
         self._check_open()
-        host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self.device.type == "cuda":
             device_peak = torch.cuda.max_memory_allocated(self.device)
         else:   # allocator accounting of the compute tier: weights, KV reserve, expert slots, IO buffers
             weights = sum(p.numel() * p.element_size() for p in self.decoder.parameters())
             kv = self.plan.kv_bytes if self.plan else 0
             device_peak = weights + kv + self.experts.nbytes()
-        out = build_stats(self.timings, self.experts.stats(), self.gpu_mem, device_peak, self.cpu_mem, host_peak)
+        out = build_stats(self.timings, self.experts.stats(), self.gpu_mem, device_peak, self.cpu_mem)
         out["quant"] = self.quant or {"name": "none"}
         return out
 
