@@ -75,8 +75,10 @@ def format_size(n: int) -> str:
     return f"{n} B"
 
 
-def check_int(value, what: str, minimum: int | None = 1, maximum: int | None = None, optional: bool = False):
-    """An int within [minimum, maximum] (booleans refused); None passes when optional."""
+def check_int(value, what: str, minimum: int | None = 1, maximum: int | None = None, optional: bool = False,
+              flag: str = ""):
+    """An int within [minimum, maximum] (booleans refused); None passes when optional. flag: the CLI flag of the
+    same value, named in the error too."""
     if value is None and optional:
         return None
     ok = isinstance(value, int) and not isinstance(value, bool)
@@ -90,7 +92,7 @@ def check_int(value, what: str, minimum: int | None = 1, maximum: int | None = N
         want = "a positive integer"
     else:
         want = f"an integer >= {minimum}"
-    raise ConfigError(f"{what}={value!r} is invalid: use {want}")
+    raise ConfigError(f"{what}={value!r} is invalid: use {want}" + (f" ({flag})" if flag else ""))
 
 
 def check_number(value, what: str, minimum: float | None = None, maximum: float | None = None,

@@ -56,10 +56,10 @@ def drive_live(cache: OffloadedExperts, trace, hidden: int) -> None:
     x = torch.zeros(1, hidden)
     for s in range(trace.num_sequences):
         for row in range(int(trace.seq_offsets[s]), int(trace.seq_offsets[s + 1])):
-            cache.begin_step(torch.tensor([int(trace.token_ids[row])]), torch.tensor([s]))
+            cache.observer.begin_step(torch.tensor([int(trace.token_ids[row])]), torch.tensor([s]))
             for layer in range(trace.num_layers):
                 ids = torch.tensor(trace.experts[row, layer][None], dtype=torch.long)
-                cache.observe(layer, x, ids, torch.tensor(trace.probs[row, layer][None], dtype=torch.float32))
+                cache.observer.observe(layer, x, ids, torch.tensor(trace.probs[row, layer][None], dtype=torch.float32))
                 cache.loader.join()
                 used = sorted(set(ids.flatten().tolist()))
                 for _e, buf, _host in cache.fetch(layer, used, [1] * len(used)):

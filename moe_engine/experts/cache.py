@@ -7,7 +7,7 @@
     OffloadedExperts = CacheController (controller.py: every decision, over ids)
                      + Loader (loader.py: IO threads, the controller's transport)
                      + SlotStorage (storage.py: the slots and the disk -> slot / host -> device work)
-                     + the predictor feed (a RoutingObserver: begin_step / observe drive the Forecaster)
+                     + PredictorFeed (its routing observer: begin_step / observe drive the Forecaster)
 
 It is both faces of experts/ (see __init__.py): the model's ExpertSource and the runtime's view of a
 cache (hints, residency, stats). A failed or short read never marks an expert ready: its slot is
@@ -43,15 +43,13 @@ class OffloadedExperts:
         host_compute = self._compute_on_host if host is not None and cost_model is not None else None
         self.controller = CacheController(plan.quotas, plan.num_experts, policy, checkpoint.spec.moe.top_k,
                                           self.loader, self.counters, host_compute, max_lookahead, events)
-        self.forecaster = forecaster                      # runtime.forecast.Forecaster, or None
-        self._predictions: dict[int, torch.Tensor] = {}
+        self.observer = PredictorFeed(forecaster, self.controller, self.counters)   # registered first at build
         self._last_slot: int | None = None                # device slot the last buffer handed to compute
 
     # ---- the model's ExpertSource ---------------------------------------------------------------
     def fetch(self, layer: int, experts: Sequence[int], counts: Sequence[int]) -> LayerFetch:
         self._note_last_use()
-        predictions, self._predictions = self._predictions, {}
-        order = self.controller.prepare(layer, experts, counts, predictions)
+        order = self.controller.prepare(layer, experts, counts, self.observer.take())
         return LayerFetch(order, functools.partial(self._get, layer))
 
     def _get(self, layer: int, expert: int) -> torch.Tensor:
@@ -74,22 +72,6 @@ class OffloadedExperts:
         """Hybrid execution: only with a host tier holding every expert (never evicted under the CPU)."""
         return self.host.holds_all and self.cost_model.compute_on_host(tokens, self.layout,
                                                                        self.storage.size(layer, e))
-
-    # ---- the routing observer: feeds the predictor ----------------------------------------------
-    @property
-    def observer(self):
-        return self
-
-    def begin_step(self, token_ids: torch.Tensor, seq_ids: torch.Tensor) -> None:
-        self.counters.decoding = len(seq_ids) == len(torch.unique(seq_ids))     # one token per sequence
-        if self.forecaster is not None:
-            self.forecaster.begin_step(token_ids, seq_ids)
-
-    def observe(self, layer: int, router_input: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> None:
-        if self.forecaster is None:
-            return
-        self.forecaster.depth = self.controller.lookahead()
-        self._predictions = self.forecaster.routed(layer, router_input, experts, weights)
 
     # ---- the runtime's view ---------------------------------------------------------------------
     @property
@@ -120,8 +102,9 @@ class OffloadedExperts:
         if self.host is not None:       # the host tier's own lookups (GPU compute with a --cpu-mem tier)
             out["cache"]["host_hits"] = sum(self.host.table.hits)
             out["cache"]["host_lookups"] = sum(self.host.table.hits) + sum(self.host.table.misses)
-        if self.forecaster is not None:
-            out["prediction"] = {**self.forecaster.stats(), **ctl.clock.stats(),
+        forecaster = self.observer.forecaster
+        if forecaster is not None:
+            out["prediction"] = {**forecaster.stats(), **ctl.clock.stats(),
                                  "per_layer_precision": [round(p, 4) for p in ctl.gate.precision]}
         return out
 
@@ -134,3 +117,29 @@ class OffloadedExperts:
         t0 = self.loader.now()
         nbytes, h2d = self.storage.load(job, worker)
         self.counters.loaded(job.layer, nbytes, h2d, self.loader.now() - t0)
+
+
+class PredictorFeed:
+    """The cache's routing observer: counts whether a step decodes (one token per sequence) and feeds the
+    predictor (runtime.forecast.Forecaster, or None) each layer's routing, asking it `lookahead` layers ahead;
+    the forecast waits for that layer's fetch (take)."""
+
+    def __init__(self, forecaster, controller: CacheController, counters: CacheCounters):
+        self.forecaster, self.controller, self.counters = forecaster, controller, counters
+        self._predictions: dict[int, torch.Tensor] = {}
+
+    def begin_step(self, token_ids: torch.Tensor, seq_ids: torch.Tensor) -> None:
+        self.counters.decoding = len(seq_ids) == len(torch.unique(seq_ids))
+        if self.forecaster is not None:
+            self.forecaster.begin_step(token_ids, seq_ids)
+
+    def observe(self, layer: int, router_input: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        if self.forecaster is None:
+            return
+        self.forecaster.depth = self.controller.lookahead()
+        self._predictions = self.forecaster.routed(layer, router_input, experts, weights)
+
+    def take(self) -> dict[int, torch.Tensor]:
+        """The forecast made from the layer just routed ({later layer: scores [N, E]}), once."""
+        out, self._predictions = self._predictions, {}
+        return out

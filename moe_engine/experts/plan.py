@@ -19,6 +19,7 @@ from ..config import format_size
 from ..errors import ConfigError
 from ..model.experts import ExpertLayout
 from ..model.spec import ModelSpec
+from .policies import layer_quotas
 
 ALIGN = 4096                     # slot stride alignment (direct IO wants 4 KiB-aligned buffers)
 IO_CHUNK = 4 << 20               # bytes of one bounce buffer of the direct-IO reader, per thread
@@ -107,7 +108,6 @@ def make_plan(spec: ModelSpec, device: torch.device, dtype: torch.dtype, non_exp
     `expert_bytes`: bytes of the largest stored expert when experts are quantized (slots are sized
     for it); by default one expert in `dtype`. `expert_lines` describe the stored experts.
     """
-    from .policies import layer_quotas
     moe = spec.moe
     n_layers = len(spec.moe_layers)
     expert_bytes = expert_bytes or ExpertLayout.of(spec).nbytes(dtype)

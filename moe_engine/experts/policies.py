@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import ConfigError
 from .policy_default import DefaultPolicy
 
 
@@ -75,7 +76,6 @@ DEFAULT_POLICY = "default"
 
 def make_policy(name: str) -> EvictionPolicy:
     """A fresh policy object by name; unknown names list what exists."""
-    from ..errors import ConfigError
     if name not in POLICIES:
         raise ConfigError(f"cache policy {name!r} is unknown; available: {', '.join(sorted(POLICIES))}")
     return POLICIES[name]()
@@ -92,7 +92,6 @@ def layer_quotas(total_slots: int, weights: Sequence[float], min_slots: int, max
     GPT-OSS dev traces at 16 of 32 slots they gave 31% more misses than uniform quotas (sqrt of the
     miss rate: 5% fewer, but 1% more at 8 of 32); quotas from `quotas_from_curves` gave 11% fewer.
     """
-    from ..errors import ConfigError
     w = np.asarray(weights, dtype=np.float64)                                  # [L]
     moe = np.zeros(len(w), dtype=bool)
     moe[list(range(len(w)) if moe_layers is None else moe_layers)] = True

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import check_int
 from ..errors import ConfigError
 from ..experts.policies import DEFAULT_POLICY, make_policy
 from .lrc import SEGMENTS, lrc_metrics
@@ -69,8 +70,7 @@ def run_profile(engine, prompts: list[str], max_new_tokens: int = 32, progress: 
     """Generate every prompt alone (greedy), then return engine.stats() plus the "profile" section."""
     if not prompts:
         raise ConfigError("no prompts to profile: give at least one (--prompts FILE)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {max_new_tokens!r} is invalid: use an integer >= 1")
+    check_int(max_new_tokens, "max_new_tokens", flag="--max-new-tokens")
     t0 = time.perf_counter()
     trace, requests = _generate(engine, prompts, max_new_tokens, progress)
     wall = time.perf_counter() - t0

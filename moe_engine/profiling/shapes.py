@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint.checkpoint import load_config
 from ..errors import ConfigError
 
 
@@ -111,7 +112,6 @@ def shape_preset(name: str) -> ModelShape:
 
 def shape_from_config(model_dir: str | Path) -> ModelShape:
     """The shape of a checkpoint from its config.json (weights need not be there)."""
-    from ..checkpoint.checkpoint import load_config
     model_dir = Path(model_dir)
     family, cfg = load_config(model_dir)
     spec = family.build_spec(cfg)

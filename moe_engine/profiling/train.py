@@ -9,8 +9,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from predictors.learned import LearnedPredictor
+from predictors.path import PathPredictor
+
 from ..checkpoint import Checkpoint
+from ..config import check_int
 from ..errors import ConfigError
+from ..runtime.load import DEFAULT_MODEL_DIR
 from .trace import Trace, load_trace
 
 
@@ -38,13 +43,8 @@ def check_trace(trace: Trace, spec, kind: str, path: Path) -> None:
 def train_predictor(model_dir, trace_path, kind: str = "learned", depth: int = 2, epochs: int | None = None,
                     seed: int = 0, out=None, force: bool = False, progress: bool = True) -> Path:
     """Train `kind` on the trace and save it; returns the file written."""
-    from predictors.learned import LearnedPredictor
-    from predictors.path import PathPredictor
-    from ..runtime.load import DEFAULT_MODEL_DIR
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ConfigError(f"--depth {depth!r} is invalid: use an integer >= 1")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise ConfigError(f"--epochs {epochs!r} is invalid: use an integer >= 1")
+    check_int(depth, "depth", flag="--depth")
+    check_int(epochs, "epochs", optional=True, flag="--epochs")
     model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
     cls = {"learned": LearnedPredictor, "path": PathPredictor}[kind]
     target = Path(out) if out is not None else model_dir / cls.FILENAME

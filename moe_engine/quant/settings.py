@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .format import BITS, GROUP_SIZES
+from .format import BITS, GROUP_SIZES, check_format
 
 DEFAULT_GROUP = 64
 MIXED_CANDIDATES_LOW = (2, 3, 4)       # widths the integer program picks from when AVG_BITS <= 4
@@ -50,7 +50,6 @@ class QuantSettings:
 
     def check_model(self, spec) -> None:
         """The group size must divide the model's hidden and expert FFN sizes (checked before any work)."""
-        from .format import check_format
         try:
             check_format(self.candidates[0], self.group_size, spec.hidden_size, spec.moe.intermediate_size)
         except ValueError as e:

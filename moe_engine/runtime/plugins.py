@@ -16,6 +16,9 @@ import importlib
 from importlib import metadata
 from pathlib import Path
 
+from predictors import BUILTIN
+from predictors.base import PredictorUnavailable
+
 from ..errors import ConfigError
 
 ENTRY_POINT_GROUP = "moe_engine.predictors"
@@ -25,7 +28,6 @@ REQUIRED_METHODS = ("bind", "observe", "predict")
 
 def registered() -> dict[str, object]:
     """Name -> class (or entry point, loaded on use) of every predictor available by name."""
-    from predictors import BUILTIN
     names: dict[str, object] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         names.setdefault(ep.name, ep)
@@ -39,7 +41,6 @@ def _available() -> str:
 
 def resolve_predictor(spec, model_dir: Path | None):
     """A fresh predictor object for `spec`, or None; every problem is a ConfigError naming the fix."""
-    from predictors.base import PredictorUnavailable
     if spec is None or spec == "none":
         return None
     try:
@@ -108,5 +109,4 @@ def _checked(obj, spec):
 
 def default_predictor():
     """The fallback when a predictor misbehaves at run time."""
-    from predictors import BUILTIN
     return BUILTIN[DEFAULT_PREDICTOR]()

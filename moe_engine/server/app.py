@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
+from ..config import check_int
 from ..errors import ConfigError
 from ..runtime.loop import EngineLoop
 from . import serving
@@ -50,11 +51,8 @@ class ServerConfig:
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_body_bytes", "max_model_len", "max_batch", "max_waiting"):
-            value = getattr(self, name)
-            if value is None and name not in ("max_num_seqs", "max_body_bytes"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} is invalid: use a positive integer (--{name.replace('_', '-')})")
+            check_int(getattr(self, name), name, optional=name not in ("max_num_seqs", "max_body_bytes"),
+                      flag="--" + name.replace("_", "-"))
         if self.scheduler not in ("expert", "fifo"):
             raise ConfigError(f"scheduler={self.scheduler!r} is invalid: use expert or fifo (--scheduler)")
         if not self.drain_timeout > 0:
