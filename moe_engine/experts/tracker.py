@@ -36,7 +36,7 @@ class CacheCounters:
         self.stall_seconds = 0.0
         self.stall_decode_seconds = 0.0             # the part spent in decode steps (one token per sequence)
         self.io_seconds = self.io_decode_seconds = 0.0    # loader busy time (overlaps compute), all / in decode
-        self.decoding = False                       # set by the provider at each step
+        self.decoding = False                       # set at each step by the cache's PredictorFeed
         self._unused: dict[tuple[int, int], int] = {}         # prefetched, not yet needed -> lookahead distance
         self.issued_at: Counter[tuple[int, int]] = Counter()  # (layer, distance) -> prefetches issued
         self.used_at: Counter[tuple[int, int]] = Counter()    # (layer, distance) -> prefetches used

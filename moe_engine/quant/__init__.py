@@ -1,1 +1,8 @@
-"""Expert quantization: formats (format.py), kernels (kernels.py), bit allocation and the quantized-expert cache."""
+"""Expert quantization at load.
+
+    settings.py    --quant / --quant-group / --calibration, checked (QuantSettings)
+    format.py      group-wise affine codes in bit planes, one contiguous buffer per expert (QuantLayout)
+    kernels.py     the quantized expert FFN: C on the CPU (_ops.qlinear), Triton on GPUs, the torch twin
+    calibrate.py, allocate.py   mixed precision (MC-MoE): a calibration run, an integer program per layer
+    prepare.py, store.py        the quantized-expert cache entry: built once, verified, opened as an expert source
+"""

@@ -12,7 +12,7 @@ leaves a half-written entry under its key. Opening an entry checks the manifest,
 and the crc32 of every expert; anything wrong (stale, truncated, flipped bytes) is reported
 once and the entry is rebuilt, never used.
 
-`QuantizedExperts` is the expert source the providers read from in place of the checkpoint:
+`QuantizedExperts` is what the expert caches read from in place of the checkpoint:
 `expert_infos` gives each expert's byte range in experts.bin, so the direct-IO reader loads
 quantized experts exactly as it loads checkpoint experts.
 """
@@ -90,7 +90,7 @@ def entry_key(digest: str, settings, calibration_digest: str | None, bits_table=
 
 
 class QuantizedExperts:
-    """An opened, verified cache entry: the expert source for providers (duck-types Checkpoint's expert side)."""
+    """An opened, verified cache entry: what expert caches read experts from (duck-types Checkpoint's expert side)."""
 
     def __init__(self, entry: Path, ckpt, manifest: dict):
         self.entry, self.ckpt, self.manifest = entry, ckpt, manifest
