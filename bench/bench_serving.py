@@ -82,7 +82,7 @@ def serve(load: list[dict], scheduler: str, budget: int, kv_tokens: int, max_num
     return {"scheduler": scheduler, "loads": stats["io"]["loads"], "generated": gen,
             "loads_per_token": stats["io"]["loads"] / gen, "p50_s": ls[len(ls) // 2],
             "p99_s": float(np.percentile(ls, 99)), "tokens_per_s": gen / wall, "hit_rate": stats["cache"]["hit_rate"],
-            "steps": loop.steps}
+            "steps": loop.counters()["steps"]}
 
 
 def table(med: dict) -> str:

@@ -1,5 +1,5 @@
 """The public Engine API on a tokenizer-bearing checkpoint: text in/out, batching, streaming, stopping,
-seeds, generation_config.json defaults, chat, stats schema and close (ARCHITECTURE.md "Contracts")."""
+seeds, generation_config.json defaults, chat, stats schema and close (docs/architecture.md "Contracts")."""
 from __future__ import annotations
 
 import json

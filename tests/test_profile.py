@@ -81,7 +81,7 @@ def test_schema_rejects_broken_profiles(run, break_it):
 
 
 def test_documented_stats_keys_present(run):
-    """The stats keys of ARCHITECTURE.md, none renamed."""
+    """The stats keys of docs/architecture.md, none renamed."""
     doc = {"cache": ["hits", "misses", "hit_rate", "per_layer_hit_rate", "evictions", "capacity_experts",
                      "resident_experts"],
            "prefetch": ["issued", "used", "wasted", "precision", "recall"],

@@ -1,6 +1,6 @@
 """Placement plan: how the memory budgets split into non-expert weights, KV cache and expert slots.
 
-Tiers (ARCHITECTURE.md): the compute device holds non-expert weights, the KV cache reserve and
+Tiers (docs/architecture.md): the compute device holds non-expert weights, the KV cache reserve and
 a fixed number of expert slots (`--gpu-mem`); host RAM holds packed experts for a GPU to copy
 from (`--cpu-mem`); the checkpoint on disk holds everything. With no GPU the CPU computes, its
 slots are the RAM experts that compute reads, and misses are read from disk into them.

@@ -1,7 +1,7 @@
 """Counters of one cache: lookups, loads, prefetch outcomes, stalls, and the routing log for Belady.
 
 Loader threads report finished loads here, so updates take a lock. `sections` renders the
-cache / prefetch / io / optimal parts of the stats schema (ARCHITECTURE.md). Definitions: a hit is
+cache / prefetch / io / optimal parts of the stats schema (docs/architecture.md). Definitions: a hit is
 a lookup that finds the expert in the table (resident or already being prefetched; waiting for it
 counts as stall time); a load is one expert brought into the compute tier (demand or prefetch);
 prefetch precision = prefetches used before eviction / issued, recall = prefetches used / (used +

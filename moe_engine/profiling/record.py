@@ -1,4 +1,4 @@
-"""Recording routing traces (`moe-engine trace`) in the npz format of ARCHITECTURE.md.
+"""Recording routing traces (`moe-engine trace`) in the npz format of docs/architecture.md.
 
     Engine.generate(prompt) --> decoder --begin_step / observe--> RoutingRecorder (one of the engine's observers)
                                                                      | per step: token ids, seq ids,

@@ -218,7 +218,7 @@ class Simulator:
 
     # ---- state of one cache -----------------------------------------------------------------------
     def _new_cache(self) -> None:
-        if hasattr(self, "ctl"):
+        if self.ctl is not None:
             self.hits = [a + b for a, b in zip(self.hits, self.ctl.table.hits)]
             self.misses = [a + b for a, b in zip(self.misses, self.ctl.table.misses)]
         self.ctl = CacheController(self.quotas, int(self.trace.num_experts), make_policy(self.policy_name),
@@ -238,7 +238,7 @@ class Simulator:
         self.now, self.stall, self.compute = 0.0, 0.0, 0.0
         self.transport = LinkTransport(self)
         self.hits, self.misses = [0] * tr.num_layers, [0] * tr.num_layers
-        self.__dict__.pop("ctl", None)
+        self.ctl = None
         prompt = self._prompt_mask()
         times = np.zeros(tr.num_steps)
         stalls = np.zeros(tr.num_steps)

@@ -1,4 +1,4 @@
-"""Routing traces: load, save and validate the npz format of ARCHITECTURE.md.
+"""Routing traces: load, save and validate the npz format of docs/architecture.md.
 
 A trace is the routing of T forward steps (tokens) through L MoE layers, K experts each:
     experts      uint8/int16 [T, L, K]   selected expert ids per token and layer

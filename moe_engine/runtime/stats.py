@@ -1,4 +1,4 @@
-"""Engine.stats(): the stats schema of ARCHITECTURE.md, filled from what this run measured."""
+"""Engine.stats(): the stats schema of docs/architecture.md, filled from what this run measured."""
 from __future__ import annotations
 
 import resource
