@@ -159,7 +159,22 @@ def test_cli_json_contract(small_trace, tmp_path, capsys):
     assert "tok/s" in capsys.readouterr().out
 
 
+def test_cli_host_compute_runs_misses_on_the_host(small_trace, tmp_path):
+    """--host-compute: a host that streams expert weights faster than the link loads them takes every miss."""
+    path, outs = tmp_path / "t.npz", {}
+    save_trace(path, small_trace)
+    for name, extra in (("link", []), ("host", ["--host-compute", "1T"]), ("slow-host", ["--host-compute", "1M"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["simulate", "--trace", str(path), "--model-shape", "gpt-oss-20b", "--cache-experts", "8",
+                     "--json", str(out), *extra]) == 0
+        outs[name] = json.loads(out.read_text())
+    assert outs["host"]["loads"] == 0 and outs["host"]["hardware"]["host_compute_bytes_per_s"] == 1e12
+    assert outs["host"]["tokens_per_s"] > outs["link"]["tokens_per_s"]
+    assert outs["slow-host"]["loads"] == outs["link"]["loads"] > 0
+
+
 @pytest.mark.parametrize("argv, words", [
+    (["--model-shape", "gpt-oss-20b", "--host-compute", "lots"], ["--host-compute", "lots"]),
     (["--trace", "/nonexistent.npz", "--model-shape", "gpt-oss-20b"], ["--trace", "no such trace file"]),
     (["--model-shape", "gpt-oss-20b", "--cache-experts", "64"], ["--cache-experts", "64", "32"]),
     (["--model-shape", "gpt-oss-20b", "--hardware", "rtx9999"], ["--hardware", "rtx9999", "pcie4-x16"]),
