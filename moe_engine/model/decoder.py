@@ -21,8 +21,7 @@ from .attention import Attention, RMSNorm
 from .linear import Linear, LinearKernel
 from .mla import MlaAttention
 from .experts import Observers
-from .moe import GatedMlp, MoeBlock, _unbound
-from .routing import make_selector
+from .moe import GatedMlp, MoeBlock
 from .rope import Rotary
 from .spec import LayerSpec, ModelSpec
 
@@ -119,18 +118,16 @@ class Decoder(nn.Module):
         path up to rounding. MoE blocks take the fused softmax top-k (the expert compute is bound apart)."""
         self.decode_ops = ops
         for module in self.modules():
-            if isinstance(module, Attention):
+            if isinstance(module, (Attention, MoeBlock)):
                 module.set_decode_ops(ops)
             elif isinstance(module, (RMSNorm, DecoderLayer)):
                 module.ops = ops
-            elif isinstance(module, MoeBlock):
-                module.select = make_selector(module.spec, None if ops is None else ops.route)
 
     def bind_experts(self, strategies: dict) -> None:
         """Give each MoE block its expert-compute strategy (layer -> (layer, x, weights, ids) -> [N, D]).
         Once: a model's experts are never replaced after it is built."""
         blocks = self.moe_blocks()
-        if any(b.experts is not _unbound for b in blocks):
+        if any(b.bound for b in blocks):
             raise RuntimeError("this decoder's experts are already bound; build a new decoder for another source")
         if sorted(strategies) != sorted(b.layer for b in blocks):
             raise ValueError(f"bind_experts needs a strategy for MoE layers {sorted(b.layer for b in blocks)}, "

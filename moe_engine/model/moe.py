@@ -58,6 +58,15 @@ class MoeBlock(nn.Module):
         self.observers = Observers()               # the decoder's (Decoder.__init__ shares one object)
         self.linear: LinearKernel | None = None   # the routed experts' matmul (Decoder.set_linear_kernel); F.linear if None
 
+    @property
+    def bound(self) -> bool:
+        """The build has given the block its experts (Decoder.bind_experts)."""
+        return self.experts is not _unbound
+
+    def set_decode_ops(self, ops) -> None:
+        """Routing through the decode ops' fused softmax top-k where it applies (None: torch)."""
+        self.select = make_selector(self.spec, None if ops is None else ops.route)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] (real tokens only) -> [N, D]."""
         weights, ids = self.select(self._logits(x), self.correction_bias)   # [N, K] each
