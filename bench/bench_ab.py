@@ -6,7 +6,8 @@
     python bench/bench_ab.py --base /tmp/base prefetch [--predictors none gate-lookahead]
 
 `--base` is a checkout of another commit with its extension built in place (git worktree add /tmp/base
-COMMIT && cd /tmp/base && python setup.py build_ext --inplace); "new" is this tree. Each round runs the
+COMMIT && cd /tmp/base && python setup.py build_ext --inplace, pybind11 installed; and ln -s /work/shared
+/tmp/shared, as its scripts look for ../shared beside their tree); "new" is this tree. Each round runs the
 benchmark once under each tree, the order alternating round by round; each tree runs its own bench script
 with PYTHONPATH set to it, in its own process, so both measure the same protocol through their own API.
 
