@@ -117,10 +117,10 @@ class Engine:
         if kw:
             raise ConfigError(f"stream() got unknown arguments: {', '.join(sorted(kw))}")
         seq = self._sequences(rows, max_new, eos, stop, gen_kw)[0]
-        text, timings = TextStream(self.decode, seq.stopper.stop_strings), Timings()
+        text, timings = TextStream(self.decode, seq.stopper), Timings()
         try:
             for step in lockstep(self.core, [seq], timings):
-                piece = text.push(step[0], (lambda t: seq.stopper.trim(0, t)) if seq.done else None)
+                piece = text.push(step[0], seq.done)
                 if piece:
                     yield piece
         finally:

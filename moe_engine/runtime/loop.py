@@ -110,7 +110,7 @@ class EngineLoop:
         decode = eng.decode if eng.tokenizer is not None else None
         seq = eng.core.sequence(req.prompt_ids, req.max_tokens, Sampler(req.sampling, 1, eng.device),
                                 StopChecker(eos, req.stop, decode, 1))
-        return _Served(req, seq, TextStream(decode, req.stop) if decode is not None else None)
+        return _Served(req, seq, TextStream(decode, seq.stopper) if decode is not None else None)
 
     def cancel(self, request_id: str) -> None:
         with self._cond:
@@ -188,8 +188,7 @@ class EngineLoop:
             if first:
                 s.t_first = now
             s.pending.append(token)
-            final = (lambda text, seq=seq: seq.stopper.trim(0, text)) if seq.done else None
-            delta = s.text.push(token, final) if s.text is not None else ""
+            delta = s.text.push(token, seq.done) if s.text is not None else ""
             if seq.done:
                 self._finish(s, "stop" if seq.finish_reason in ("eos", "stop") else "length", text=delta)
                 continue

@@ -37,22 +37,22 @@ class TextStream:
 
     push(token) returns the text that became visible: everything decoded so far except the last
     (longest stop string - 1) characters, which could be the start of a stop string. For the token that
-    ends the sequence, push(token, final=trim) returns the rest instead: the whole generation decoded once
-    more (which also flushes a partial character) and cut by `trim` (StopChecker.trim: before the first stop
-    string). The pieces of one sequence concatenate to its final text. Used by Engine.stream and by the
-    serving loop's events.
+    ends the sequence, push(token, done=True) returns the rest instead: the whole generation decoded once
+    more (which also flushes a partial character) and cut before the first stop string (the sequence's
+    StopChecker, row 0). The pieces of one sequence concatenate to its final text. Used by Engine.stream and
+    by the serving loop's events.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop_strings: list[str]):
-        self.decode = decode
+    def __init__(self, decode: Callable[[list[int]], str], stopper):
+        self.decode, self.stopper = decode, stopper
         self.text = IncrementalText(decode)
-        self.hold = max((len(s) for s in stop_strings), default=1) - 1
+        self.hold = max((len(s) for s in stopper.stop_strings), default=1) - 1
         self.sent = 0                                     # characters handed out so far
 
-    def push(self, token_id: int, final: Callable[[str], str] | None = None) -> str:
+    def push(self, token_id: int, done: bool = False) -> str:
         self.text.push(token_id)
-        if final is not None:
-            text = final(self.decode(self.text.ids))
+        if done:
+            text = self.stopper.trim(0, self.decode(self.text.ids))
             ready = len(text)
         else:
             text, ready = self.text.text, len(self.text.text) - self.hold
