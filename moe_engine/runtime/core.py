@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .kv_cache import SeqKV, StepKV
-from .sampling import Sampler
+from .sampling import Sampler, SamplingParams
 from .stopping import StopChecker
 
 
@@ -71,9 +71,13 @@ class GenerationCore:
         finally:
             self.decoder.observers.remove(observer)
 
-    def sequence(self, prompt: list[int], max_new: int, sampler: Sampler, stopper: StopChecker) -> Sequence:
-        """A new sequence (its KV cache is allocated by start())."""
-        return Sequence(next(self._seq_ids), list(prompt), len(prompt), max_new, sampler, stopper)
+    def sequence(self, prompt: list[int], max_new: int, params: SamplingParams | None = None, eos=(), stop=None,
+                 decode=None) -> Sequence:
+        """A new sequence (its KV cache is allocated by start()): it samples with `params` (None: never samples,
+        e.g. a logits pass) and stops on the eos ids and stop strings (decode: ids -> text, needed for stop strings)."""
+        sampler = None if params is None else Sampler(params, 1, self.device)
+        return Sequence(next(self._seq_ids), list(prompt), len(prompt), max_new, sampler,
+                        StopChecker(eos, stop, decode, 1))
 
     def start(self, seq: Sequence) -> None:
         seq.kv = SeqKV.for_spec(self.spec, seq.kv_tokens, self.dtype, self.device)

@@ -19,9 +19,9 @@ from ..errors import ConfigError, MoeEngineError, PromptTooLongError
 from .core import GenerationCore, Sequence
 from .generation import Timings, lockstep, scheduled
 from .prompts import TextCodec, prompt_rows, tensor_output
-from .sampling import Sampler, resolve_sampling
+from .sampling import resolve_sampling
 from .stats import build_stats
-from .stopping import StopChecker, normalize_eos
+from .stopping import normalize_eos
 from .textstream import TextStream
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -148,12 +148,8 @@ class Engine:
             self._check_kv_reserve(1 if alone else len(rows), need)
         eos = normalize_eos(self.eos_ids(eos_token_id))
         params = resolve_sampling(self.generation_config, **kw)
-        decode = self.decode if self.tokenizer is not None else None
-        seqs = []
-        for i, (r, n) in enumerate(zip(rows, new)):
-            row_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            seqs.append(self.core.sequence(r, n, Sampler(row_params, 1, self.device), StopChecker(eos, stop, decode, 1)))
-        return seqs
+        return [self.core.sequence(r, n, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i),
+                                   eos, stop, self.text.decoder) for i, (r, n) in enumerate(zip(rows, new))]
 
     def _check_kv_reserve(self, prompts: int, need: int) -> None:
         """Under a budget the sequences' KV caches (prompt + new tokens each) may not outgrow the reserve."""
@@ -182,7 +178,7 @@ class Engine:
         rows = [(i, row[m].tolist()) for i, (row, m) in enumerate(zip(input_ids.cpu(), mask.cpu())) if m.any()]
         if not rows:
             return out
-        seqs = [self.core.sequence(r, 0, None, None) for _, r in rows]
+        seqs = [self.core.sequence(r, 0) for _, r in rows]
         for s in seqs:
             self.core.start(s)
         for (i, _), logits in zip(rows, self.core.step(seqs, all_logits=True)):

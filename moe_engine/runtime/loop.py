@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 
 from .batching import Batcher
 from .core import Sequence
-from .sampling import Sampler, SamplingParams
-from .stopping import StopChecker
+from .sampling import SamplingParams
 from .textstream import TextStream
 
 log = logging.getLogger("moe_engine")
@@ -107,9 +106,8 @@ class EngineLoop:
     def _serve(self, req: Request) -> _Served:
         eng = self.engine
         eos = req.eos_token_ids if req.eos_token_ids is not None else eng.eos_ids(None)
-        decode = eng.decode if eng.tokenizer is not None else None
-        seq = eng.core.sequence(req.prompt_ids, req.max_tokens, Sampler(req.sampling, 1, eng.device),
-                                StopChecker(eos, req.stop, decode, 1))
+        decode = eng.text.decoder
+        seq = eng.core.sequence(req.prompt_ids, req.max_tokens, req.sampling, eos, req.stop, decode)
         return _Served(req, seq, TextStream(decode, seq.stopper) if decode is not None else None)
 
     def cancel(self, request_id: str) -> None:

@@ -41,6 +41,11 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self.require("text output").decode(ids, skip_special_tokens=True)
 
+    @property
+    def decoder(self):
+        """`decode`, or None without a tokenizer (stop strings are then refused)."""
+        return self.decode if self.tokenizer is not None else None
+
 
 def prompt_rows(codec: TextCodec, prompt, attention_mask, chat: bool) -> tuple[list[list[int]], str]:
     """(rows of token ids, kind): kind "str" (one text), "list" (texts) or "tensor" (ids, padding dropped)."""
