@@ -84,18 +84,14 @@ def offload_budgets(fractions: list[float]) -> list[tuple[float, int]]:
     """(fraction, --gpu-mem) as bench_offload.py all computes them (the same plan in both trees)."""
     import torch
 
-    from bench_offload import sizes
+    from bench_offload import fraction_budget, sizes
     from moe_engine.checkpoint import Checkpoint
     from moe_engine.experts.plan import make_plan
     _, rest, _ = sizes(MODEL)
     ckpt = Checkpoint(MODEL)
     full = make_plan(ckpt.spec, torch.device("cpu"), ckpt.dtype, rest, None, None)
     ckpt.close()
-    out = []
-    for frac in fractions:
-        slots = round(full.total_experts * frac)
-        out.append((frac, full.device_bytes - full.device_slots * full.slot_bytes + slots * full.slot_bytes))
-    return out
+    return [(frac, fraction_budget(full, frac)[1]) for frac in fractions]
 
 
 def offload(tree: Path, args) -> dict:

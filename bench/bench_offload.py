@@ -162,6 +162,13 @@ def launch(limit: int | None, model: str, argv: list[str], evict: list[str] = ()
     return out
 
 
+def fraction_budget(full, frac: float) -> tuple[int, int]:
+    """(expert slots, --gpu-mem) giving the engine `frac` of all experts, from `full`, the plan with every expert
+    resident: its fixed bytes (weights, KV reserve, IO buffers) plus that many slots."""
+    slots = round(full.total_experts * frac)
+    return slots, full.device_bytes - full.device_slots * full.slot_bytes + slots * full.slot_bytes
+
+
 def sizes(model: str) -> tuple[int, int, int]:
     """(expert bytes total, non-expert bytes, expert bytes each) in the checkpoint dtype."""
     from moe_engine.checkpoint import Checkpoint
@@ -185,9 +192,8 @@ def run_all(args) -> None:
     ckpt = Checkpoint(args.model)
     full = make_plan(ckpt.spec, torch.device("cpu"), ckpt.dtype, rest, None, None)
     for frac in args.fractions:
-        slots = round(full.total_experts * frac)                       # the same expert count for both sides
+        slots, gpu_mem = fraction_budget(full, frac)                   # the same expert count for both sides
         expert_budget = slots * each
-        gpu_mem = full.device_bytes - full.device_slots * full.slot_bytes + slots * full.slot_bytes
         limit = gpu_mem + RUNTIME_ALLOWANCE
         budget = ["--gpu-mem", str(gpu_mem), "--policy", args.policy, "--predictor", args.predictor]
         row = {"fraction": frac, "gpu_mem": gpu_mem, "limit": limit, "weight_budget": rest + expert_budget}
@@ -245,8 +251,7 @@ def run_quant(args) -> None:
               "--predictor", args.predictor, "--quant-cache", args.quant_cache]
     rows = []
     for frac in args.fractions:
-        slots = round(full.total_experts * frac)
-        gpu_mem = full.device_bytes - full.device_slots * full.slot_bytes + slots * full.slot_bytes
+        _, gpu_mem = fraction_budget(full, frac)
         limit = gpu_mem + RUNTIME_ALLOWANCE
         for q in args.quants:
             run = launch(limit, args.model, ["--mode", "engine", "--gpu-mem", str(gpu_mem), "--quant", q, *common],

@@ -83,8 +83,7 @@ def run_all(args) -> None:
     full = make_plan(ckpt.spec, torch.device("cpu"), ckpt.dtype, rest, None, None)
     ckpt.close()
     for frac in args.fractions:
-        slots = round(full.total_experts * frac)
-        gpu_mem = full.device_bytes - full.device_slots * full.slot_bytes + slots * full.slot_bytes
+        slots, gpu_mem = bench_offload.fraction_budget(full, frac)
         limit = gpu_mem + bench_offload.RUNTIME_ALLOWANCE
         argv = [sys.executable, __file__, "one", "--model", args.model, "--gpu-mem", str(gpu_mem), "--policy",
                 args.policy, "--predictor", args.predictor, "--save-trace", str(out / f"trace-{frac}.npz"), *common]
