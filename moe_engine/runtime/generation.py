@@ -39,10 +39,10 @@ def lockstep(core: GenerationCore, seqs: list[Sequence], timings: Timings) -> It
     logits = core.step(seqs)                                                    # [B, V]: the prefill
     timings.prompt_tokens += sum(s.prompt_len for s in seqs)
     live = [s for s in seqs if s.max_new > 0]
-    rows = [i for i, s in enumerate(seqs) if s.max_new > 0]
+    logits = logits[[i for i, s in enumerate(seqs) if s.max_new > 0]]          # [B_live, V]
     first, t_prev, t_decode = True, t0, t0
     while live:
-        tokens = core.sample(live, logits[rows])
+        tokens = core.sample(live, logits)
         now = time.perf_counter()
         if first:
             timings.prefill_s += now - t0
@@ -59,7 +59,7 @@ def lockstep(core: GenerationCore, seqs: list[Sequence], timings: Timings) -> It
         live = [s for s in live if not s.done]
         if not live:
             break
-        logits, rows = core.step(live), list(range(len(live)))
+        logits = core.step(live)
         timings.decode_tokens += len(live)
     if not first:
         timings.decode_s += time.perf_counter() - t_decode
