@@ -14,8 +14,11 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
                    "default: the bundled tiny-moe model")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), float32, float16 or bfloat16")
-    p.add_argument("--gpu-mem", default=None, help="budget of the compute tier, e.g. 8G")
-    p.add_argument("--cpu-mem", default=None, help="budget of the host tier, e.g. 32G")
+    p.add_argument("--gpu-mem", default=None, help="budget of the compute tier, e.g. 8G, or auto: what this process "
+                   "may use (a GPU's free memory; on the CPU the cgroup limit and MemAvailable, less what is in use) "
+                   "minus a margin")
+    p.add_argument("--cpu-mem", default=None, help="budget of the host tier, e.g. 32G, or auto (as --gpu-mem auto on "
+                   "the CPU)")
     p.add_argument("--predictor", default="gate-lookahead", help="expert predictor for prefetching: "
                    "gate-lookahead, learned, path, oracle:TRACE.npz, a plug-in's name, pkg.module:Class, or none")
     p.add_argument("--policy", default=None, help="expert-cache eviction policy (default: the engine's default; "
@@ -23,6 +26,8 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kv-tokens", type=int, default=None, help="KV cache reserve counted in --gpu-mem "
                    "(default: min(context, 4096) tokens)")
     p.add_argument("--io-threads", type=int, default=2, help="expert loader threads")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: the cores this process may "
+                   "use: its CPU affinity and cgroup CPU quota; OMP_NUM_THREADS, when set, is kept)")
     p.add_argument("--quant", default=None, help="expert quantization at load: none, int8, int4, int3, int2 or "
                    "mixed:AVG_BITS (a width per expert chosen by an integer program, e.g. mixed:3)")
     p.add_argument("--quant-group", type=int, default=None, help="weights per scale and zero point: 32, 64 "

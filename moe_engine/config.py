@@ -8,6 +8,8 @@ one parser, `parse_size`:
     8GB, 512MB, 1.5TB     decimal units: K/M/G/T x 10^3/10^6/10^9/10^12, always
     2147483648, 1.5e9     a plain number: bytes (or bytes per second); a trailing "B" or "/s" is allowed
 
+Memory budgets (`parse_budget`) also take `auto`: the budget is measured at start (runtime/resources.py).
+
 The checks (`check_int`, `check_number`, `check_choice`) raise ConfigError naming the value, what was
 wrong and what to use, in the words the flag or keyword uses (`what`). The engine's configuration
 dataclasses (runtime/config.py, quant/settings.py, server/app.py) validate through them. Imports
@@ -58,6 +60,17 @@ def parse_size(value, what: str = "size") -> int | None:
     if int(size) <= 0:
         raise ConfigError(f"{what}: must be at least one byte, got {value!r}")
     return int(size)
+
+
+def parse_budget(value, what: str) -> int | str | None:
+    """A memory budget: a size (parse_size), or "auto" (what this process may use, measured at start:
+    runtime/resources.py), returned as "auto"; None stays None."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return parse_size(value, what)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; or auto (the memory this process may use, measured at start)") from None
 
 
 def parse_rate(value, what: str) -> float:

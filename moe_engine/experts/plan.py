@@ -7,7 +7,9 @@ slots are the RAM experts that compute reads, and misses are read from disk into
 
 This module only does arithmetic and prints the plan; it allocates nothing. A budget too small
 for the non-expert weights, the KV reserve and `top_k` slots per MoE layer fails here, before
-any weight is read, with the smallest budget that would work.
+any weight is read, with the smallest budget that would work. A budget that `--gpu-mem auto`
+chose from the memory available (runtime/resources.py) arrives with the sentence saying how,
+which the plan prints (and the error names); `notes` are further lines (runtime footprint, threads).
 """
 from __future__ import annotations
 
@@ -56,6 +58,9 @@ class Placement:
     host_slots: int                  # packed experts held in host RAM (GPU only; 0 on CPU)
     quotas: list[int] = field(default_factory=list)   # [num_layers] device slots per layer
     expert_lines: tuple[str, ...] = ()                 # how experts are stored (quantization), for describe()
+    device_auto: str | None = None   # how --gpu-mem auto chose device_budget (resources.AutoBudget.describe())
+    host_auto: str | None = None     # how --cpu-mem auto chose host_budget
+    notes: tuple[str, ...] = ()      # what else was measured and chosen: runtime footprint, compute threads
 
     @property
     def total_experts(self) -> int:
@@ -75,16 +80,23 @@ class Placement:
         lines = [(f"placement plan ({self.device}; {total} experts of {'up to ' if self.expert_lines else ''}"
                   f"{format_size(e)} in {self.num_moe_layers} MoE layers, {format_size(total * e)} in all)"),
                  *self.expert_lines,
+                 *([f"  memory: {self.device_auto}; experts get "
+                    f"{format_size(self.device_slots * self.slot_bytes)} ({self.device_slots} slots)"]
+                   if self.device_auto else []),
+                 *([f"  memory: {self.host_auto}; host tier {self.host_slots} experts"] if self.host_auto else []),
+                 *(f"  {note}" for note in self.notes),
                  f"  compute tier ({self.device}): non-expert weights {format_size(self.non_expert_bytes)}, "
                  f"KV reserve {format_size(self.kv_bytes)} ({self.kv_tokens} tokens), IO buffers "
                  f"{format_size(self.io_bytes)}, {self.device_slots} expert slots "
                  f"{format_size(self.device_slots * self.slot_bytes)} = {format_size(self.device_bytes)}"
-                 + (f" of --gpu-mem {format_size(self.device_budget)}" if self.device_budget else "")]
+                 + (f" of --gpu-mem {'auto = ' if self.device_auto else ''}{format_size(self.device_budget)}"
+                    if self.device_budget else "")]
         if self.device == "cpu":
             lines.append("  host tier: none (the CPU computes; misses are read from disk into its slots)")
         else:
             lines.append(f"  host tier (RAM): {self.host_slots} experts {format_size(self.host_slots * self.slot_bytes)}"
-                         + (f" of --cpu-mem {format_size(self.host_budget)}" if self.host_budget else ""))
+                         + (f" of --cpu-mem {'auto = ' if self.host_auto else ''}{format_size(self.host_budget)}"
+                            if self.host_budget else ""))
         on_disk_only = total - max(self.device_slots, self.host_slots)
         where = "the quantized-expert cache" if self.expert_lines else "checkpoint"
         lines.append(f"  disk: {total} experts ({where}); {max(on_disk_only, 0)} reachable only from disk")
@@ -102,11 +114,14 @@ def _min_device_bytes(fixed: int, min_slots: int, slot_bytes: int) -> int:
 def make_plan(spec: ModelSpec, device: torch.device, dtype: torch.dtype, non_expert_bytes: int,
               device_budget: int | None, host_budget: int | None, kv_tokens: int | None = None,
               io_threads: int = 2, staging_experts: int = 0, quota_weights: list[float] | None = None,
-              expert_bytes: int | None = None, expert_lines: tuple[str, ...] = ()) -> Placement:
+              expert_bytes: int | None = None, expert_lines: tuple[str, ...] = (), device_auto: str | None = None,
+              host_auto: str | None = None, notes: tuple[str, ...] = ()) -> Placement:
     """Split the budgets. `staging_experts`: expert-sized staging buffers the loader needs (dtype conversion).
 
     `expert_bytes`: bytes of the largest stored expert when experts are quantized (slots are sized
     for it); by default one expert in `dtype`. `expert_lines` describe the stored experts.
+    `device_auto` / `host_auto`: how "auto" chose the budget ("--gpu-mem auto: ... -> 1.00 GiB"), printed
+    and named in the error when it is too small; `notes`: more lines for describe().
     """
     moe = spec.moe
     n_layers = len(spec.moe_layers)
@@ -123,6 +138,13 @@ def make_plan(spec: ModelSpec, device: torch.device, dtype: torch.dtype, non_exp
         slots = total
     else:
         need = _min_device_bytes(fixed, min_slots, slot_bytes)
+        if device_budget < need and device_auto:
+            raise ConfigError(
+                f"{device_auto}, less than the {format_size(need)} this model needs on {device.type} (non-expert "
+                f"weights {format_size(non_expert_bytes)} + KV reserve {format_size(kv_bytes)} ({kv_tokens} tokens) "
+                f"+ IO buffers and workspace {format_size(io_bytes + workspace)} + {moe.top_k} expert slots per MoE "
+                f"layer ({min_slots} x {format_size(expert_bytes)})); free memory, lower --max-kv-tokens, quantize "
+                f"the experts (--quant int4) or give {device_auto.split()[0]} a size")
         if device_budget < need:
             raise ConfigError(
                 f"--gpu-mem {format_size(device_budget)} is too small for this model on {device.type}: non-expert "
@@ -144,4 +166,4 @@ def make_plan(spec: ModelSpec, device: torch.device, dtype: torch.dtype, non_exp
             quotas[layer] = q
     return Placement(device.type, n_layers, moe.num_experts, expert_bytes, slot_bytes, non_expert_bytes,
                      kv_tokens, kv_bytes, io_bytes + workspace, device_budget, host_budget,
-                     sum(quotas), host_slots, quotas, tuple(expert_lines))
+                     sum(quotas), host_slots, quotas, tuple(expert_lines), device_auto, host_auto, tuple(notes))

@@ -1,6 +1,6 @@
 """The engine's configuration: frozen, validated dataclasses built once, from CLI flags or `load()` keywords.
 
-    EngineConfig            model_dir, device, dtype, seed, progress
+    EngineConfig            model_dir, device, dtype, seed, progress, threads (--threads: compute threads)
       .offload  OffloadConfig   budgets (--gpu-mem, --cpu-mem), KV reserve, eviction policy, predictor,
                                 prefetching, loader threads
       .quant    QuantSettings   --quant / --quant-group / --calibration (quant/settings.py), or None
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import check_choice, check_int, parse_size
+from ..config import check_choice, check_int, parse_budget
 from ..errors import ConfigError
 from ..experts.policies import DEFAULT_POLICY, make_policy
 from ..quant.settings import QuantSettings, parse_quant
@@ -64,8 +64,8 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None
 class OffloadConfig:
     """Where experts live and how they move. With neither budget every expert is resident."""
 
-    gpu_mem: int | None = None               # --gpu-mem: the compute tier's budget, bytes ("8G" accepted)
-    cpu_mem: int | None = None               # --cpu-mem: the host tier's budget (GPU compute)
+    gpu_mem: int | str | None = None         # --gpu-mem: the compute tier's budget, bytes ("8G" accepted) or "auto"
+    cpu_mem: int | str | None = None         # --cpu-mem: the host tier's budget (GPU compute) or "auto"
     max_kv_tokens: int | None = None         # --max-kv-tokens: KV reserve counted in --gpu-mem
     policy: str = DEFAULT_POLICY             # --policy: eviction policy
     predictor: object = DEFAULT_PREDICTOR    # --predictor: name, "pkg.module:Class", an object, or None
@@ -73,8 +73,8 @@ class OffloadConfig:
     io_threads: int = 2                      # --io-threads: expert loader threads
 
     def __post_init__(self):
-        object.__setattr__(self, "gpu_mem", parse_size(self.gpu_mem, "gpu_mem"))
-        object.__setattr__(self, "cpu_mem", parse_size(self.cpu_mem, "cpu_mem"))
+        object.__setattr__(self, "gpu_mem", parse_budget(self.gpu_mem, "--gpu-mem / gpu_mem"))   # "auto": measured
+        object.__setattr__(self, "cpu_mem", parse_budget(self.cpu_mem, "--cpu-mem / cpu_mem"))   # at build
         make_policy(self.policy)                                       # an unknown name lists the policies
         check_int(self.max_kv_tokens, "max_kv_tokens", optional=True)
         check_int(self.io_threads, "io_threads", 1, 64)
@@ -117,9 +117,12 @@ class EngineConfig:
     quant: QuantSettings | None = None
     quant_cache: Path | None = None          # --quant-cache (default $MOE_ENGINE_CACHE or ~/.cache/moe-engine)
     kernels: KernelConfig = field(default_factory=KernelConfig.from_env)
+    threads: int | None = None               # --threads: compute threads (None: the cores this process may use,
+                                             # unless OMP_NUM_THREADS or torch.set_num_threads chose; resources.py)
 
     def __post_init__(self):
         object.__setattr__(self, "model_dir", Path(self.model_dir))
+        check_int(self.threads, "threads", 1, 4096, optional=True, flag="--threads")
         object.__setattr__(self, "device", resolve_device(self.device))
         resolve_dtype(self.dtype, None)
         check_int(self.seed, "seed", minimum=None, optional=True)
@@ -137,7 +140,8 @@ class EngineConfig:
         quant = parse_quant(get("quant"), get("quant_group"), get("calibration"))
         cache = get("quant_cache")
         return cls(model_dir, get("device"), get("dtype"), get("seed"), get("progress"), offload, quant,
-                   None if cache is None else Path(cache), get("kernels") or KernelConfig.from_env())
+                   None if cache is None else Path(cache), get("kernels") or KernelConfig.from_env(),
+                   get("threads"))
 
     @classmethod
     def from_args(cls, model_dir, args) -> EngineConfig:
@@ -146,7 +150,7 @@ class EngineConfig:
                                cpu_mem=args.cpu_mem, predictor=args.predictor, quant=args.quant,
                                quant_group=args.quant_group, calibration=args.calibration,
                                quant_cache=args.quant_cache, progress=not args.no_progress, policy=args.policy,
-                               max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads)
+                               max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads, threads=args.threads)
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -156,4 +160,4 @@ class EngineConfig:
 LOAD_KEYWORDS = {"device": "auto", "dtype": "auto", "gpu_mem": None, "cpu_mem": None,
                  "predictor": DEFAULT_PREDICTOR, "quant": None, "seed": None, "progress": True, "policy": None,
                  "max_kv_tokens": None, "io_threads": 2, "prefetch": True, "quant_group": None, "calibration": None,
-                 "quant_cache": None, "kernels": None}
+                 "quant_cache": None, "kernels": None, "threads": None}

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from .build import bind_experts, build_cache, build_decoder, non_expert_bytes
 from .config import EngineConfig, resolve_dtype
 from .engine import Engine
 from .plugins import resolve_predictor
+from .resources import apply_threads, auto_budgets
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny-moe"   # bundled (package data)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(model_dir: Path):
@@ -53,7 +56,8 @@ def load(model_dir: str | Path | None = None, **kw) -> Engine:
     Keywords (runtime/config.py LOAD_KEYWORDS; the CLI's flags of the same names):
       device ("auto", "cpu", "cuda[:N]"), dtype ("auto": the checkpoint's, float32, float16, bfloat16), seed;
       gpu_mem / cpu_mem ("8G" or bytes) bound the compute tier and the host tier; with neither, every expert is
-      resident. max_kv_tokens: the KV reserve counted against gpu_mem (default min(context, 4096) tokens);
+      resident; "auto" measures what this process may use (resources.py: free GPU memory; cgroup limit and
+      MemAvailable less what is in use, minus a margin). max_kv_tokens: the KV reserve counted against gpu_mem (default min(context, 4096) tokens);
       policy: expert-cache eviction (None: the default policy; lru, lfu); io_threads: loader threads (2);
       predictor: a registered name ("gate-lookahead", "learned", "path", "oracle:TRACE.npz", a plug-in's),
       "pkg.module:Class", a predictor object, or None; it only steers prefetching (predictors/base.py);
@@ -61,7 +65,8 @@ def load(model_dir: str | Path | None = None, **kw) -> Engine:
       quant: None/"none", "int8", "int4", "int3", "int2" or "mixed:AVG_BITS" (experts quantized at load, cached
       under quant_cache, default $MOE_ENGINE_CACHE or ~/.cache/moe-engine); quant_group: columns per scale (64);
       calibration: text file for mixed; kernels: a KernelConfig (default: from the environment);
-      progress: progress bars and the placement plan on stderr.
+      threads: compute threads (None: the cores this process may use, unless OMP_NUM_THREADS or an earlier
+      torch.set_num_threads chose); progress: progress bars and the placement plan on stderr.
     """
     return build_engine(EngineConfig.from_kwargs(model_dir_or_default(model_dir), **kw))
 
@@ -82,6 +87,8 @@ def build_engine(config: EngineConfig) -> Engine:
 def _build(config: EngineConfig, ckpt: Checkpoint, predictor) -> Engine:
     dev, dt = config.device, resolve_dtype(config.dtype, None) or ckpt.dtype
     offload, qs, progress = config.offload, config.quant, config.progress
+    threads = apply_threads(config.threads)         # torch's compute threads: the cores this process may use
+    logger.info(threads)
     tokenizer = load_tokenizer(ckpt.model_dir)
     experts, expert_dt = ckpt, dt
     if qs is not None:
@@ -94,9 +101,13 @@ def _build(config: EngineConfig, ckpt: Checkpoint, predictor) -> Engine:
         expert_dt = torch.uint8
     plan = None
     if offload.budgeted:
+        budgets = auto_budgets(offload.gpu_mem, offload.cpu_mem, dev)    # "auto" -> bytes; RSS before the experts
+        offload = budgets.apply(offload)
         staging = 0 if qs is not None or ckpt.raw_is_packed(dt) else offload.io_threads
         plan = make_plan(ckpt.spec, dev, dt, non_expert_bytes(ckpt, dt), offload.gpu_mem, offload.cpu_mem,
                          offload.max_kv_tokens, offload.io_threads, staging,
+                         device_auto=budgets.device_auto and budgets.device_auto.describe(),
+                         host_auto=budgets.host_auto and budgets.host_auto.describe(), notes=(*budgets.notes, threads),
                          expert_bytes=experts.max_expert_bytes if qs is not None else None,
                          expert_lines=tuple(experts.describe()) if qs is not None else ())
         if progress:
