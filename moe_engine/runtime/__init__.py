@@ -1,6 +1,7 @@
 """The runtime: configuration, building the engine, and generating with it.
 
     config.py      EngineConfig / OffloadConfig / KernelConfig: frozen, checked once (load() keywords, CLI flags)
+    resources.py   what this process may use: memory (--gpu-mem auto: cgroup, MemAvailable, RSS), cores (threads)
     load.py        load() -> build_engine(config): checkpoint, tokenizer, quantized experts, plan, decoder, cache
     build.py       the decoder with its kernels, the expert cache, and bind_experts (the seam, set once)
     engine.py      Engine: text <-> ids (prompts.py), generate / stream / logits / stats, observers
