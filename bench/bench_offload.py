@@ -145,9 +145,16 @@ def one(args) -> None:
 
 # ---- orchestration ------------------------------------------------------------------------------
 def launch(limit: int | None, model: str, argv: list[str], evict: list[str] = ()) -> dict:
-    cmd = [sys.executable, __file__, "one", "--model", model, *argv]
+    """`bench_offload.py one --model MODEL ARGV` in its own process, under the limit with the model evicted."""
+    return launch_cmd(limit, [sys.executable, __file__, "one", "--model", model, *argv], [model, *evict])
+
+
+def launch_cmd(limit: int | None, cmd: list[str], evict: list[str] = ()) -> dict:
+    """Run `cmd` in its own process; with a limit, under in_memcg.sh with `evict` dropped from the page cache first.
+    Returns the JSON of its `RESULT {...}` stdout line, with memcg_peak and limit added, or {"error", "rc"}.
+    (bench_llamacpp.py --mode memcg runs its sides through this too.)"""
     if limit is not None:
-        ev = [x for p in [model, *evict] for x in ("--evict", p)]
+        ev = [x for p in evict for x in ("--evict", p)]
         cmd = ["bash", str(MEMCG), str(limit), *ev, "--", *cmd]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)   # a failed run is reported, not raised
