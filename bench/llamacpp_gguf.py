@@ -102,9 +102,13 @@ def freshness(path: Path, model_dir, variant: str) -> str:
             have = json.loads(side.read_text())
         except (OSError, ValueError) as e:
             return f"stale: unreadable {side.name} ({e})"
-        for k in ("variant", "recipe", "files"):
+        for k in ("variant", "recipe"):
             if have.get(k) != want[k]:
                 return f"stale: {k} changed ({have.get(k)!r} -> {want[k]!r})"
+        old = have.get("files") or {}
+        changed = sorted(n for n in {*old, *want["files"]} if old.get(n) != want["files"].get(n))
+        if changed:
+            return f"stale: files changed since it was made ({', '.join(changed)}: size or mtime)"
         return "fresh"
     newest = max(v[1] for v in want["files"].values())
     if path.stat().st_mtime_ns < newest:
