@@ -6,6 +6,15 @@ seconds on Python standard-library sources, with a chat template.
 
     python bench/make_checkpoint.py /tmp/moe-tiny
     python bench/make_checkpoint.py /tmp/mixtral-1g --hidden 1024 --ffn 3584 --layers 6 --experts 8 --dtype bfloat16
+
+The llama.cpp comparison's checkpoints (bench_llamacpp.py; vocab 32000 and no tokenizer, so that
+llamacpp_gguf.py can give the GGUF bench/llama_tokenizer.py's): mixtral-1.4g (1.58 GB, 8 layers) and mixtral-4g
+(4.49 GB, 24 layers, for the memory-limited rows; needs ~5 GB of RAM and disk, a few minutes):
+
+    python bench/make_checkpoint.py /work/bench_data/mixtral-1.4g --hidden 1024 --ffn 3584 --layers 8 --heads 16 \
+        --kv-heads 4 --experts 8 --top-k 2 --vocab 32000 --context 4096 --dtype bfloat16 --no-tokenizer
+    python bench/make_checkpoint.py /work/bench_data/mixtral-4g --hidden 1024 --ffn 3584 --layers 24 --heads 16 \
+        --kv-heads 4 --experts 8 --top-k 2 --vocab 32000 --context 4096 --dtype bfloat16 --no-tokenizer
 """
 from __future__ import annotations
 
@@ -45,11 +54,14 @@ def build_model(args):
     torch.manual_seed(args.seed)
     with torch.device("meta"):
         model = cls(cfg)
-    model = model.to_empty(device="cpu")
+    # storage in the target dtype at once; each weight drawn in float32 and rounded, in parameter order: the same
+    # values as drawing the whole float32 model and converting it, without holding a float32 copy (a 4.5 GB bf16
+    # checkpoint would need 9 GB more)
+    model = model.to(getattr(torch, args.dtype)).to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    return model.to(getattr(torch, args.dtype))
+            p.copy_(torch.empty(p.shape).normal_(0.0, 0.02)) if p.dim() > 1 else p.fill_(1.0)
+    return model
 
 
 def main(argv=None) -> int:
