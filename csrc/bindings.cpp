@@ -74,7 +74,7 @@ void bind_quant(py::module_& m) {
   m.def(
       "qlinear_f32",
       [](uintptr_t x, int64_t n, const std::vector<uintptr_t>& planes, uintptr_t scales, uintptr_t zeros, int64_t rows,
-         int64_t cols, int bits, int group, uintptr_t y, int num_threads, const std::string& isa) {
+         int64_t cols, int bits, int group, uintptr_t y, int num_threads, const std::string& isa, bool int8_acts) {
         MOE_CHECK(planes.size() == 1 || planes.size() == 2,
                   "qlinear_f32: plane_ptrs holds 1 or 2 bit-plane pointers, got " << planes.size());
         moe::QMatrixView w;
@@ -83,14 +83,47 @@ void bind_quant(py::module_& m) {
         w.zeros = reinterpret_cast<const uint16_t*>(zeros);
         w.rows = rows, w.cols = cols, w.bits = bits, w.group = group;
         py::gil_scoped_release release;
-        moe::qlinear_f32(reinterpret_cast<const float*>(x), n, w, reinterpret_cast<float*>(y), num_threads, isa);
+        moe::qlinear_f32(reinterpret_cast<const float*>(x), n, w, reinterpret_cast<float*>(y), num_threads, isa,
+                         int8_acts);
       },
       py::arg("x_ptr"), py::arg("n"), py::arg("plane_ptrs"), py::arg("scales_ptr"), py::arg("zeros_ptr"),
       py::arg("rows"), py::arg("cols"), py::arg("bits"), py::arg("group"), py::arg("y_ptr"),
-      py::arg("num_threads") = 1, py::arg("isa") = "auto",
+      py::arg("num_threads") = 1, py::arg("isa") = "auto", py::arg("int8_acts") = false,
       "y [n, rows] = x [n, cols] @ W^T for float32 x and y and a quantized W (fp16 scales/zeros [rows, cols/group], "
-      "bit planes low bits first). Raises ValueError on bad arguments; the caller keeps every buffer alive.");
+      "bit planes low bits first); int8_acts: 4/8-bit codes on the integer path (x as int8 per block of 32). "
+      "Raises ValueError on bad arguments; the caller keeps every buffer alive.");
   m.def("qlinear_isas", &moe::qlinear_isas, "The CPU paths qlinear_f32 can take here, fastest first.");
+  m.def(
+      "moe_experts_quant",
+      [](uintptr_t x, uintptr_t ids, uintptr_t weights, int64_t n, int64_t k, int64_t d, int64_t inter,
+         std::vector<int64_t> experts, const std::vector<py::tuple>& mats, uintptr_t acc, uintptr_t out,
+         int num_threads, const std::string& isa) {
+        moe::MoeQuantArgs a;
+        a.x = reinterpret_cast<const uint16_t*>(x), a.ids = reinterpret_cast<const int64_t*>(ids);
+        a.weights = reinterpret_cast<const float*>(weights);
+        a.n = n, a.k = k, a.d = d, a.inter = inter, a.experts = std::move(experts), a.isa = isa;
+        a.acc = reinterpret_cast<float*>(acc), a.out = reinterpret_cast<uint16_t*>(out);
+        for (const py::tuple& t : mats) {  // (bits, group, rows, cols, plane0, plane1, scales, zeros) per matrix
+          MOE_CHECK(t.size() == 8, "moe_experts_quant: each matrix is (bits, group, rows, cols, plane0, plane1, "
+                                   "scales, zeros), got a tuple of " << t.size());
+          moe::QMatrixView w;
+          w.bits = t[0].cast<int>(), w.group = t[1].cast<int>(), w.rows = t[2].cast<int64_t>();
+          w.cols = t[3].cast<int64_t>();
+          w.planes[0] = reinterpret_cast<const uint8_t*>(t[4].cast<uintptr_t>());
+          w.planes[1] = reinterpret_cast<const uint8_t*>(t[5].cast<uintptr_t>());
+          w.scales = reinterpret_cast<const uint16_t*>(t[6].cast<uintptr_t>());
+          w.zeros = reinterpret_cast<const uint16_t*>(t[7].cast<uintptr_t>());
+          (a.w1.size() == a.w2.size() ? a.w1 : a.w2).push_back(w);
+        }
+        py::gil_scoped_release release;
+        moe::moe_experts_quant(a, num_threads);
+      },
+      py::arg("x_ptr"), py::arg("ids_ptr"), py::arg("weights_ptr"), py::arg("n"), py::arg("k"), py::arg("d"),
+      py::arg("inter"), py::arg("experts"), py::arg("mats"), py::arg("acc_ptr"), py::arg("out_ptr"),
+      py::arg("num_threads") = 1, py::arg("isa") = "auto",
+      "Routed SwiGLU experts over quantized buffers for n bf16 tokens: mats holds W1 then W2 of each expert in "
+      "`experts` order, each (bits, group, rows, cols, plane0_ptr, plane1_ptr or 0, scales_ptr, zeros_ptr); "
+      "sums added into acc [n, d] float32 (0: its own) and, unless out_ptr is 0, rounded to out [n, d] bf16.");
 }
 
 void bind_bf16(py::module_& m) {

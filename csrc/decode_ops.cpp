@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 
 #include "bf16.h"
 #include "bf16_gemv.h"
@@ -255,6 +256,70 @@ void moe_experts_bf16(const MoeArgs& a, int num_threads) {
       for (int64_t j = 0; j < a.d; ++j) row[j] += bf(ye[i * a.d + j]) * wt[i];
     }
   }
+  if (a.out)
+    for (int64_t i = 0; i < a.n * a.d; ++i) a.out[i] = to_bf(acc[i]);
+}
+
+void moe_experts_quant(const MoeQuantArgs& a, int num_threads) {
+  const size_t ne = a.experts.size();
+  MOE_CHECK(a.n >= 0 && a.k >= 1 && a.d >= 1 && a.inter >= 1 && a.w1.size() == ne && a.w2.size() == ne,
+            "moe_experts_quant: bad sizes n=" << a.n << " k=" << a.k << " d=" << a.d << " inter=" << a.inter
+                                              << " experts=" << ne << " w1=" << a.w1.size() << " w2=" << a.w2.size());
+  MOE_CHECK(a.acc || a.out, "moe_experts_quant: give an accumulator, an output, or both");
+  for (size_t e = 0; e < ne; ++e)
+    MOE_CHECK(a.w1[e].rows == 2 * a.inter && a.w1[e].cols == a.d && a.w2[e].rows == a.d && a.w2[e].cols == a.inter,
+              "moe_experts_quant: expert " << a.experts[e] << " has W1 [" << a.w1[e].rows << ", " << a.w1[e].cols
+                                           << "] and W2 [" << a.w2[e].rows << ", " << a.w2[e].cols << "], expected ["
+                                           << 2 * a.inter << ", " << a.d << "] and [" << a.d << ", " << a.inter << "]");
+  if (!a.acc)
+    for (int64_t i = 0; i < a.n * a.k; ++i)
+      MOE_CHECK(std::find(a.experts.begin(), a.experts.end(), a.ids[i]) != a.experts.end(),
+                "moe_experts_quant: token " << i / a.k << " is routed to expert " << a.ids[i]
+                                            << ", which is not among the experts passed");
+  std::vector<float> own(a.acc ? 0 : size_t(a.n * a.d), 0.0f);
+  float* acc = a.acc ? a.acc : own.data();
+  std::vector<std::vector<int64_t>> tok(ne);
+  std::vector<std::vector<float>> wt(ne);
+  std::vector<std::vector<float>> xin(ne), gu(ne), hid(ne), ye(ne);
+  std::vector<std::unique_ptr<QLinearJob>> jobs;
+  std::vector<const QLinearJob*> run;
+  for (size_t e = 0; e < ne; ++e) {   // W1 of every expert with tokens
+    for (int64_t t = 0; t < a.n; ++t)
+      for (int64_t j = 0; j < a.k; ++j)
+        if (a.ids[t * a.k + j] == a.experts[e]) tok[e].push_back(t), wt[e].push_back(a.weights[t * a.k + j]);
+    const int64_t c = int64_t(tok[e].size());
+    if (c == 0) continue;
+    xin[e].resize(size_t(c * a.d));
+    for (int64_t i = 0; i < c; ++i)
+      for (int64_t j = 0; j < a.d; ++j) xin[e][size_t(i * a.d + j)] = bf(a.x[tok[e][size_t(i)] * a.d + j]);
+    gu[e].resize(size_t(c * 2 * a.inter));
+    jobs.push_back(make_qlinear_job(xin[e].data(), c, a.w1[e], gu[e].data(), a.isa, true));
+    run.push_back(jobs.back().get());
+  }
+  run_qlinear_jobs(run, num_threads);
+  run.clear();
+  std::vector<uint16_t> g16(size_t(2 * a.inter)), h16(size_t(a.inter));
+  for (size_t e = 0; e < ne; ++e) {   // SwiGLU, then W2 of every expert
+    const int64_t c = int64_t(tok[e].size());
+    if (c == 0) continue;
+    hid[e].resize(size_t(c * a.inter));
+    for (int64_t i = 0; i < c; ++i) {
+      const float* row = gu[e].data() + i * 2 * a.inter;
+      for (int64_t j = 0; j < 2 * a.inter; ++j) g16[size_t(j)] = to_bf(row[j]);
+      silu_mul(g16.data(), g16.data() + a.inter, a.inter, h16.data());
+      for (int64_t j = 0; j < a.inter; ++j) hid[e][size_t(i * a.inter + j)] = bf(h16[size_t(j)]);
+    }
+    ye[e].resize(size_t(c * a.d));
+    jobs.push_back(make_qlinear_job(hid[e].data(), c, a.w2[e], ye[e].data(), a.isa, true));
+    run.push_back(jobs.back().get());
+  }
+  run_qlinear_jobs(run, num_threads);
+  for (size_t e = 0; e < ne; ++e)     // combine in the given order
+    for (size_t i = 0; i < tok[e].size(); ++i) {
+      float* row = acc + tok[e][i] * a.d;
+      const float* y = ye[e].data() + int64_t(i) * a.d;
+      for (int64_t j = 0; j < a.d; ++j) row[j] += bf(to_bf(y[j])) * wt[e][i];
+    }
   if (a.out)
     for (int64_t i = 0; i < a.n * a.d; ++i) a.out[i] = to_bf(acc[i]);
 }

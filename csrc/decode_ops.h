@@ -15,7 +15,10 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
+
+#include "qmatmul.h"
 
 namespace moe {
 
@@ -69,5 +72,24 @@ struct MoeArgs {
 // Either `acc` or `out` (or both) must be given: with acc, a caller can run a layer's experts one call at a time
 // (each as soon as its buffer is ready) and round at the end. Throws std::invalid_argument when an id in `ids` is not among `experts` or sizes are bad.
 void moe_experts_bf16(const MoeArgs& a, int num_threads);
+
+// moe_experts_bf16 over quantized experts (qmatmul.h's format, any mix of widths; 4/8-bit codes on qlinear's
+// integer path, since the activations are bf16): per expert, gate_up =
+// bf16(x @ W1^T), h = bf16(bf16(silu(gate)) * up), y = bf16(h @ W2^T), acc += y * weight, as
+// quant/kernels.quant_expert_ffn rounds. Two pool runs for the whole layer: every expert's W1 rows, then every
+// W2's (qlinear jobs), so threads are woken twice per layer, not twice per expert.
+struct MoeQuantArgs {
+  const uint16_t* x = nullptr;                  // [n, d] bf16
+  const int64_t* ids = nullptr;                 // [n, k]
+  const float* weights = nullptr;               // [n, k]
+  int64_t n = 0, k = 0, d = 0, inter = 0;
+  std::vector<int64_t> experts;                 // the experts to run, in accumulation order
+  std::vector<QMatrixView> w1, w2;              // theirs: gate|up [2 inter, d], down [d, inter]
+  float* acc = nullptr;                         // as MoeArgs
+  uint16_t* out = nullptr;
+  std::string isa = "auto";                     // qlinear's path (a test hook)
+};
+
+void moe_experts_quant(const MoeQuantArgs& a, int num_threads);
 
 }  // namespace moe

@@ -457,36 +457,7 @@ RowsFn rows_fn([[maybe_unused]] const std::string& isa, int bits) {
   return bits == 8 ? rows_scalar<8> : bits == 4 ? rows_scalar<4> : bits == 3 ? rows_scalar<3> : rows_scalar<2>;
 }
 
-std::string pick_isa(const std::string& isa) {
-  const std::vector<std::string> ok = qlinear_isas();
-  if (isa == "auto") return ok.front();
-  if (std::find(ok.begin(), ok.end(), isa) != ok.end()) return isa;
-  std::ostringstream names;
-  for (const auto& n : ok) names << " '" << n << "'";
-  MOE_CHECK(false, "qlinear: isa '" << isa << "' is not available on this CPU; use 'auto' or one of" << names.str());
-  return "";
-}
-
-void check_args(const float* x, int64_t n, const QMatrixView& w, const float* y, int num_threads) {
-  MOE_CHECK(w.bits == 2 || w.bits == 3 || w.bits == 4 || w.bits == 8,
-            "qlinear: bits must be 2, 3, 4 or 8, got " << w.bits);
-  MOE_CHECK(w.group == 32 || w.group == 64 || w.group == 128, "qlinear: group must be 32, 64 or 128, got " << w.group);
-  MOE_CHECK(w.cols > 0 && w.cols % w.group == 0,
-            "qlinear: cols must be a positive multiple of the group size " << w.group << ", got " << w.cols);
-  MOE_CHECK(w.rows >= 0 && n >= 0, "qlinear: rows and n must be >= 0, got rows=" << w.rows << " n=" << n);
-  MOE_CHECK(num_threads >= 1 && num_threads <= 1024, "qlinear: num_threads must be in 1..1024, got " << num_threads);
-  if (n == 0 || w.rows == 0) return;
-  MOE_CHECK(x && y, "qlinear: x and y must be non-null pointers");
-  MOE_CHECK((w.planes[1] != nullptr) == (w.bits == 3),
-            "qlinear: " << w.bits << "-bit codes are stored in " << (w.bits == 3 ? 2 : 1) << " bit plane(s), got "
-                        << (w.planes[1] ? 2 : 1) << " plane pointers");
-  MOE_CHECK(w.planes[0], "qlinear: null plane pointer");
-  MOE_CHECK(w.scales && w.zeros, "qlinear: scales and zeros must be non-null pointers");
-}
-
-}  // namespace
-
-std::vector<std::string> qlinear_isas() {
+std::vector<std::string> float_isas() {
   static const std::vector<std::string> isas = [] {  // cpuid traps to the hypervisor in a VM: ask once
     std::vector<std::string> out;
 #if defined(__x86_64__)
@@ -499,32 +470,110 @@ std::vector<std::string> qlinear_isas() {
   return isas;
 }
 
-void qlinear_f32(const float* x, int64_t n, const QMatrixView& w, float* y, int num_threads, const std::string& isa) {
-  check_args(x, n, w, y, num_threads);
-  std::string path = pick_isa(isa);
-  if (path == "avx512" && w.bits <= 3 && w.cols % 64) path = "avx2";  // 64-column superblocks must tile a row
-  const RowsFn rows = rows_fn(path, w.bits);
-  if (n == 0 || w.rows == 0) return;
-  const int64_t ng = w.cols / w.group, ngp = round_up(size_t(ng), 16);
-  const std::vector<float> xsum = group_sums(x, n, w.cols, w.group, ngp);
-  const int per = 8 / low_bits(w.bits), lanes = simd_lanes(path);
-  const std::vector<float> xp = per > 1 && lanes > 0 ? permute_x(x, n, w.cols, per, lanes) : std::vector<float>();
-  const Problem p{x, xp.empty() ? x : xp.data(), n, w, y, xsum.data(), ng, ngp, __builtin_ctz(unsigned(w.group)),
-                  lanes == 16 ? 4 : 2};
+std::string pick_isa(const std::string& isa) {
+  const std::vector<std::string> ok = qlinear_isas();
+  if (isa == "auto") return ok.front();
+  if (std::find(ok.begin(), ok.end(), isa) != ok.end()) return isa;
+  std::ostringstream names;
+  for (const auto& n : ok) names << " '" << n << "'";
+  MOE_CHECK(false, "qlinear: isa '" << isa << "' is not available on this CPU; use 'auto' or one of" << names.str());
+  return "";
+}
 
-  const int64_t work = w.rows * w.cols * (n + 1) / 2;  // measured: time ~ codes * (n + 1) up to 8 tokens
-  const int64_t threads = std::clamp<int64_t>(std::min(work / kMinWorkPerThread, w.rows / kMaxRowBlock), 1,
+void check_args(const float* x, int64_t n, const QMatrixView& w, const float* y) {
+  MOE_CHECK(w.bits == 2 || w.bits == 3 || w.bits == 4 || w.bits == 8,
+            "qlinear: bits must be 2, 3, 4 or 8, got " << w.bits);
+  MOE_CHECK(w.group == 32 || w.group == 64 || w.group == 128, "qlinear: group must be 32, 64 or 128, got " << w.group);
+  MOE_CHECK(w.cols > 0 && w.cols % w.group == 0,
+            "qlinear: cols must be a positive multiple of the group size " << w.group << ", got " << w.cols);
+  MOE_CHECK(w.rows >= 0 && n >= 0, "qlinear: rows and n must be >= 0, got rows=" << w.rows << " n=" << n);
+  if (n == 0 || w.rows == 0) return;
+  MOE_CHECK(x && y, "qlinear: x and y must be non-null pointers");
+  MOE_CHECK((w.planes[1] != nullptr) == (w.bits == 3),
+            "qlinear: " << w.bits << "-bit codes are stored in " << (w.bits == 3 ? 2 : 1) << " bit plane(s), got "
+                        << (w.planes[1] ? 2 : 1) << " plane pointers");
+  MOE_CHECK(w.planes[0], "qlinear: null plane pointer");
+  MOE_CHECK(w.scales && w.zeros, "qlinear: scales and zeros must be non-null pointers");
+}
+
+// The float path of one product (2/3-bit codes): x permuted and group sums taken once.
+struct FloatJob final : QLinearJob {
+  std::vector<float> xsum, xp;
+  Problem p{};
+  RowsFn fn = nullptr;
+  void rows(int64_t r0, int64_t r1, float* scratch) const override { fn(p, r0, r1, scratch); }
+};
+
+std::unique_ptr<QLinearJob> make_float_job(const float* x, int64_t n, const QMatrixView& w, float* y,
+                                           std::string path) {
+  if (path == "avx512vnni") path = "avx512";
+  if (path == "avx512" && w.bits <= 3 && w.cols % 64) path = "avx2";  // 64-column superblocks must tile a row
+  auto job = std::make_unique<FloatJob>();
+  job->fn = rows_fn(path, w.bits);
+  const int64_t ng = w.cols / w.group, ngp = round_up(size_t(ng), 16);
+  job->xsum = group_sums(x, n, w.cols, w.group, ngp);
+  const int per = 8 / low_bits(w.bits), lanes = simd_lanes(path);
+  if (per > 1 && lanes > 0) job->xp = permute_x(x, n, w.cols, per, lanes);
+  job->p = Problem{x, job->xp.empty() ? x : job->xp.data(), n, w, y, job->xsum.data(), ng, ngp,
+                   __builtin_ctz(unsigned(w.group)), lanes == 16 ? 4 : 2};
+  job->num_rows = w.rows;
+  job->scratch_floats = 2 * kMaxRowBlock * ngp + w.cols;
+  job->work = w.rows * w.cols * (n + 1) / 2;  // measured: time ~ codes * (n + 1) up to 8 tokens
+  return job;
+}
+
+}  // namespace
+
+std::vector<std::string> qlinear_isas() {
+  static const std::vector<std::string> isas = [] {
+    std::vector<std::string> out = qdot_isas();   // a superset of the float path's
+    for (const auto& i : float_isas())
+      if (std::find(out.begin(), out.end(), i) == out.end()) out.insert(out.end() - 1, i);
+    return out;
+  }();
+  return isas;
+}
+
+std::unique_ptr<QLinearJob> make_qlinear_job(const float* x, int64_t n, const QMatrixView& w, float* y,
+                                             const std::string& isa, bool int8_acts) {
+  check_args(x, n, w, y);
+  const std::string path = pick_isa(isa);
+  if (int8_acts && (w.bits == 4 || w.bits == 8)) return make_qdot_job(x, n, w, y, path);
+  return make_float_job(x, n, w, y, path);
+}
+
+void run_qlinear_jobs(const std::vector<const QLinearJob*>& jobs, int num_threads) {
+  MOE_CHECK(num_threads >= 1 && num_threads <= 1024, "qlinear: num_threads must be in 1..1024, got " << num_threads);
+  int64_t work = 0, rows = 0, scratch = 0;
+  for (const QLinearJob* j : jobs) {
+    if (j->num_rows == 0) continue;
+    work += j->work, rows += j->num_rows, scratch = std::max(scratch, j->scratch_floats);
+  }
+  if (rows == 0) return;
+  const int64_t threads = std::clamp<int64_t>(std::min(work / kMinWorkPerThread, rows / kMaxRowBlock), 1,
                                               num_threads);
   // Threads take chunks of whole row blocks from a shared counter, about 8 per thread: a thread that
   // shares its core (torch's OpenMP workers spin for a while after each parallel op) then does less.
-  const int64_t chunk = round_up(size_t(std::max<int64_t>(1, w.rows / (threads * 8))), kMaxRowBlock);
-  const int64_t per_thread = 2 * kMaxRowBlock * ngp + w.cols;
-  std::vector<float> scratch(threads * per_thread);
+  const int64_t chunk = round_up(size_t(std::max<int64_t>(1, rows / (threads * 8))), kMaxRowBlock);
+  struct Chunk { const QLinearJob* job; int64_t r0, r1; };
+  std::vector<Chunk> chunks;
+  for (const QLinearJob* j : jobs)
+    for (int64_t r0 = 0; r0 < j->num_rows; r0 += chunk) chunks.push_back({j, r0, std::min(j->num_rows, r0 + chunk)});
+  std::vector<float> buf(size_t(threads * scratch));
   std::atomic<int64_t> next{0};
+  const int64_t total = int64_t(chunks.size());
   pool().run(int(threads), [&](int i) {
-    for (int64_t r0 = next.fetch_add(chunk); r0 < w.rows; r0 = next.fetch_add(chunk))
-      rows(p, r0, std::min(w.rows, r0 + chunk), scratch.data() + i * per_thread);
+    for (int64_t c = next.fetch_add(1); c < total; c = next.fetch_add(1))
+      chunks[size_t(c)].job->rows(chunks[size_t(c)].r0, chunks[size_t(c)].r1, buf.data() + i * scratch);
   });
+}
+
+void qlinear_f32(const float* x, int64_t n, const QMatrixView& w, float* y, int num_threads, const std::string& isa,
+                 bool int8_acts) {
+  MOE_CHECK(num_threads >= 1 && num_threads <= 1024, "qlinear: num_threads must be in 1..1024, got " << num_threads);
+  const std::unique_ptr<QLinearJob> job = make_qlinear_job(x, n, w, y, isa, int8_acts);
+  if (n == 0 || w.rows == 0) return;
+  run_qlinear_jobs({job.get()}, num_threads);
 }
 
 }  // namespace moe

@@ -21,6 +21,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -37,13 +38,49 @@ struct QMatrixView {
   int group = 0;                                  // 32, 64 or 128
 };
 
-// y [n, rows] = x [n, cols] @ W^T (float32, contiguous). isa: "auto" (the best this CPU runs), "avx512",
-// "avx2" or "scalar" ("avx512" runs 2/3-bit codes through the AVX2 path when cols is not a multiple of
-// 64). Throws std::invalid_argument naming the bad argument (checked before any work).
+// y [n, rows] = x [n, cols] @ W^T (float32, contiguous). isa: "auto" (the best this CPU runs) or one of
+// qlinear_isas(); a path that cannot take a shape falls back to the next one (2/3-bit codes need cols a
+// multiple of 64 for "avx512"; the integer path of 4/8-bit codes needs cols a multiple of 128 for the
+// AVX-512 paths and 64 for "avx2"). Throws std::invalid_argument naming the bad argument (checked before
+// any work).
+//
+// With int8_acts (the caller's activations are bf16/fp16 anyway: the runtime asks for it then; float32 callers
+// keep the exact float path), 4- and 8-bit codes take the integer path (qdot.cpp): x is quantized per block of 32 columns to int8
+// (scale = max|x| / 127, codes = round-half-even(x / scale)), and each block's dot product of codes is an
+// exact integer sum (VNNI vpdpbusd, or vpmaddubsw + vpmaddwd), scaled once per block in float32. Otherwise
+// (and always for 2/3-bit codes) the float path described above. Int8 activations per block of 32 keep about
+// the precision bf16 activations have (a step of max|x| / 127 within a block vs 2^-8 relative). The torch twins (moe_engine/_ops/qmatrix.py:
+// qlinear_int8_reference, qlinear_reference) compute the same values up to float32 summation order.
 void qlinear_f32(const float* x, int64_t n, const QMatrixView& w, float* y, int num_threads,
-                 const std::string& isa = "auto");
+                 const std::string& isa = "auto", bool int8_acts = false);
 
-// The paths qlinear_f32 can take on this CPU, fastest first ("scalar" is always last).
+// The paths qlinear_f32 can take on this CPU, fastest first ("scalar" is always last): "avx512vnni",
+// "avx512", "avx2", "scalar". The float path of 2/3-bit codes runs "avx512vnni" as "avx512".
 std::vector<std::string> qlinear_isas();
+
+// One prepared product y = x @ W^T: activations converted once when it is made; its rows are computed by
+// rows(r0, r1, scratch) from any thread (each output row by one call, in a fixed order). Jobs let one pool
+// run cover several matrices (a MoE layer's experts) instead of one run per matrix.
+class QLinearJob {
+ public:
+  virtual ~QLinearJob() = default;
+  virtual void rows(int64_t r0, int64_t r1, float* scratch) const = 0;
+  int64_t num_rows = 0;        // rows of W (and of y's columns)
+  int64_t scratch_floats = 0;  // scratch a thread needs for rows()
+  int64_t work = 0;            // ~ codes * (n + 1) / 2, for the thread count
+};
+
+// Checks the arguments (as qlinear_f32) and prepares the job; x must stay alive until it has run, y is written
+// by rows().
+std::unique_ptr<QLinearJob> make_qlinear_job(const float* x, int64_t n, const QMatrixView& w, float* y,
+                                             const std::string& isa = "auto", bool int8_acts = false);
+
+// Runs every row of every job over up to num_threads threads of the pool (fewer for small work).
+void run_qlinear_jobs(const std::vector<const QLinearJob*>& jobs, int num_threads);
+
+// The integer path's pieces (qdot.cpp), used by make_qlinear_job for 4/8-bit codes.
+std::unique_ptr<QLinearJob> make_qdot_job(const float* x, int64_t n, const QMatrixView& w, float* y,
+                                          const std::string& isa);
+std::vector<std::string> qdot_isas();
 
 }  // namespace moe

@@ -13,6 +13,9 @@
     moe_experts(x, weights, ids, experts, packed, inter, acc=None)
                                                    routed SwiGLU experts for N <= BF16_N_MAX tokens: the layer's
                                                    combined output, or (acc) sums added into a float32 [N, D]
+    moe_experts_quant(x, weights, ids, experts, mats, inter, acc=None)
+                                                   the same over quantized experts (mats: each expert's (W1, W2)
+                                                   QMatrix, any widths); two thread-pool runs per layer
 
 They exist because a decode step is hundreds of tiny torch ops whose call overhead, not arithmetic, cost
 ~4 ms per token on the bench checkpoint. Every op takes backend="auto" | "c" | "torch" like the rest of _ops;
@@ -27,7 +30,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from . import HAS_C_EXT, _C, _resolve
-from .matmul import BF16_N_MAX, bf16_linear
+from .matmul import BF16_N_MAX, QLINEAR_ISAS, bf16_linear
+from .qmatrix import INT_PATH_BITS, QMatrix, qlinear_int8_reference, qlinear_reference
 
 
 # ----------------------------------------------------------------------------------------- torch twins
@@ -100,6 +104,32 @@ def moe_experts_reference(x, weights, ids, experts, packed, inter: int, acc: tor
     missing = set(ids.flatten().tolist()) - set(experts)
     if acc is None and missing:
         raise ConfigError(f"moe_experts: tokens are routed to experts {sorted(missing)} not among those passed")
+    return out if acc is not None else out.to(x.dtype)
+
+
+def _bf16_qlinear_twin(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
+    twin = qlinear_int8_reference if m.bits in INT_PATH_BITS else qlinear_reference
+    return twin(x.float(), m).to(x.dtype)
+
+
+def moe_experts_quant_reference(x, weights, ids, experts, mats, inter: int, acc: torch.Tensor | None = None):
+    """moe_experts_reference over quantized experts, rounding as quant/kernels.quant_expert_ffn on the CPU:
+    gate_up = bf16(qlinear(x)), h = bf16(silu(gate)) * up (bf16), y = bf16(qlinear(h)), sums in float32;
+    qlinear is the twin of the CPU kernel's path for bf16 activations: the integer one for 4/8-bit codes, the
+    float one (on the activations as float32) for 2/3-bit codes."""
+    n, d = x.shape
+    out = torch.zeros(n, d, dtype=torch.float32) if acc is None else acc
+    for e, (w1, w2) in zip(experts, mats):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if len(tok) == 0:
+            continue
+        gate_up = _bf16_qlinear_twin(x[tok], w1)
+        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        y = _bf16_qlinear_twin(hidden, w2)
+        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+    missing = set(ids.flatten().tolist()) - set(experts)
+    if acc is None and missing:
+        raise ConfigError(f"moe_experts_quant: tokens are routed to experts {sorted(missing)} not among those passed")
     return out if acc is not None else out.to(x.dtype)
 
 
@@ -291,6 +321,52 @@ def _moe_experts_c(x, weights, ids, experts, packed, inter: int, acc: torch.Tens
     return out if acc is None else acc
 
 
+def qmatrix_pointers(m: QMatrix) -> tuple:
+    """A QMatrix as the C op takes it: (bits, group, rows, cols, low plane, high plane or 0, scales, zeros)."""
+    for t in (*m.planes, m.scales, m.zeros):
+        if not (t.is_cpu and t.is_contiguous()):
+            raise ConfigError("moe_experts_quant: every plane, scale and zero tensor must be contiguous on the CPU")
+    return (m.bits, m.group, m.rows, m.cols, m.planes[0].data_ptr(),
+            m.planes[1].data_ptr() if len(m.planes) > 1 else 0, m.scales.data_ptr(), m.zeros.data_ptr())
+
+
+def moe_experts_quant(x, weights, ids, experts, mats, inter: int, acc: torch.Tensor | None = None, *,
+                      backend: str = "auto", isa: str = "auto"):
+    """Routed SwiGLU experts over quantized matrices: mats[i] = (W1 [2I, D], W2 [D, I]) QMatrix of experts[i].
+    "c" needs bf16 CPU x with at most BF16_N_MAX tokens; the twin is moe_experts_quant_reference. isa: the
+    qlinear path (a test hook, see matmul.qlinear_isas)."""
+    n, d = x.shape
+    if acc is not None and (acc.dtype != torch.float32 or tuple(acc.shape) != (n, d) or not acc.is_contiguous()):
+        raise ConfigError(f"moe_experts_quant: acc must be a contiguous float32 tensor of shape {(n, d)}, got "
+                          f"{acc.dtype} {tuple(acc.shape)}")
+    if ids.shape != weights.shape or ids.shape[0] != n or len(mats) != len(experts):
+        raise ConfigError(f"moe_experts_quant: need ids and weights [N, K] for x [N, D] = {tuple(x.shape)} and one "
+                          f"(W1, W2) pair per expert, got ids {tuple(ids.shape)}, weights {tuple(weights.shape)}, "
+                          f"{len(mats)} pairs for {len(experts)} experts")
+    if isa not in QLINEAR_ISAS:
+        raise ConfigError(f"moe_experts_quant: isa must be one of {QLINEAR_ISAS}, got {isa!r}")
+    if _resolve(backend) == "torch" or not (_bf16_cpu(x) and n <= BF16_N_MAX):
+        if backend == "c":
+            raise ConfigError(f"moe_experts_quant: backend='c' takes bf16 CPU x with at most {BF16_N_MAX} tokens, "
+                              f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+        return moe_experts_quant_reference(x, weights, ids, experts, mats, inter, acc)
+    ptrs = [p for w1, w2 in mats for p in (qmatrix_pointers(w1), qmatrix_pointers(w2))]
+    return _moe_experts_quant_c(x, weights, ids, experts, ptrs, inter, acc, isa)
+
+
+def _moe_experts_quant_c(x, weights, ids, experts, ptrs, inter: int, acc: torch.Tensor | None = None,
+                         isa: str = "auto") -> torch.Tensor:
+    """ptrs: W1 then W2 of each expert as qmatrix_pointers / QMatrixLayout.pointers give them."""
+    x = x.contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    out = torch.empty_like(x) if acc is None else None
+    _C.moe_experts_quant(x.data_ptr(), ids.data_ptr(), weights.data_ptr(), x.shape[0], ids.shape[1], x.shape[1],
+                         inter, list(experts), ptrs, 0 if acc is None else acc.data_ptr(),
+                         0 if out is None else out.data_ptr(), torch.get_num_threads(), isa)
+    return out if acc is None else acc
+
+
 class DecodeOps:
     """The C ops as the decoder calls them (Decoder.set_decode_ops): no argument checks beyond what the callers
     guarantee (bf16 CPU tensors of a consistent model), so the hot path pays one Python call per op."""
@@ -304,6 +380,7 @@ class DecodeOps:
     attend = staticmethod(_attend_c)
     attend_rows = staticmethod(_attend_rows_c)
     moe_experts = staticmethod(_moe_experts_c)
+    moe_experts_quant = staticmethod(_moe_experts_quant_c)
 
 
 def decode_ops() -> DecodeOps | None:

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from . import HAS_C_EXT, _C, _check_size, _resolve
-from .qmatrix import GROUP_SIZES, PLANES, qlinear_reference
+from .qmatrix import GROUP_SIZES, PLANES, int8_acts, qlinear_cpu_reference
 
 
 # ----------------------------------------------------------------------------------------- quantized matmul
 
-QLINEAR_ISAS = ("auto", "avx512", "avx2", "scalar")
+QLINEAR_ISAS = ("auto", "avx512vnni", "avx512", "avx2", "scalar")
 
 
 def qlinear_isas() -> list[str]:
@@ -64,22 +64,25 @@ def qlinear(x: torch.Tensor, m, *, backend: str = "auto", num_threads: int | Non
     "c": moe_engine._C's fused kernel; x is converted to contiguous float32, accumulation is float32, the
     GIL is released and rows are split over num_threads threads (default torch.get_num_threads(); small
     matrices use fewer). isa picks the kernel's SIMD path ("auto" = the fastest this CPU runs; see
-    qlinear_isas(); a test and benchmark hook). "torch": qmatrix.qlinear_reference, which
-    dequantizes W to x.dtype and calls F.linear (so low-precision x also rounds W there, not here).
+    qlinear_isas(); a test and benchmark hook). 4/8-bit codes with bf16/fp16 x take the kernel's integer path
+    (x quantized to int8 per block of 32 columns, exact integer dot products, see csrc/qmatmul.h); float32 x
+    and 2/3-bit codes the float path.
+    "torch": qmatrix.qlinear_cpu_reference, the twin of either path (the float twin dequantizes W to x.dtype
+    and calls F.linear, so low-precision x also rounds W there, not here).
     """
     _check_qlinear(x, m)
     if isa not in QLINEAR_ISAS:
         raise ConfigError(f"qlinear: isa must be one of {QLINEAR_ISAS}, got {isa!r}")
     threads = torch.get_num_threads() if num_threads is None else _check_size("num_threads", num_threads, 1)
     if _resolve(backend) == "torch":
-        return qlinear_reference(x, m)
+        return qlinear_cpu_reference(x, m)
     xf = x if x.dim() == 2 else x.reshape(-1, m.cols)                      # [N, C]
     xf = (xf if xf.dtype == torch.float32 else xf.float()).contiguous()
     out = torch.empty(xf.shape[0], m.rows, dtype=torch.float32)            # [N, R]
     planes = [p.contiguous() for p in m.planes]                            # views of an expert buffer: no copy
     scales, zeros = m.scales.contiguous(), m.zeros.contiguous()
     _C.qlinear_f32(xf.data_ptr(), xf.shape[0], [p.data_ptr() for p in planes], scales.data_ptr(), zeros.data_ptr(),
-                   m.rows, m.cols, m.bits, m.group, out.data_ptr(), threads, isa)
+                   m.rows, m.cols, m.bits, m.group, out.data_ptr(), threads, isa, int8_acts(x, m))
     if x.dim() != 2:
         out = out.reshape(*x.shape[:-1], m.rows)
     return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -3,13 +3,14 @@
     ids [N, K] --dispatch--> used experts, tokens per expert --source.fetch--> LayerFetch (compute order)
         ExpertLoop     per expert: gather its tokens, run it (dense or quantized layout; on the host CPU for
                        on_host experts), weight, add into a float32 [N, D]        (the readable reference)
-        FusedExperts   the decode ops' one call for the layer (bf16 SwiGLU experts on the CPU, few tokens);
-                       larger batches (prefill) go through its ExpertLoop
+        FusedExperts   the decode ops' one call for the layer (bf16 or quantized SwiGLU experts on the CPU, few
+                       tokens); larger batches (prefill) go through its ExpertLoop
 
 Both match the definition out = sum_k weight[n, k] * expert_{ids[n, k]}(x[n]) up to float32 summation
 order. Which strategy a block gets (runtime/build.py): FusedExperts when the decode ops run and the
-experts are plain bf16 SwiGLU without biases, else an ExpertLoop with the model's dense layout, the
-quantized experts' per-expert layouts, or hybrid execution when a host tier may compute misses. A
+experts are SwiGLU without biases, bf16 (ops.moe_experts) or quantized (ops.moe_experts_quant), else an
+ExpertLoop with the model's dense layout, the quantized experts' per-expert layouts, or hybrid execution
+when a host tier may compute misses. A
 strategy holds its ExpertSource; one backed by other processes (expert parallelism) slots in here.
 Imports torch only.
 """
@@ -75,32 +76,37 @@ class ExpertLoop:
         return out.to(x.dtype)
 
 
-class FusedExperts:
-    """The decode ops' routed experts (ops.moe_experts) for up to ops.max_expert_tokens tokens of bf16 SwiGLU
-    experts on the CPU: one call for the layer when the source's buffers never move, else one call per expert
-    right after it is taken (a cache may reuse a slot for the next expert); more tokens go through `loop`."""
+# fused(x [N, D], weights, ids, experts, buffers, acc [N, D] float32 | None) -> [N, D] in x's dtype, or acc with
+# the experts' weighted outputs added: one C call over a layer's (or one) expert buffers
+FusedCall = Callable[..., torch.Tensor]
 
-    def __init__(self, loop: ExpertLoop, ops, intermediate_size: int):
-        self.loop, self.ops, self.inter = loop, ops, intermediate_size
+
+class FusedExperts:
+    """The decode ops' routed experts for up to `max_tokens` tokens on the CPU: one call for the layer when the
+    source's buffers never move, else one call per expert right after it is taken (a cache may reuse a slot for
+    the next expert); more tokens, and buffers `fits` rejects, go through `loop`."""
+
+    def __init__(self, loop: ExpertLoop, fused: FusedCall, fits: Callable[[torch.Tensor], bool], max_tokens: int):
+        self.loop, self.fused, self.fits, self.max_tokens = loop, fused, fits, max_tokens
         self.source = loop.source
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         used, counts = dispatch(ids, self.loop.num_experts)
         fetch = self.source.fetch(layer, used, counts)
-        if x.shape[0] > self.ops.max_expert_tokens:
+        if x.shape[0] > self.max_tokens:
             return self.loop.run(x, weights, ids, fetch, dict(zip(used, counts)))
         experts = [e for e, _ in fetch.order]
         if self.source.buffers_stable:
             packed = [p for _, p, _ in fetch]
-            if all(_flat_bf16(p) for p in packed):
-                return self.ops.moe_experts(x, weights, ids, experts, packed, self.inter)
+            if all(self.fits(p) for p in packed):
+                return self.fused(x, weights, ids, experts, packed, None)
             pairs = zip(experts, packed, [False] * len(experts))
         else:
             pairs = iter(fetch)
         acc = torch.zeros(x.shape, dtype=torch.float32)                # [N, D]
         for e, packed, _ in pairs:
-            if _flat_bf16(packed):
-                self.ops.moe_experts(x, weights, ids, [e], [packed], self.inter, acc)
+            if self.fits(packed):
+                self.fused(x, weights, ids, [e], [packed], acc)
             else:
                 tok, slot = (ids == e).nonzero(as_tuple=True)
                 y = self.loop.ffn(e, x[tok], packed)
@@ -108,5 +114,6 @@ class FusedExperts:
         return acc.to(x.dtype)
 
 
-def _flat_bf16(packed: torch.Tensor) -> bool:
-    return packed.dtype == torch.bfloat16 and packed.is_cpu and packed.is_contiguous()
+def flat_cpu(dtype: torch.dtype) -> Callable[[torch.Tensor], bool]:
+    """A FusedExperts `fits` test: a contiguous CPU buffer of `dtype` (bf16 experts; uint8 quantized ones)."""
+    return lambda packed: packed.dtype == dtype and packed.is_cpu and packed.is_contiguous()

@@ -73,6 +73,20 @@ class QMatrixLayout:
     def end(self) -> int:
         return _align(self.scales_offset + 2 * _align(self.group_bytes))
 
+    @cached_property
+    def _offsets(self) -> tuple[int, int, int, int]:
+        """(low plane, high plane or -1, scales, zeros) byte offsets in the expert buffer."""
+        planes = self.plane_offsets
+        return (planes[0], planes[1] if len(planes) > 1 else -1, self.scales_offset,
+                self.scales_offset + _align(self.group_bytes))
+
+    def pointers(self, base: int) -> tuple:
+        """The C kernels' description of this matrix in a contiguous CPU expert buffer at address `base`:
+        (bits, group, rows, cols, low plane, high plane or 0, scales, zeros) (csrc/bindings.cpp)."""
+        lo, hi, so, zo = self._offsets
+        return (self.bits, self.group, self.rows, self.cols, base + lo, base + hi if hi >= 0 else 0, base + so,
+                base + zo)
+
     def views(self, buf: torch.Tensor) -> QMatrix:
         """buf: the expert's uint8 buffer -> QMatrix views (no copy)."""
         planes = tuple(buf[o: o + self.rows * self.cols * w // 8].view(self.rows, self.cols * w // 8)

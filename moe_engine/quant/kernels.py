@@ -2,9 +2,11 @@
 
     qlinear(x [N, C], m: QMatrix [R, C]) -> x @ W^T [N, R]
 
-- reference: dequantize W to x's dtype, then F.linear (_ops/qmatrix.py: qlinear_reference).
+- reference: the twin of the device's kernel: on the CPU _ops/qmatrix.py's qlinear_cpu_reference (4/8-bit
+  codes: activations quantized to int8 per block of 32 columns and exact integer dot products, as the C
+  kernel; 2/3 bits: dequantize W to x's dtype, then F.linear), on a GPU qlinear_reference (the latter).
 - CPU: moe_engine._C's fused kernel through _ops.qlinear (codes unpacked in registers, never a
-  dense W in memory); _ops falls back to the reference when the extension is missing.
+  dense W in memory); _ops falls back to the twin when the extension is missing.
 - CUDA: the Triton kernel of triton_qmatmul.py when triton imports, else the reference.
 
 kernel="reference" forces the reference (the build passes KernelConfig.quant, whose default is
@@ -18,7 +20,7 @@ import functools
 import torch
 
 from .. import _ops
-from .._ops.qmatrix import QMatrix, qlinear_reference
+from .._ops.qmatrix import QMatrix, qlinear_cpu_reference, qlinear_reference
 from ..model.experts import glu
 
 
@@ -35,7 +37,7 @@ def qlinear(x: torch.Tensor, m: QMatrix, kernel: str = "auto") -> torch.Tensor:
     """x [N, C] -> [N, R]; kernel: "auto" (the fast path of x's device) or "reference" (chosen at build:
     runtime/config.py KernelConfig.quant)."""
     if kernel == "reference":
-        return qlinear_reference(x, m)
+        return qlinear_reference(x, m) if x.device.type == "cuda" else qlinear_cpu_reference(x, m)
     if x.device.type == "cuda":
         fn = _triton_qlinear()
         return fn(x, m) if fn is not None else qlinear_reference(x, m)

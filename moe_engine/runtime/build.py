@@ -24,7 +24,7 @@ from ..experts.costmodel import calibrate
 from ..experts.host import HostTier
 from ..experts.policies import make_policy
 from ..model.decoder import Decoder
-from ..model.expert_compute import ExpertLoop, FusedExperts, dense_ffn
+from ..model.expert_compute import ExpertLoop, FusedExperts, dense_ffn, flat_cpu
 from ..quant.kernels import quant_expert_ffn
 from .config import KernelConfig, OffloadConfig
 from .forecast import Forecaster
@@ -111,25 +111,47 @@ def build_cache(experts, decoder: Decoder, plan, dtype: torch.dtype, device: tor
 
 
 def bind_experts(decoder: Decoder, cache: ExpertCache, layouts=None, quant_kernel: str = "auto") -> None:
-    """Each MoE block's expert-compute strategy over `cache`, chosen once: the decode ops' fused call for plain
-    bf16 SwiGLU experts on the CPU, else the per-expert loop (with the quantized experts' per-expert layouts,
-    `layouts(layer)`, when experts are quantized). The cache's routing observer is registered first."""
+    """Each MoE block's expert-compute strategy over `cache`, chosen once: the decode ops' fused call for SwiGLU
+    experts without biases on the CPU (bf16, or quantized with the fast quant kernel), else the per-expert loop
+    (with the quantized experts' per-expert layouts, `layouts(layer)`, when experts are quantized). The cache's
+    routing observer is registered first."""
     if cache.observer is not None:
         decoder.observers.add(cache.observer)
     ops = decoder.decode_ops
     num_experts = decoder.spec.moe.num_experts
     strategies = {}
     for block in decoder.moe_blocks():
-        if layouts is not None:
-            lays = layouts(block.layer)
-            ffn = _quant_ffn(lays, block.act, quant_kernel)
-        else:
-            ffn = dense_ffn(block.layout, block.act, block.linear)
+        lays = layouts(block.layer) if layouts is not None else None
+        ffn = _quant_ffn(lays, block.act, quant_kernel) if lays is not None else dense_ffn(block.layout, block.act,
+                                                                                             block.linear)
         loop = ExpertLoop(cache, num_experts, ffn)
-        fusable = (ops is not None and layouts is None and not block.layout.bias
-                   and block.act in ("silu", "swish") and decoder.embed.weight.dtype == torch.bfloat16)
-        strategies[block.layer] = FusedExperts(loop, ops, block.spec.intermediate_size) if fusable else loop
+        fusable = (ops is not None and not block.layout.bias and block.act in ("silu", "swish")
+                   and decoder.embed.weight.dtype == torch.bfloat16
+                   and (lays is None or (quant_kernel == "auto" and not any(lay.bias for lay in lays))))
+        if not fusable:
+            strategies[block.layer] = loop
+        elif lays is None:
+            strategies[block.layer] = FusedExperts(loop, _bf16_fused(ops, block.spec.intermediate_size),
+                                                   flat_cpu(torch.bfloat16), ops.max_expert_tokens)
+        else:
+            strategies[block.layer] = FusedExperts(loop, _quant_fused(ops, lays, block.spec.intermediate_size),
+                                                   flat_cpu(torch.uint8), ops.max_expert_tokens)
     decoder.bind_experts(strategies)
+
+
+def _bf16_fused(ops, inter: int):
+    return lambda x, weights, ids, experts, packed, acc: ops.moe_experts(x, weights, ids, experts, packed, inter, acc)
+
+
+def _quant_fused(ops, layouts, inter: int):
+    """The fused call over quantized buffers: each expert's W1 and W2 as pointers into its buffer."""
+    def fused(x, weights, ids, experts, packed, acc):
+        ptrs = []
+        for e, buf in zip(experts, packed):
+            lay, base = layouts[e], buf.data_ptr()
+            ptrs += (lay.w1.pointers(base), lay.w2.pointers(base))
+        return ops.moe_experts_quant(x, weights, ids, experts, ptrs, inter, acc)
+    return fused
 
 
 def _quant_ffn(layouts, act, kernel: str):
