@@ -253,7 +253,8 @@ class EngineSide:
     def info(self) -> dict:
         return {"dtype": str(self.eng.dtype).replace("torch.", ""), "quant": (self.eng.quant or {}).get("name"),
                 "load_s": round(self.load_s, 3),
-                "bytes_per_token": engine_bytes_per_token(self.eng) if self.eng.plan is None else None}
+                "bytes_per_token": engine_bytes_per_token(self.eng)
+                if self.eng.plan is None or self.eng.plan.all_resident else None}
 
     def close(self) -> None:
         self.eng.close()
