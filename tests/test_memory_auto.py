@@ -229,7 +229,7 @@ def test_plan_says_what_it_measured(monkeypatch, tmp_path, capsys, torch_threads
     assert ("memory: --gpu-mem auto: cgroup v2 limit 1.27 GiB, 210.00 MiB in use, MemAvailable 20.00 GiB -> "
             "1.06 GiB available; margin 64.00 MiB -> 1.00 GiB; experts get") in err, err
     assert "runtime footprint: 300.00 MiB resident before experts are placed" in err
-    assert "compute threads: 1 (4 cores in the CPU affinity, cgroup v2 cpu.max 100000 100000 = 1 CPUs" in err
+    assert "compute threads: 1 (4 cores in the CPU affinity, cgroup v2 cpu.max 100000 100000 = 1 CPU;" in err
     assert "of --gpu-mem auto = 1.00 GiB" in err
     assert eng.stats()["memory"]["device_budget_bytes"] == eng.plan.device_budget
     eng.close()

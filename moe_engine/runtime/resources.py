@@ -133,7 +133,7 @@ class CpuLimit:
 
     def describe(self) -> str:
         quota = "no cgroup CPU quota" if self.quota is None else \
-            f"{self.quota_source} = {self.quota:g} CPUs"
+            f"{self.quota_source} = {self.quota:g} CPU{'' if self.quota == 1 else 's'}"
         return f"{self.affinity} cores in the CPU affinity, {quota}"
 
 
