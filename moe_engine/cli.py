@@ -334,6 +334,9 @@ def cmd_simulate(args) -> int:
         raise ConfigError("give --gpu-mem or --cache-experts, not both (--gpu-mem decides the experts per layer)")
     if args.gpu_mem is not None:
         from .config import parse_size
+        if args.gpu_mem.strip().lower() == "auto":
+            raise ConfigError("--gpu-mem auto measures this machine, but simulate models --hardware; give the "
+                              "modelled card's budget as a size, e.g. --gpu-mem 7.5G")
         sizes = [shape.experts_per_layer(parse_size(args.gpu_mem, "--gpu-mem"), args.max_kv_tokens)]
     else:
         sizes = parse_cache_sizes(args.cache_experts, trace.top_k, shape.num_experts, lrc["suggested_cache_experts"])

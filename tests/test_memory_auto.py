@@ -270,3 +270,16 @@ def test_loading_the_bundled_model_imports_no_compiler_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(moe_engine.__file__).parent.parent).stdout
     assert out.strip() == "[]", out
+
+
+def test_simulate_refuses_auto(tmp_path, capsys):
+    """simulate models other hardware: auto (this machine) makes no sense there, and says so in one line."""
+    import numpy as np
+
+    from moe_engine.profiling.trace import Trace, save_trace
+    path = tmp_path / "t.npz"
+    ex = np.array([[[0, 1]], [[1, 2]]], dtype=np.int16)
+    save_trace(path, Trace(ex, np.ones(ex.shape, np.float32), np.array([0, 2]), num_experts=4))
+    assert main(["simulate", "--trace", str(path), "--expert-bytes", "4096", "--gpu-mem", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--gpu-mem auto measures this machine" in err, err
