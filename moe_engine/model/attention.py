@@ -10,6 +10,9 @@ interface): with them a one-token step runs RMSNorm as one call, and attention a
 (the build fuses the weights before reading them: fuse_qkv) -> rope_qkv -> cache update -> attend -> o_proj.
 The torch code below is the reference they match.
 
+Quantized dense weights (--quant-scope all): the runtime may replace q_proj, k_proj and v_proj by one module
+computing q|k|v (`set_qkv_proj`, quant/dense.py); both paths then call it once per step.
+
 Attention sinks (GPT-OSS): a learned logit per head joins every softmax's denominator and is
 dropped from its output, so a query may give part of its attention to "nothing".
 """
@@ -63,24 +66,40 @@ class Attention(nn.Module):
         self.ops = None                  # decode ops (set_decode_ops)
         self.qkv_weight: torch.Tensor | None = None   # q|k|v weights as one tensor (fuse_qkv); not a parameter
         self.qkv_bias: torch.Tensor | None = None
+        self.qkv_proj: nn.Module | None = None        # x -> q|k|v in one call, replacing q/k/v_proj (set_qkv_proj)
 
     def fuse_qkv(self) -> None:
         """Keep q, k and v weights (and biases) in one tensor that their parameters view, so one GEMV computes all
         three (the decode ops' path). Done once by the build, before the weights are read into the views; models
         with q/k norms or clipping keep three projections. Idempotent."""
-        if self.qk_norm in ("head", "full") or self.clip_qkv is not None or self.qkv_weight is not None:
+        if not self.fusable or self.qkv_weight is not None or self.qkv_proj is not None:
             return
         projs = (self.q_proj, self.k_proj, self.v_proj)
         self.qkv_weight = _fuse([p.weight for p in projs])
         self.qkv_bias = _fuse([p.bias for p in projs]) if self.q_proj.bias is not None else None
 
+    @property
+    def fusable(self) -> bool:
+        """The decode ops can run this attention: no q/k norms, no clipping between projection and rotary."""
+        return self.qk_norm not in ("head", "full") and self.clip_qkv is None
+
+    def set_qkv_proj(self, proj: nn.Module) -> None:
+        """Replace q_proj, k_proj and v_proj (and a fused q|k|v tensor) by `proj`: x [..., D] -> [..., (H + 2 Hkv) Dh]
+        in q, k, v order (the build's quantized q|k|v; the dense weights are dropped)."""
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_weight = self.qkv_bias = None
+        self.qkv_proj = proj
+
     def set_decode_ops(self, ops) -> None:
-        """Use `ops` for one-token steps of a fused projection (fuse_qkv); None: the torch code."""
+        """Use `ops` for one-token steps of a fused projection (fuse_qkv or set_qkv_proj); None: the torch code."""
         self.ops = ops
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)     # [B, T, H*Dh], [B, T, Hkv*Dh] x2
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.h * self.dh, self.hkv * self.dh, self.hkv * self.dh], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)     # [B, T, H*Dh], [B, T, Hkv*Dh] x2
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -93,8 +112,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache,
                 mask: torch.Tensor) -> torch.Tensor:
         """x [B, T, D]; cos/sin [B, T, rot]; mask [B, 1, T, S] bool (True = attend) -> [B, T, D]."""
-        fused = self.ops is not None and self.qkv_weight is not None and \
-            self.q_proj.weight.data_ptr() == self.qkv_weight.data_ptr()
+        fused = self.ops is not None and (
+            (self.qkv_proj is not None and self.fusable) or
+            (self.qkv_weight is not None and self.q_proj.weight.data_ptr() == self.qkv_weight.data_ptr()))
         if fused and x.shape[1] == 1:     # (a module moved after fuse_qkv no longer views qkv_weight)
             return self._decode(x, cos, sin, kv_cache, mask)
         q, k, v = self._qkv(x)
@@ -110,7 +130,8 @@ class Attention(nn.Module):
     def _decode(self, x, cos, sin, kv_cache, mask) -> torch.Tensor:
         """One token per row through the decode ops (the same math as forward's torch path)."""
         ops = self.ops
-        qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)                 # [B, 1, (H + 2 Hkv) Dh]
+        qkv = (self.qkv_proj(x) if self.qkv_proj is not None
+               else ops.linear(x, self.qkv_weight, self.qkv_bias))          # [B, 1, (H + 2 Hkv) Dh]
         slots = kv_cache.slots(self.layer, 1)
         if slots is not None:     # one sequence: rotated k and v written straight into its cache's new slot
             k_new, v_new, k, v = slots                                      # [1, Hkv, 1, Dh], [1, Hkv, S, Dh]
