@@ -233,7 +233,7 @@ def pack_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
         vals = (c >> shift) & ((1 << w) - 1)                           # [R, C] this plane's bits
         per = 8 // w
         vals = vals.reshape(c.shape[0], -1, per)                       # [R, C/per, per]
-        weights = torch.tensor([1 << (w * i) for i in range(per)], dtype=torch.int32)
+        weights = torch.tensor([1 << (w * i) for i in range(per)], dtype=torch.int32, device=codes.device)
         out.append((vals * weights).sum(-1).to(torch.uint8))
         shift += w
     return out
