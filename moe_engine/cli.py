@@ -30,6 +30,9 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
                    "use: its CPU affinity and cgroup CPU quota; OMP_NUM_THREADS, when set, is kept)")
     p.add_argument("--quant", default=None, help="expert quantization at load: none, int8, int4, int3, int2 or "
                    "mixed:AVG_BITS (a width per expert chosen by an integer program, e.g. mixed:3)")
+    p.add_argument("--quant-scope", default="experts", help="what --quant quantizes: experts (default) or all "
+                   "(attention, shared experts, dense MLPs and lm_head too, at --quant's width; 8 bits for mixed "
+                   "above 4 bits on average, else 4; embeddings, norms and routers stay as they are)")
     p.add_argument("--quant-group", type=int, default=None, help="weights per scale and zero point: 32, 64 "
                    "(default) or 128")
     p.add_argument("--calibration", default=None, help="text file for the calibration run of --quant mixed "

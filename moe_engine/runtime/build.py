@@ -1,7 +1,8 @@
 """Building the model's pieces: the decoder with its kernels, the expert cache, and the seam between them.
 
     build_decoder   construct on the meta device, validate shapes, allocate, fuse q|k|v where the decode
-                    ops run, fill every non-expert weight, choose the matmul kernel and the decode ops
+                    ops run, fill every non-expert weight, choose the matmul kernel and the decode ops;
+                    with --quant-scope all, quantize the dense matmul weights (quant/dense.py)
     build_cache     every expert resident, or the offloading cache over the plan's slots (host tier and
                     hybrid cost model on a GPU; the predictor feed when prefetching)
     bind_experts    each MoE block's expert-compute strategy over the cache (model/expert_compute.py), and
@@ -25,7 +26,9 @@ from ..experts.host import HostTier
 from ..experts.policies import make_policy
 from ..model.decoder import Decoder
 from ..model.expert_compute import ExpertLoop, FusedExperts, dense_ffn, flat_cpu
+from ..quant.dense import DenseQuant, quantize_dense
 from ..quant.kernels import quant_expert_ffn
+from ..quant.settings import QuantSettings
 from .config import KernelConfig, OffloadConfig
 from .forecast import Forecaster
 from .plugins import default_predictor
@@ -38,9 +41,10 @@ def non_expert_shapes(decoder: Decoder) -> dict[str, tuple[int, ...]]:
 
 
 def build_decoder(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, progress: bool = True,
-                  kernels: KernelConfig | None = None) -> Decoder:
+                  kernels: KernelConfig | None = None, quant: QuantSettings | None = None) -> Decoder:
     """Validate the checkpoint against the spec, then load every non-expert weight in `dtype` (routers'
-    correction biases in float32, see Decoder.cast). The experts are bound apart (bind_experts)."""
+    correction biases in float32, see Decoder.cast). The experts are bound apart (bind_experts). With quant's
+    scope "all" the dense matmul weights are then quantized (quant/dense.py) and their dense tensors dropped."""
     kernels = kernels or KernelConfig()
     with torch.device("meta"):
         decoder = Decoder(ckpt.spec).cast(dtype)
@@ -58,6 +62,8 @@ def build_decoder(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, pr
     decoder.init_rotary(device)
     decoder.set_linear_kernel(linear_kernel(kernels, dtype, device))
     decoder.set_decode_ops(ops)
+    if quant is not None and quant.scope == "all":
+        quantize_dense(decoder, quant.dense_bits, quant.group_size, kernels.quant, progress)
     return decoder.eval()
 
 
@@ -79,12 +85,16 @@ def decode_ops(kernels: KernelConfig, dtype: torch.dtype, device: torch.device):
     return make_decode_ops()
 
 
-def non_expert_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
-    """Bytes of every non-expert weight in `dtype` (tied embeddings counted once), without reading any."""
+def non_expert_bytes(ckpt: Checkpoint, dtype: torch.dtype, quant: QuantSettings | None = None) -> int:
+    """Bytes of every non-expert weight in `dtype` (tied embeddings counted once), without reading any; with
+    quant's scope "all", as the quantized dense matrices take them (quant/dense.DenseQuant)."""
     with torch.device("meta"):
         decoder = Decoder(ckpt.spec).cast(dtype)
     params = decoder.state_dict()
-    return sum(math.prod(shape) * params[n].element_size() for n, shape in non_expert_shapes(decoder).items())
+    total = sum(math.prod(shape) * params[n].element_size() for n, shape in non_expert_shapes(decoder).items())
+    if quant is not None and quant.scope == "all":
+        return DenseQuant.of(ckpt.spec, dtype, quant).non_expert_bytes(total)
+    return total
 
 
 def routers(decoder: Decoder) -> dict[int, torch.Tensor]:

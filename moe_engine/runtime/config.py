@@ -3,7 +3,7 @@
     EngineConfig            model_dir, device, dtype, seed, progress, threads (--threads: compute threads)
       .offload  OffloadConfig   budgets (--gpu-mem, --cpu-mem), KV reserve, eviction policy, predictor,
                                 prefetching, loader threads
-      .quant    QuantSettings   --quant / --quant-group / --calibration (quant/settings.py), or None
+      .quant    QuantSettings   --quant / --quant-group / --calibration / --quant-scope (quant/settings.py), or None
       .kernels  KernelConfig    which fast paths the build picks (environment variables as defaults only)
 
 `EngineConfig.from_kwargs(model_dir, **kw)` takes moe_engine.load()'s keywords (unknown ones are named in
@@ -137,7 +137,7 @@ class EngineConfig:
         get = {**LOAD_KEYWORDS, **kw}.get
         offload = OffloadConfig(get("gpu_mem"), get("cpu_mem"), get("max_kv_tokens"), get("policy") or DEFAULT_POLICY,
                                 get("predictor"), get("prefetch"), get("io_threads"))
-        quant = parse_quant(get("quant"), get("quant_group"), get("calibration"))
+        quant = parse_quant(get("quant"), get("quant_group"), get("calibration"), get("quant_scope"))
         cache = get("quant_cache")
         return cls(model_dir, get("device"), get("dtype"), get("seed"), get("progress"), offload, quant,
                    None if cache is None else Path(cache), get("kernels") or KernelConfig.from_env(),
@@ -150,7 +150,8 @@ class EngineConfig:
                                cpu_mem=args.cpu_mem, predictor=args.predictor, quant=args.quant,
                                quant_group=args.quant_group, calibration=args.calibration,
                                quant_cache=args.quant_cache, progress=not args.no_progress, policy=args.policy,
-                               max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads, threads=args.threads)
+                               max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads, threads=args.threads,
+                               quant_scope=args.quant_scope)
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -160,4 +161,4 @@ class EngineConfig:
 LOAD_KEYWORDS = {"device": "auto", "dtype": "auto", "gpu_mem": None, "cpu_mem": None,
                  "predictor": DEFAULT_PREDICTOR, "quant": None, "seed": None, "progress": True, "policy": None,
                  "max_kv_tokens": None, "io_threads": 2, "prefetch": True, "quant_group": None, "calibration": None,
-                 "quant_cache": None, "kernels": None, "threads": None}
+                 "quant_cache": None, "kernels": None, "threads": None, "quant_scope": "experts"}

@@ -196,8 +196,9 @@ class Engine:
         self._check_open()
         if self.device.type == "cuda":
             device_peak = torch.cuda.max_memory_allocated(self.device)
-        else:   # allocator accounting of the compute tier: weights, KV reserve, expert slots, IO buffers
-            weights = sum(p.numel() * p.element_size() for p in self.decoder.parameters())
+        else:   # allocator accounting of the compute tier: weights (quantized dense ones are buffers), KV reserve,
+            # expert slots, IO buffers
+            weights = sum(t.numel() * t.element_size() for t in (*self.decoder.parameters(), *self.decoder.buffers()))
             kv = self.plan.kv_bytes if self.plan else 0
             device_peak = weights + kv + self.experts.nbytes()
         out = build_stats(self.timings, self.experts.stats(), self.gpu_mem, device_peak, self.cpu_mem)

@@ -2,7 +2,8 @@
 
     load(model_dir, **kw) -> EngineConfig.from_kwargs (every value checked, nothing read yet)
         -> build_engine: predictor resolved -> checkpoint opened and validated -> tokenizer
-           -> experts quantized (or their cache entry opened) -> placement plan (budgets)
+           -> experts quantized (or their cache entry opened) -> placement plan (budgets; with --quant-scope all
+              the non-expert bytes are the quantized ones)
            -> decoder (build.build_decoder) -> expert cache (build.build_cache) -> bind_experts -> Engine
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import ConfigError, MoeEngineError
 from ..experts.plan import make_plan
+from ..quant.dense import DenseQuant
 from ..quant.prepare import quantized_experts
 from .build import bind_experts, build_cache, build_decoder, non_expert_bytes
 from .config import EngineConfig, resolve_dtype
@@ -64,7 +66,9 @@ def load(model_dir: str | Path | None = None, **kw) -> Engine:
       prefetch=False keeps the predictor out of loading;
       quant: None/"none", "int8", "int4", "int3", "int2" or "mixed:AVG_BITS" (experts quantized at load, cached
       under quant_cache, default $MOE_ENGINE_CACHE or ~/.cache/moe-engine); quant_group: columns per scale (64);
-      calibration: text file for mixed; kernels: a KernelConfig (default: from the environment);
+      calibration: text file for mixed; quant_scope: "experts" (default) or "all" (the dense matmul weights too:
+      attention, shared experts, dense MLPs, lm_head, at quant's width; quant/dense.py); kernels: a KernelConfig
+      (default: from the environment);
       threads: compute threads (None: the cores this process may use, unless OMP_NUM_THREADS or an earlier
       torch.set_num_threads chose); progress: progress bars and the placement plan on stderr.
     """
@@ -99,23 +103,25 @@ def _build(config: EngineConfig, ckpt: Checkpoint, predictor) -> Engine:
         float_config = config.replace(quant=None, offload=dataclasses.replace(offload, predictor=None))
         experts = quantized_experts(ckpt, qs, config.quant_cache, progress, lambda: build_engine(float_config))
         expert_dt = torch.uint8
+    dense = DenseQuant.of(ckpt.spec, dt, qs) if qs is not None and qs.scope == "all" else None   # --quant-scope all
+    quant_lines = (*experts.describe(), *([dense.describe()] if dense else [])) if qs is not None else ()
     plan = None
     if offload.budgeted:
         budgets = auto_budgets(offload.gpu_mem, offload.cpu_mem, dev)    # "auto" -> bytes; RSS before the experts
         offload = budgets.apply(offload)
         staging = 0 if qs is not None or ckpt.raw_is_packed(dt) else offload.io_threads
-        plan = make_plan(ckpt.spec, dev, dt, non_expert_bytes(ckpt, dt), offload.gpu_mem, offload.cpu_mem,
+        plan = make_plan(ckpt.spec, dev, dt, non_expert_bytes(ckpt, dt, qs), offload.gpu_mem, offload.cpu_mem,
                          offload.max_kv_tokens, offload.io_threads, staging,
                          device_auto=budgets.device_auto and budgets.device_auto.describe(),
                          host_auto=budgets.host_auto and budgets.host_auto.describe(), notes=(*budgets.notes, threads),
                          expert_bytes=experts.max_expert_bytes if qs is not None else None,
-                         expert_lines=tuple(experts.describe()) if qs is not None else ())
+                         expert_lines=quant_lines)
         if progress:
             print(plan.describe(), file=sys.stderr)
     elif qs is not None and progress:
-        print("\n".join(experts.describe()), file=sys.stderr)
-    decoder = build_decoder(ckpt, dt, dev, progress, config.kernels)
+        print("\n".join(quant_lines), file=sys.stderr)
+    decoder = build_decoder(ckpt, dt, dev, progress, config.kernels, qs)
     cache = build_cache(experts, decoder, plan, expert_dt, dev, offload, predictor, progress)
     bind_experts(decoder, cache, experts.layouts if qs is not None else None, config.kernels.quant)
-    return Engine(ckpt, decoder, cache, tokenizer, dev, dt, offload.gpu_mem, offload.cpu_mem, plan,
-                  quant=experts.summary() if qs is not None else None)
+    summary = {**experts.summary(), "scope": qs.scope, **(dense.summary() if dense else {})} if qs is not None else None
+    return Engine(ckpt, decoder, cache, tokenizer, dev, dt, offload.gpu_mem, offload.cpu_mem, plan, quant=summary)
