@@ -198,7 +198,9 @@ def test_choose_threads(tmp_path):
 
 @pytest.fixture
 def torch_threads():
+    """torch's thread count as at start (so load() may choose it) and restored afterwards."""
     before = torch.get_num_threads()
+    torch.set_num_threads(resources._TORCH_DEFAULT_THREADS)
     yield
     torch.set_num_threads(before)
     resources._threads_set[:] = []
