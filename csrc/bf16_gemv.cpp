@@ -7,10 +7,11 @@
 // Per row and token the order of operations is fixed by the path alone (neither the thread count, the
 // chunking nor the other tokens of the call change it), so results do not depend on the thread count, and
 // a token's result does not depend on the batch it came in. Each thread reads its rows as one sequential
-// stream and prefetches every cache line of it 2 KiB ahead, non-temporally (prefetchnta): weights are read
-// once per token, and letting them through the caches' normal path evicted what the rest of the step (Python,
-// activations, the KV cache) needs next. Measured on the bench checkpoint: decode ~80 -> ~90 tok/s against
-// the former 1 KiB, every-other-line, keep-in-all-levels prefetch.
+// stream and prefetches every cache line of it 8 KiB ahead into L2 (prefetcht1). Measured on an Intel Xeon VM
+// (AMX/avx512bf16, 2 cores), one 7168 x 1024 bf16 matrix after another from DRAM: 4 KiB-8 KiB ahead into L2, or
+// no software prefetch at all, 11-12 GB/s per thread (21 at 2 threads, the bound torch.sum reads at); the
+// former 2 KiB non-temporal prefetch (prefetchnta, which had helped on an AMD EPYC VM by keeping weights out
+// of L2/L3) 5.8 GB/s. Decode of the bench checkpoint went from ~0.55x llama.cpp to 1.28x (bench/RESULTS.md).
 #include "bf16_gemv.h"
 
 #include <algorithm>
@@ -35,7 +36,7 @@ namespace {
 constexpr int kTokenBlock = 4;                   // tokens whose accumulators stay in registers
 constexpr int kUnroll = 4;                       // accumulators per token (SIMD blocks in flight)
 constexpr int kRowStep = 4;                      // granularity of thread chunks (rows)
-constexpr int64_t kPrefetch = 1024;              // weights (bf16) ahead of the current block to prefetch (2 KiB)
+constexpr int64_t kPrefetch = 4096;              // weights (bf16) ahead of the current block to prefetch (8 KiB)
 constexpr int64_t kMinBytesPerThread = 96 << 10; // weights worth a second thread (~5 us at 20 GB/s)
 
 struct Ctx {
@@ -50,11 +51,11 @@ struct Ctx {
   bool y_f32;
 };
 
-// Non-temporal prefetch of `lines` consecutive cache lines (32 bf16 each) starting at p.
+// Prefetch into L2 of `lines` consecutive cache lines (32 bf16 each) starting at p.
 template <int lines>
-inline void prefetch_nta(const uint16_t* p) {
+inline void prefetch_l2(const uint16_t* p) {
 #pragma GCC unroll 4
-  for (int i = 0; i < lines; ++i) __builtin_prefetch(p + 32 * i, 0, 0);
+  for (int i = 0; i < lines; ++i) __builtin_prefetch(p + 32 * i, 0, 2);
 }
 
 // sum_{k in [from, cols)} w[r, k] * x[t, k], in column order.
@@ -118,7 +119,7 @@ MOE_AVX512 void row_avx512(const Ctx& c, int64_t r, int64_t t0) {
   for (int q = 0; q < kUnroll * NT; ++q) acc[q / NT][q % NT] = _mm512_setzero_ps();
   int64_t b = 0;
   for (; b + 32 * kUnroll <= c.main; b += 32 * kUnroll) {
-    prefetch_nta<4>(w + b + kPrefetch);
+    prefetch_l2<4>(w + b + kPrefetch);
 #pragma GCC unroll 4
     for (int u = 0; u < kUnroll; ++u)
 #pragma GCC unroll 4
@@ -153,7 +154,7 @@ MOE_AVX512BF16 void row_avx512bf16(const Ctx& c, int64_t r, int64_t t0) {
   for (int q = 0; q < kUnroll * NT; ++q) acc[q / NT][q % NT] = _mm512_setzero_ps();
   int64_t b = 0;
   for (; b + 32 * kUnroll <= c.main; b += 32 * kUnroll) {
-    prefetch_nta<4>(w + b + kPrefetch);
+    prefetch_l2<4>(w + b + kPrefetch);
 #pragma GCC unroll 4
     for (int u = 0; u < kUnroll; ++u) dp_block<NT>(w + b + 32 * u, x + b + 32 * u, c.cols, acc[u]);
   }
@@ -189,7 +190,7 @@ MOE_AVX2 void row_avx2(const Ctx& c, int64_t r, int64_t t0) {
   for (int q = 0; q < kUnroll * NT; ++q) acc[q / NT][q % NT] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 16 * kUnroll <= c.main; b += 16 * kUnroll) {
-    prefetch_nta<2>(w + b + kPrefetch);
+    prefetch_l2<2>(w + b + kPrefetch);
 #pragma GCC unroll 4
     for (int u = 0; u < kUnroll; ++u)
 #pragma GCC unroll 4

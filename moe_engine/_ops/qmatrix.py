@@ -39,7 +39,7 @@ def unpack_planes(planes: tuple[torch.Tensor, ...] | list[torch.Tensor], bits: i
     codes, shift = None, 0
     for plane, w in zip(planes, PLANES[bits]):
         per = 8 // w
-        shifts = torch.arange(per, dtype=torch.int32) * w
+        shifts = torch.arange(per, dtype=torch.int32, device=plane.device) * w
         vals = (plane.to(torch.int32)[..., None] >> shifts) & ((1 << w) - 1)   # [R, C/per, per]
         vals = vals.reshape(plane.shape[0], cols) << shift
         codes = vals if codes is None else codes | vals
