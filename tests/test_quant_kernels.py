@@ -264,7 +264,7 @@ def _routing(n, k, num_experts, seed=3):
 
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("n", (1, 2, 5, 8))
+@pytest.mark.parametrize("n", (1, 2, 5, 8, 19))        # 19: a short prompt (two blocks of 8 tokens and 3)
 def test_moe_experts_quant_matches_twin_over_mixed_widths(isa, n):
     mats, _ = _layer((8, 4, 3, 2, 4))
     ids, weights = _routing(n, 2, 5)

@@ -107,6 +107,10 @@ def moe_experts_reference(x, weights, ids, experts, packed, inter: int, acc: tor
     return out if acc is not None else out.to(x.dtype)
 
 
+QUANT_FUSED_MAX_TOKENS = 32   # tokens up to which a MoE block runs its quantized experts in one call (short
+                              # prompts too; measured: 16-token int4 prefill 1.07x -> see bench/RESULTS.md)
+
+
 def _bf16_qlinear_twin(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
     twin = qlinear_int8_reference if m.bits in INT_PATH_BITS else qlinear_reference
     return twin(x.float(), m).to(x.dtype)
@@ -333,7 +337,7 @@ def qmatrix_pointers(m: QMatrix) -> tuple:
 def moe_experts_quant(x, weights, ids, experts, mats, inter: int, acc: torch.Tensor | None = None, *,
                       backend: str = "auto", isa: str = "auto"):
     """Routed SwiGLU experts over quantized matrices: mats[i] = (W1 [2I, D], W2 [D, I]) QMatrix of experts[i].
-    "c" needs bf16 CPU x with at most BF16_N_MAX tokens; the twin is moe_experts_quant_reference. isa: the
+    "c" needs bf16 CPU x with at most QUANT_FUSED_MAX_TOKENS tokens; the twin is moe_experts_quant_reference. isa: the
     qlinear path (a test hook, see matmul.qlinear_isas)."""
     n, d = x.shape
     if acc is not None and (acc.dtype != torch.float32 or tuple(acc.shape) != (n, d) or not acc.is_contiguous()):
@@ -345,9 +349,10 @@ def moe_experts_quant(x, weights, ids, experts, mats, inter: int, acc: torch.Ten
                           f"{len(mats)} pairs for {len(experts)} experts")
     if isa not in QLINEAR_ISAS:
         raise ConfigError(f"moe_experts_quant: isa must be one of {QLINEAR_ISAS}, got {isa!r}")
-    if _resolve(backend) == "torch" or not (_bf16_cpu(x) and n <= BF16_N_MAX):
+    if _resolve(backend) == "torch" or not (_bf16_cpu(x) and n <= QUANT_FUSED_MAX_TOKENS):
         if backend == "c":
-            raise ConfigError(f"moe_experts_quant: backend='c' takes bf16 CPU x with at most {BF16_N_MAX} tokens, "
+            raise ConfigError(f"moe_experts_quant: backend='c' takes bf16 CPU x with at most {QUANT_FUSED_MAX_TOKENS} "
+                              f"tokens, "
                               f"got {x.dtype} {tuple(x.shape)} on {x.device}")
         return moe_experts_quant_reference(x, weights, ids, experts, mats, inter, acc)
     ptrs = [p for w1, w2 in mats for p in (qmatrix_pointers(w1), qmatrix_pointers(w2))]
@@ -372,6 +377,7 @@ class DecodeOps:
     guarantee (bf16 CPU tensors of a consistent model), so the hot path pays one Python call per op."""
 
     max_expert_tokens = BF16_N_MAX    # MoE blocks with more tokens (prefill) keep their per-expert loop
+    max_quant_expert_tokens = QUANT_FUSED_MAX_TOKENS
     linear = staticmethod(bf16_linear)
     rms_norm = staticmethod(_rms_norm_c)
     add_rms_norm = staticmethod(_add_rms_norm_c)

@@ -145,7 +145,7 @@ def bind_experts(decoder: Decoder, cache: ExpertCache, layouts=None, quant_kerne
                                                    flat_cpu(torch.bfloat16), ops.max_expert_tokens)
         else:
             strategies[block.layer] = FusedExperts(loop, _quant_fused(ops, lays, block.spec.intermediate_size),
-                                                   flat_cpu(torch.uint8), ops.max_expert_tokens)
+                                                   flat_cpu(torch.uint8), ops.max_quant_expert_tokens)
     decoder.bind_experts(strategies)
 
 
