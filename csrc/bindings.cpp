@@ -12,6 +12,7 @@
 #include "decode_ops.h"
 #include "direct_reader.h"
 #include "qmatmul.h"
+#include "thread_pool.h"
 
 namespace py = pybind11;
 using moe::AlignedBuffer;
@@ -249,6 +250,33 @@ void bind_cuda(py::module_& m) {
 
 }  // namespace
 
+void bind_pool(py::module_& m) {
+  using moe::StragglerGuard;
+  py::class_<StragglerGuard>(m, "StragglerGuard",
+                             "The thread pool's straggler guard (thread_pool.h); a fresh one for tests, the pool's "
+                             "own through pool_counters().")
+      .def(py::init<>())
+      .def("team_for",
+           [](StragglerGuard& g, int n, int64_t now_ns) {
+             bool probing = false;
+             const int team = g.team_for(n, now_ns, &probing);
+             return py::make_tuple(team, probing);
+           },
+           py::arg("n"), py::arg("now_ns"), "(team, probing) for a run asking for n threads at now_ns.")
+      .def("judge", &StragglerGuard::judge, py::arg("team"), py::arg("waited_ns"), py::arg("probing"),
+           py::arg("now_ns"), "Record a run: the caller waited waited_ns for the team at the end.")
+      .def_property_readonly("cap", [](const StragglerGuard& g) { return g.cap.load(); })
+      .def_property_readonly_static("LATE_NS", [](py::object) { return StragglerGuard::kLateNs; })
+      .def_property_readonly_static("STRIKES", [](py::object) { return StragglerGuard::kStrikes; })
+      .def_property_readonly_static("PROBE_NS", [](py::object) { return StragglerGuard::kProbeNs; });
+  m.def("pool_counters", [] {
+    const StragglerGuard& g = moe::straggler_guard();
+    py::dict d;
+    d["cap"] = g.cap.load(), d["capped_runs"] = g.capped_runs.load(), d["probes"] = g.probes.load();
+    return d;
+  }, "The pool's straggler guard: its current cap (0: none), runs made capped, full-team probes.");
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moe-engine IO extension: aligned/pinned buffers, threaded direct-IO reads, async H2D copies, "
             "quantized and bf16 matmuls on the CPU";
@@ -260,6 +288,7 @@ PYBIND11_MODULE(_C, m) {
   bind_quant(m);
   bind_bf16(m);
   bind_decode(m);
+  bind_pool(m);
 #ifdef MOE_WITH_CUDA
   bind_cuda(m);
 #endif

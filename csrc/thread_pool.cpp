@@ -83,14 +83,67 @@ void ThreadPool::State::loop(int index, Slot* slot) {
 ThreadPool::ThreadPool() : s_(new State()) {}
 ThreadPool::~ThreadPool() = default;   // s_ is leaked on purpose: detached workers may still reference it
 
+namespace {
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+StragglerGuard g_guard;
+
+}  // namespace
+
+int StragglerGuard::team_for(int n, int64_t now, bool* probing) {
+  *probing = false;
+  const int c = cap.load(std::memory_order_relaxed);
+  if (c <= 0 || c >= n) return n;
+  if (now >= probe_at.load(std::memory_order_relaxed)) {
+    *probing = true;
+    probes.fetch_add(1, std::memory_order_relaxed);
+    return n;
+  }
+  capped_runs.fetch_add(1, std::memory_order_relaxed);
+  return c;
+}
+
+void StragglerGuard::judge(int team, int64_t waited, bool probing, int64_t now) {
+  if (waited <= kLateNs) {
+    strikes.store(0, std::memory_order_relaxed);
+    if (probing) cap.store(0, std::memory_order_relaxed);
+    return;
+  }
+  if (probing) {   // still late with the full team: stay capped, try again later
+    probe_at.store(now + kProbeNs, std::memory_order_relaxed);
+    return;
+  }
+  if (strikes.fetch_add(1, std::memory_order_relaxed) + 1 >= kStrikes && team > 1) {
+    cap.store(team - 1, std::memory_order_relaxed);
+    strikes.store(0, std::memory_order_relaxed);
+    probe_at.store(now + kProbeNs, std::memory_order_relaxed);
+  }
+}
+
+StragglerGuard& straggler_guard() { return g_guard; }
+
 void ThreadPool::run(int n, const std::function<void(int)>& fn) {
   if (n <= 1) return fn(0);
 #ifdef _OPENMP
   // The OpenMP runtime torch already loaded (libgomp.so.1, shared by soname): its workers are the ones torch's
   // own ops just used and are still spinning, so they start at once and no second set of threads competes
   // with them for the cores. The team may be smaller than n; callers share work through a counter.
-#pragma omp parallel num_threads(n)
-  fn(omp_get_thread_num());
+  bool probing = false;
+  const int team = g_guard.team_for(n, now_ns(), &probing);
+  if (team <= 1) return fn(0);
+  int64_t caller_done = 0;
+#pragma omp parallel num_threads(team)
+  {
+    const int i = omp_get_thread_num();
+    fn(i);
+    if (i == 0) caller_done = now_ns();
+  }
+  const int64_t end = now_ns();
+  g_guard.judge(team, caller_done ? end - caller_done : 0, probing, end);
   return;
 #endif
   State& s = *s_;

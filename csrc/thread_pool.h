@@ -16,9 +16,37 @@
 // during interpreter shutdown.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <functional>
 
 namespace moe {
+
+// The straggler guard of the OpenMP path: when the caller of run() waited over kLateNs at the end for the rest of
+// the team kStrikes times in a row (a worker's core is taken by another process, so it runs a scheduler time
+// slice later, on every parallel op), later runs use a team one thread smaller; every kProbeNs the full team is
+// tried once and kept if it was on time. Waking a parked worker costs ~50 us in a VM and a chunk of work much
+// less than 1 ms, so a quiet machine never trips it. Results never depend on the team size (every kernel splits
+// work so that each output is computed by one thread in a fixed order).
+class StragglerGuard {
+ public:
+  static constexpr int64_t kLateNs = 1000000;
+  static constexpr int kStrikes = 3;
+  static constexpr int64_t kProbeNs = 250000000;
+
+  // The team for a run asked for n threads at time `now` (ns); *probing: a full-team try while capped.
+  int team_for(int n, int64_t now, bool* probing);
+  // After the run: `waited` ns the caller spent waiting for the team at the end.
+  void judge(int team, int64_t waited, bool probing, int64_t now);
+
+  std::atomic<int> cap{0};             // 0: none
+  std::atomic<int> strikes{0};
+  std::atomic<int64_t> probe_at{0};
+  std::atomic<int64_t> capped_runs{0}, probes{0};
+};
+
+// The process-wide guard pool().run consults.
+StragglerGuard& straggler_guard();
 
 class ThreadPool;
 
