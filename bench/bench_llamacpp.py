@@ -230,8 +230,9 @@ class EngineSide:
         kw = {"quant": quant, "quant_cache": quant_cache} if quant else {}
         if quant_scope:
             kw["quant_scope"] = quant_scope
-        if gpu_mem is not None:
+        if gpu_mem is not None:   # a budget: the KV reserve is llama.cpp's context (n_ctx), not the 4096 default
             kw["gpu_mem"] = gpu_mem
+            kw["max_kv_tokens"] = context_size(n_prompt, max(n_decode, warmup_decode))
         t0 = time.perf_counter()
         self.eng = moe_engine.load(model_dir, device="cpu", progress=False, **kw)
         self.load_s = time.perf_counter() - t0

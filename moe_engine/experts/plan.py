@@ -143,8 +143,10 @@ def make_plan(spec: ModelSpec, device: torch.device, dtype: torch.dtype, non_exp
                 f"{device_auto}, less than the {format_size(need)} this model needs on {device.type} (non-expert "
                 f"weights {format_size(non_expert_bytes)} + KV reserve {format_size(kv_bytes)} ({kv_tokens} tokens) "
                 f"+ IO buffers and workspace {format_size(io_bytes + workspace)} + {moe.top_k} expert slots per MoE "
-                f"layer ({min_slots} x {format_size(expert_bytes)})); free memory, lower --max-kv-tokens, quantize "
-                f"the experts (--quant int4) or give {device_auto.split()[0]} a size")
+                f"layer ({min_slots} x {format_size(expert_bytes)})); free memory, lower --max-kv-tokens, "
+                + ("quantize the dense weights too (--quant-scope all)" if expert_lines else
+                   "quantize the experts (--quant int4)")
+                + f" or give {device_auto.split()[0]} a size")
         if device_budget < need:
             raise ConfigError(
                 f"--gpu-mem {format_size(device_budget)} is too small for this model on {device.type}: non-expert "
