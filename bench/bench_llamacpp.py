@@ -8,7 +8,10 @@ Rerun the table (each command makes the GGUFs it needs first, see "GGUFs" below;
   python bench/bench_llamacpp.py --engine-model $M --precisions bf16 int8 int4 --threads 2 1         # decode in RAM
   python bench/bench_llamacpp.py --engine-model $M --mode prefill --n-prompt 16 512 --threads 2 1    # prefill
   python bench/bench_llamacpp.py --engine-model /work/bench_data/mixtral-4g --mode memcg --mem-limits 0.4 0.6 \
-      --precisions bf16 int4 --threads 2                                                              # memory-limited
+      --allowance 0 --precisions bf16 --threads 2 --n-decode 16 --warmup-decode 2 --repeats 2        # memory-limited
+  python bench/bench_llamacpp.py --engine-model /work/bench_data/mixtral-32e --mode memcg --mem-limits 0.4 0.6 \
+      --allowance 0 --precisions int4 --threads 2 --n-decode 16 --warmup-decode 2 --repeats 2 \
+      --llama-bufts none        # int4: llama.cpp as plain mmap (its repacking would copy the experts into RAM)
   python bench/bench_llamacpp.py --engine-model $M --competing-load --threads 2 1                    # one busy core
   python bench/bench_llamacpp.py --engine-model $M --precisions int8-all int4-all --threads 2 1      # all quantized
   python bench/bench_llamacpp.py --threads 1 --n-decode 4 --repeats 1 --warmup-decode 1 --no-record   # quick check

@@ -15,6 +15,10 @@ llamacpp_gguf.py can give the GGUF bench/llama_tokenizer.py's): mixtral-1.4g (1.
         --kv-heads 4 --experts 8 --top-k 2 --vocab 32000 --context 4096 --dtype bfloat16 --no-tokenizer
     python bench/make_checkpoint.py /work/bench_data/mixtral-4g --hidden 1024 --ffn 3584 --layers 24 --heads 16 \
         --kv-heads 4 --experts 8 --top-k 2 --vocab 32000 --context 4096 --dtype bfloat16 --no-tokenizer
+and mixtral-32e (8.5 GB, 32 experts top-4: the int4 memory-limited rows, where an 8-expert top-2 model's
+resident minimum of 2 experts per layer does not fit 40% of its Q4_0 file):
+    python bench/make_checkpoint.py /work/bench_data/mixtral-32e --hidden 1024 --ffn 1792 --layers 24 --heads 16 \
+        --kv-heads 4 --experts 32 --top-k 4 --vocab 32000 --context 4096 --dtype bfloat16 --no-tokenizer
 """
 from __future__ import annotations
 
