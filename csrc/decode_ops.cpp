@@ -222,16 +222,24 @@ void attend_decode_bf16(const AttendArgs& a, int num_threads) {
   });
 }
 
+namespace {
+
+// A whole layer in one call (no accumulator to add into): every expert a token is routed to must be passed.
+void check_routed(const char* op, const int64_t* ids, int64_t n, int64_t k, const std::vector<int64_t>& experts) {
+  for (int64_t i = 0; i < n * k; ++i)
+    MOE_CHECK(std::find(experts.begin(), experts.end(), ids[i]) != experts.end(),
+              op << ": token " << i / k << " is routed to expert " << ids[i] << ", which is not among the experts "
+                 << "passed");
+}
+
+}  // namespace
+
 void moe_experts_bf16(const MoeArgs& a, int num_threads) {
   MOE_CHECK(a.n >= 0 && a.k >= 1 && a.d >= 1 && a.inter >= 1 && a.experts.size() == a.packed.size(),
             "moe_experts_bf16: bad sizes n=" << a.n << " k=" << a.k << " d=" << a.d << " inter=" << a.inter
                                              << " experts=" << a.experts.size() << " packed=" << a.packed.size());
   MOE_CHECK(a.acc || a.out, "moe_experts_bf16: give an accumulator, an output, or both");
-  if (!a.acc)   // a whole layer in one call: every routed expert must be here
-    for (int64_t i = 0; i < a.n * a.k; ++i)
-      MOE_CHECK(std::find(a.experts.begin(), a.experts.end(), a.ids[i]) != a.experts.end(),
-                "moe_experts_bf16: token " << i / a.k << " is routed to expert " << a.ids[i]
-                                           << ", which is not among the experts passed");
+  if (!a.acc) check_routed("moe_experts_bf16", a.ids, a.n, a.k, a.experts);
   std::vector<float> own(a.acc ? 0 : size_t(a.n * a.d), 0.0f);
   float* acc = a.acc ? a.acc : own.data();
   std::vector<uint16_t> xe(size_t(a.n * a.d)), gu(size_t(a.n * 2 * a.inter)), hid(size_t(a.n * a.inter)),
@@ -271,11 +279,7 @@ void moe_experts_quant(const MoeQuantArgs& a, int num_threads) {
               "moe_experts_quant: expert " << a.experts[e] << " has W1 [" << a.w1[e].rows << ", " << a.w1[e].cols
                                            << "] and W2 [" << a.w2[e].rows << ", " << a.w2[e].cols << "], expected ["
                                            << 2 * a.inter << ", " << a.d << "] and [" << a.d << ", " << a.inter << "]");
-  if (!a.acc)
-    for (int64_t i = 0; i < a.n * a.k; ++i)
-      MOE_CHECK(std::find(a.experts.begin(), a.experts.end(), a.ids[i]) != a.experts.end(),
-                "moe_experts_quant: token " << i / a.k << " is routed to expert " << a.ids[i]
-                                            << ", which is not among the experts passed");
+  if (!a.acc) check_routed("moe_experts_quant", a.ids, a.n, a.k, a.experts);
   std::vector<float> own(a.acc ? 0 : size_t(a.n * a.d), 0.0f);
   float* acc = a.acc ? a.acc : own.data();
   std::vector<std::vector<int64_t>> tok(ne);

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "bf16.h"
 #include "common.h"
 #include "qmatmul.h"
 
@@ -39,24 +40,6 @@ constexpr int64_t kPrefetchAhead = 8192;  // bytes ahead of each row being read,
                                           // KiB 7-8, non-temporal 6, none 3.9: the kernel spends ~4x the
                                           // instructions per byte of a bf16 GEMV, so the out-of-order window alone
                                           // keeps too few lines in flight
-
-float half_bits_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-  uint32_t bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {
-    const float f = float(man) * (1.0f / 16777216.0f);
-    return sign ? -f : f;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 struct QDot;
 // tokens [t0, t0 + NT) of rows [r, r + RB); s, sz: [RB, stride] the rows' scales and scale * zero (floats)
@@ -86,17 +69,17 @@ struct QDot final : QLinearJob {
   std::vector<float> xz;               // [n, ngp], zero padded
   const QKernels* kernels = nullptr;   // null: scalar
 
-  void prep(int64_t r, float* s, float* sz) const;
+  void prep(int64_t r, float* s, float* sz, int64_t from = 0) const;
   void rows(int64_t r0, int64_t r1, float* scratch) const override;
   void rows_scalar(int64_t r0, int64_t r1, float* scratch) const;
 };
 
-// Scales s[g] and s[g] * (z[g] - shift) of row r as floats, zero from ng to stride.
-void QDot::prep(int64_t r, float* s, float* sz) const {
+// Scales s[g] and s[g] * (z[g] - shift) of row r as floats for g in [from, stride), zero from ng on.
+void QDot::prep(int64_t r, float* s, float* sz, int64_t from) const {
   const float zshift = shifted ? 128.0f : 0.0f;
-  for (int64_t g = 0; g < stride; ++g) {
-    s[g] = g < ng ? half_bits_to_float(w.scales[r * ng + g]) : 0.0f;
-    sz[g] = g < ng ? s[g] * (half_bits_to_float(w.zeros[r * ng + g]) - zshift) : 0.0f;
+  for (int64_t g = from; g < stride; ++g) {
+    s[g] = g < ng ? half_to_float(w.scales[r * ng + g]) : 0.0f;
+    sz[g] = g < ng ? s[g] * (half_to_float(w.zeros[r * ng + g]) - zshift) : 0.0f;
   }
 }
 
@@ -274,10 +257,7 @@ MOE_QD_AVX2 void prep256(const QDot& p, int64_t r, float* s, float* sz) {
     _mm256_storeu_ps(s + g, sv);
     _mm256_storeu_ps(sz + g, _mm256_mul_ps(sv, _mm256_sub_ps(zv, shift)));
   }
-  for (; g < p.stride; ++g) {
-    s[g] = g < p.ng ? half_bits_to_float(p.w.scales[r * p.ng + g]) : 0.0f;
-    sz[g] = g < p.ng ? s[g] * (half_bits_to_float(p.w.zeros[r * p.ng + g]) - (p.shifted ? 128.0f : 0.0f)) : 0.0f;
-  }
+  p.prep(r, s, sz, g);   // the rest one by one
 }
 
 template <int BITS>

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <utility>
 
+#include "bf16.h"
 #include "common.h"
 #include "thread_pool.h"
 
@@ -66,23 +67,6 @@ inline T load_as(const void* ptr) {
   T v;
   std::memcpy(&v, ptr, sizeof(T));
   return v;
-}
-
-// IEEE half -> float, exact for every input (normals, subnormals, inf, nan).
-float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-  uint32_t bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal: value = man * 2^-24
-    const float f = float(man) * (1.0f / 16777216.0f);
-    return sign ? -f : f;
-  }
-  return load_as<float>(&bits);
 }
 
 // xsum [n, ngp]: sums of x over each group of G columns, in a fixed order (the same for every path).
