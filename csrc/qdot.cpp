@@ -33,7 +33,6 @@ namespace {
 
 constexpr int kBlock = 32;          // columns per activation scale
 constexpr int kTokens = 8;          // tokens whose accumulators stay in registers
-constexpr int kRowBlock = 4;        // rows one kernel call computes at most
 constexpr int64_t kPrefetchAhead = 8192;  // bytes ahead of each row being read, prefetched into L1 (prefetcht0).
                                           // Measured on the Intel VM, int4 7168 x 1024 matrices from DRAM: into L1
                                           // 8 KiB ahead 8.5 GB/s per thread, 16-32 KiB 8 GB/s, into L2 (t1) 2-32
@@ -58,7 +57,6 @@ struct QDot final : QLinearJob {
   int64_t n = 0, cols = 0, nb = 0, ng = 0, ngp = 0, lanes = 0, row_bytes = 0;
   int64_t stride = 0;                  // floats per row of the converted scales: ngp + 16 (a vector past ngp)
   int32_t lane_group[16] = {};         // SIMD lane -> its group's offset from the superblock's first group
-  int64_t ahead = 0;                   // prefetch distance in bytes
   int gshift = 0, lpb = 0, span = 1;   // lanes per block; blocks per superblock (4-bit layout)
   bool shifted = false;                // 8-bit codes taken as q - 128
   float* y = nullptr;
@@ -209,7 +207,7 @@ MOE_QD_AVX512 void block512(const QDot& p, int64_t r, int64_t t0, const float* s
     Codes512<BITS, VNNI> c[RB];
     __m512 wv[RB];
     for (int i = 0; i < RB; ++i) {
-      __builtin_prefetch(row[i] + p.ahead + sb * 64, 0, 3);
+      __builtin_prefetch(row[i] + kPrefetchAhead + sb * 64, 0, 3);
       c[i] = load512<BITS, VNNI>(row[i] + sb * 64);
       wv[i] = _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(s + i * p.stride + ((sb * cols_sb) >> p.gshift)));
     }
@@ -285,7 +283,7 @@ MOE_QD_AVX2 void block256(const QDot& p, int64_t r, int64_t t0, const float* s, 
     __m256i ca[RB], cb[RB];
     __m256 wv[RB];
     for (int i = 0; i < RB; ++i) {
-      if (sb % 2 == 0) __builtin_prefetch(row[i] + p.ahead + sb * 32, 0, 3);
+      if (sb % 2 == 0) __builtin_prefetch(row[i] + kPrefetchAhead + sb * 32, 0, 3);
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[i] + sb * 32));
       if (BITS == 4) {
         const __m256i m = _mm256_set1_epi8(15);
@@ -423,7 +421,6 @@ std::unique_ptr<QLinearJob> make_qdot_job(const float* x, int64_t n, const QMatr
   p->nb = w.cols / kBlock, p->ng = w.cols / w.group, p->ngp = int64_t(round_up(size_t(p->ng), 16));
   p->gshift = __builtin_ctz(unsigned(w.group));
   p->row_bytes = w.cols * w.bits / 8;
-  p->ahead = kPrefetchAhead;
   p->lpb = w.bits == 8 ? 8 : 4;
   p->lanes = p->nb * p->lpb;
   p->stride = p->ngp + 16;
