@@ -67,15 +67,15 @@ struct QDot final : QLinearJob {
   std::vector<float> xz;               // [n, ngp], zero padded
   const QKernels* kernels = nullptr;   // null: scalar
 
-  void prep(int64_t r, float* s, float* sz, int64_t from = 0) const;
+  void prep(int64_t r, float* s, float* sz) const;
   void rows(int64_t r0, int64_t r1, float* scratch) const override;
   void rows_scalar(int64_t r0, int64_t r1, float* scratch) const;
 };
 
-// Scales s[g] and s[g] * (z[g] - shift) of row r as floats for g in [from, stride), zero from ng on.
-void QDot::prep(int64_t r, float* s, float* sz, int64_t from) const {
+// Scales s[g] and s[g] * (z[g] - shift) of row r as floats, zero from ng to stride.
+void QDot::prep(int64_t r, float* s, float* sz) const {
   const float zshift = shifted ? 128.0f : 0.0f;
-  for (int64_t g = from; g < stride; ++g) {
+  for (int64_t g = 0; g < stride; ++g) {
     s[g] = g < ng ? half_to_float(w.scales[r * ng + g]) : 0.0f;
     sz[g] = g < ng ? s[g] * (half_to_float(w.zeros[r * ng + g]) - zshift) : 0.0f;
   }
@@ -255,11 +255,27 @@ MOE_QD_AVX2 void prep256(const QDot& p, int64_t r, float* s, float* sz) {
     _mm256_storeu_ps(s + g, sv);
     _mm256_storeu_ps(sz + g, _mm256_mul_ps(sv, _mm256_sub_ps(zv, shift)));
   }
-  p.prep(r, s, sz, g);   // the rest one by one
+  for (; g < p.stride; ++g) {   // the rest one by one (inline: calling QDot::prep here, code compiled without AVX,
+                                // made the AVX2 kernels 3-4x slower)
+    s[g] = g < p.ng ? half_to_float(p.w.scales[r * p.ng + g]) : 0.0f;
+    sz[g] = g < p.ng ? s[g] * (half_to_float(p.w.zeros[r * p.ng + g]) - (p.shifted ? 128.0f : 0.0f)) : 0.0f;
+  }
 }
 
-template <int BITS>
+// acc += dot of 4 unsigned bytes of a and 4 signed bytes of b per int32 lane. Written as the VEX instruction itself:
+// the intrinsic needs the whole function compiled for "avxvnni", which (GCC 12) made the AVX2 kernels ~4x slower.
+MOE_QD_AVX2 inline void vpdpbusd_vex(__m256i& acc, __m256i a, __m256i b) {
+  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
+}
+
+template <int BITS, bool VNNI>
 MOE_QD_AVX2 inline __m256i dot256(__m256i ca, __m256i cb, __m256i xa, __m256i xb) {
+  if (VNNI) {   // AVX-VNNI (VEX vpdpbusd): unsigned codes (8 bits: as stored, not shifted) times signed x
+    __m256i acc = _mm256_setzero_si256();
+    vpdpbusd_vex(acc, ca, xa);
+    if (BITS == 4) vpdpbusd_vex(acc, cb, xb);
+    return acc;
+  }
   const __m256i ones = _mm256_set1_epi16(1);
   if (BITS == 4)
     return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(ca, xa), _mm256_maddubs_epi16(cb, xb)), ones);
@@ -267,7 +283,7 @@ MOE_QD_AVX2 inline __m256i dot256(__m256i ca, __m256i cb, __m256i xa, __m256i xb
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(ca), _mm256_sign_epi8(xa, ca)), ones);
 }
 
-template <int BITS, int NT, int RB>
+template <int BITS, bool VNNI, int NT, int RB>
 MOE_QD_AVX2 void block256(const QDot& p, int64_t r, int64_t t0, const float* s, const float* sz) {
   constexpr int cols_sb = BITS == 4 ? 64 : 32;
   const __m256i lane_group = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.lane_group));
@@ -290,7 +306,7 @@ MOE_QD_AVX2 void block256(const QDot& p, int64_t r, int64_t t0, const float* s, 
         ca[i] = _mm256_and_si256(v, m);
         cb[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
       } else {
-        ca[i] = _mm256_xor_si256(v, _mm256_set1_epi8(char(0x80)));
+        ca[i] = VNNI ? v : _mm256_xor_si256(v, _mm256_set1_epi8(char(0x80)));
         cb[i] = ca[i];
       }
       wv[i] = _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + i * p.stride + ((sb * cols_sb) >> p.gshift)), lane_group);
@@ -302,7 +318,7 @@ MOE_QD_AVX2 void block256(const QDot& p, int64_t r, int64_t t0, const float* s, 
       const __m256i xb = BITS == 4 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + 32)) : xa;
       const __m256 dv = _mm256_loadu_ps(xl + t * p.lanes + sb * 8);
       for (int i = 0; i < RB; ++i)
-        acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot256<BITS>(ca[i], cb[i], xa, xb)), _mm256_mul_ps(wv[i], dv),
+        acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot256<BITS, VNNI>(ca[i], cb[i], xa, xb)), _mm256_mul_ps(wv[i], dv),
                                     acc[i][t]);
     }
   }
@@ -322,19 +338,22 @@ MOE_QD_AVX2 void block256(const QDot& p, int64_t r, int64_t t0, const float* s, 
   }
 }
 
-template <int BITS, int RB>
+template <int BITS, bool VNNI, int RB>
 constexpr std::array<QBlockFn, kTokens> table256() {
-  return {block256<BITS, 1, RB>, block256<BITS, 2, RB>, block256<BITS, 3, RB>, block256<BITS, 4, RB>,
-          block256<BITS, 5, RB>, block256<BITS, 6, RB>, block256<BITS, 7, RB>, block256<BITS, 8, RB>};
+  return {block256<BITS, VNNI, 1, RB>, block256<BITS, VNNI, 2, RB>, block256<BITS, VNNI, 3, RB>,
+          block256<BITS, VNNI, 4, RB>, block256<BITS, VNNI, 5, RB>, block256<BITS, VNNI, 6, RB>,
+          block256<BITS, VNNI, 7, RB>, block256<BITS, VNNI, 8, RB>};
 }
 
-template <int BITS>
-const QKernels kernels256{prep256, 2, 1, 2, table256<BITS, 2>(), table256<BITS, 1>(), table256<BITS, 1>()};
+template <int BITS, bool VNNI>
+const QKernels kernels256{prep256, 2, 1, 2, table256<BITS, VNNI, 2>(), table256<BITS, VNNI, 1>(),
+                          table256<BITS, VNNI, 1>()};
 
 bool has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+bool has_avxvnni() { return has_avx2() && __builtin_cpu_supports("avxvnni"); }
 bool has_avx512bw() {
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
@@ -343,8 +362,8 @@ bool has_avx512vnni() { return has_avx512bw() && __builtin_cpu_supports("avx512v
 
 // The path that takes this shape: isa as asked, or the next one down when cols does not tile its superblocks.
 std::string fit_isa(std::string isa, int64_t cols, int bits) {
-  if ((isa == "avx512vnni" || isa == "avx512") && cols % 128) isa = "avx2";
-  if (isa == "avx2" && cols % (bits == 4 ? 64 : 32)) isa = "scalar";
+  if ((isa == "avx512vnni" || isa == "avx512") && cols % 128) isa = has_avxvnni() ? "avxvnni" : "avx2";
+  if ((isa == "avxvnni" || isa == "avx2") && cols % (bits == 4 ? 64 : 32)) isa = "scalar";
   return isa;
 }
 
@@ -404,6 +423,7 @@ std::vector<std::string> qdot_isas() {
 #if defined(__x86_64__)
     if (has_avx512vnni()) out.push_back("avx512vnni");
     if (has_avx512bw()) out.push_back("avx512");
+    if (has_avxvnni()) out.push_back("avxvnni");
     if (has_avx2()) out.push_back("avx2");
 #endif
     out.push_back("scalar");
@@ -428,9 +448,10 @@ std::unique_ptr<QLinearJob> make_qdot_job(const float* x, int64_t n, const QMatr
 #if defined(__x86_64__)
   if (path == "avx512vnni") p->kernels = w.bits == 8 ? &kernels512<8, true> : &kernels512<4, true>;
   if (path == "avx512") p->kernels = w.bits == 8 ? &kernels512<8, false> : &kernels512<4, false>;
-  if (path == "avx2") p->kernels = w.bits == 8 ? &kernels256<8> : &kernels256<4>;
+  if (path == "avxvnni") p->kernels = w.bits == 8 ? &kernels256<8, true> : &kernels256<4, true>;
+  if (path == "avx2") p->kernels = w.bits == 8 ? &kernels256<8, false> : &kernels256<4, false>;
 #endif
-  p->span = path == "scalar" ? 1 : path == "avx2" ? 2 : 4;
+  p->span = path == "scalar" ? 1 : path == "avx2" || path == "avxvnni" ? 2 : 4;
   p->shifted = w.bits == 8 && (path == "avx512" || path == "avx2");
   quantize_acts(*p);
   p->num_rows = w.rows;

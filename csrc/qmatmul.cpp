@@ -491,6 +491,7 @@ struct FloatJob final : QLinearJob {
 std::unique_ptr<QLinearJob> make_float_job(const float* x, int64_t n, const QMatrixView& w, float* y,
                                            std::string path) {
   if (path == "avx512vnni") path = "avx512";
+  if (path == "avxvnni") path = "avx2";
   if (path == "avx512" && w.bits <= 3 && w.cols % 64) path = "avx2";  // 64-column superblocks must tile a row
   auto job = std::make_unique<FloatJob>();
   job->fn = rows_fn(path, w.bits);

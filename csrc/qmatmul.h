@@ -41,7 +41,7 @@ struct QMatrixView {
 // y [n, rows] = x [n, cols] @ W^T (float32, contiguous). isa: "auto" (the best this CPU runs) or one of
 // qlinear_isas(); a path that cannot take a shape falls back to the next one (2/3-bit codes need cols a
 // multiple of 64 for "avx512"; the integer path of 4/8-bit codes needs cols a multiple of 128 for the
-// AVX-512 paths and 64 for "avx2"). Throws std::invalid_argument naming the bad argument (checked before
+// AVX-512 paths and 64 (4 bits) or 32 (8 bits) for the AVX2 ones). Throws std::invalid_argument naming the bad argument (checked before
 // any work).
 //
 // With int8_acts (the caller's activations are bf16/fp16 anyway: the runtime asks for it then; float32 callers
@@ -55,7 +55,8 @@ void qlinear_f32(const float* x, int64_t n, const QMatrixView& w, float* y, int 
                  const std::string& isa = "auto", bool int8_acts = false);
 
 // The paths qlinear_f32 can take on this CPU, fastest first ("scalar" is always last): "avx512vnni",
-// "avx512", "avx2", "scalar". The float path of 2/3-bit codes runs "avx512vnni" as "avx512".
+// "avx512", "avxvnni" (AVX2 with VEX VNNI: client CPUs without AVX-512), "avx2", "scalar". The float path of
+// 2/3-bit codes runs "avx512vnni" as "avx512" and "avxvnni" as "avx2".
 std::vector<std::string> qlinear_isas();
 
 // One prepared product y = x @ W^T: activations converted once when it is made; its rows are computed by

@@ -16,7 +16,7 @@ from .qmatrix import GROUP_SIZES, PLANES, int8_acts, qlinear_cpu_reference
 
 # ----------------------------------------------------------------------------------------- quantized matmul
 
-QLINEAR_ISAS = ("auto", "avx512vnni", "avx512", "avx2", "scalar")
+QLINEAR_ISAS = ("auto", "avx512vnni", "avx512", "avxvnni", "avx2", "scalar")
 
 
 def qlinear_isas() -> list[str]:
