@@ -29,7 +29,7 @@ from .plugins import DEFAULT_PREDICTOR
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 LINEAR_KERNEL_ENV = "MOE_ENGINE_LINEAR_KERNEL"     # "reference": the bf16 GEMV's torch twin, no decode ops
-QUANT_KERNEL_ENV = "MOE_ENGINE_QUANT_KERNEL"       # "reference": dequantize + F.linear instead of C / Triton
+QUANT_KERNEL_ENV = "MOE_ENGINE_QUANT_KERNEL"       # "reference": the C / Triton kernels' torch twins, per expert
 KERNEL_CHOICES = ("auto", "reference")
 
 
