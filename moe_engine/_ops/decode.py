@@ -108,7 +108,8 @@ def moe_experts_reference(x, weights, ids, experts, packed, inter: int, acc: tor
 
 
 QUANT_FUSED_MAX_TOKENS = 32   # tokens up to which a MoE block runs its quantized experts in one call (short
-                              # prompts too; measured: 16-token int4 prefill 1.07x -> 1.27x llama.cpp, int8 1.18x -> 1.39x)
+                              # prompts too; measured: 16-token int4 prefill 1.07x -> 1.27x llama.cpp,
+                              # int8 1.18x -> 1.39x)
 
 
 def _bf16_qlinear_twin(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
