@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from . import HAS_C_EXT, _C, _resolve
 from .matmul import BF16_N_MAX, QLINEAR_ISAS, bf16_linear
-from .qmatrix import INT_PATH_BITS, QMatrix, qlinear_int8_reference, qlinear_reference
+from .qmatrix import QMatrix, int8_acts, qlinear_int8_reference, qlinear_reference
 
 
 # ----------------------------------------------------------------------------------------- torch twins
@@ -87,24 +87,34 @@ def attend_rows_reference(q, ks, vs, masks, scale: float, sinks: torch.Tensor | 
         q.new_empty(0, 1, q.shape[1] * q.shape[3])
 
 
+def _routed_sum(op: str, x, weights, ids, experts, items, ffn, acc):
+    """The twins' shared loop: for each expert (items[i] is experts[i]'s weights) y = ffn(x[its tokens], item),
+    summed weighted in float32 in the given order; without acc the [N, D] output in x.dtype (every routed expert
+    must be given), with acc the sums added into acc, which is returned."""
+    n, d = x.shape
+    out = torch.zeros(n, d, dtype=torch.float32) if acc is None else acc
+    for e, item in zip(experts, items):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if len(tok) == 0:
+            continue
+        out.index_add_(0, tok, ffn(x[tok], item).float() * weights[tok, slot, None])
+    missing = set(ids.flatten().tolist()) - set(experts)
+    if acc is None and missing:
+        raise ConfigError(f"{op}: tokens are routed to experts {sorted(missing)} not among those passed")
+    return out if acc is not None else out.to(x.dtype)
+
+
 def moe_experts_reference(x, weights, ids, experts, packed, inter: int, acc: torch.Tensor | None = None):
     """x [N, D] bf16, weights [N, K] float32, ids [N, K]; packed[i] is expert experts[i] (gate | up | down).
     Without acc: the combined output [N, D] in x.dtype (every routed expert must be given); with acc: the float32
     sums are added into acc, which is returned."""
-    n, d = x.shape
-    out = torch.zeros(n, d, dtype=torch.float32) if acc is None else acc
-    for e, buf in zip(experts, packed):
-        tok, slot = (ids == e).nonzero(as_tuple=True)
-        if len(tok) == 0:
-            continue
-        gate_up = bf16_linear(x[tok], buf[:2 * inter * d].view(2 * inter, d), backend="torch")
+    d = x.shape[1]
+
+    def ffn(xe, buf):
+        gate_up = bf16_linear(xe, buf[:2 * inter * d].view(2 * inter, d), backend="torch")
         hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = bf16_linear(hidden, buf[2 * inter * d:3 * inter * d].view(d, inter), backend="torch")
-        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
-    missing = set(ids.flatten().tolist()) - set(experts)
-    if acc is None and missing:
-        raise ConfigError(f"moe_experts: tokens are routed to experts {sorted(missing)} not among those passed")
-    return out if acc is not None else out.to(x.dtype)
+        return bf16_linear(hidden, buf[2 * inter * d:3 * inter * d].view(d, inter), backend="torch")
+    return _routed_sum("moe_experts", x, weights, ids, experts, packed, ffn, acc)
 
 
 QUANT_FUSED_MAX_TOKENS = 32   # tokens up to which a MoE block runs its quantized experts in one call (short
@@ -113,7 +123,9 @@ QUANT_FUSED_MAX_TOKENS = 32   # tokens up to which a MoE block runs its quantize
 
 
 def _bf16_qlinear_twin(x: torch.Tensor, m: QMatrix) -> torch.Tensor:
-    twin = qlinear_int8_reference if m.bits in INT_PATH_BITS else qlinear_reference
+    """The CPU kernel's twin for 16-bit x, on x as float32 (the C op converts it; the float twin would otherwise
+    round W to x's dtype), rounded back to x's dtype."""
+    twin = qlinear_int8_reference if int8_acts(x, m) else qlinear_reference
     return twin(x.float(), m).to(x.dtype)
 
 
@@ -122,20 +134,10 @@ def moe_experts_quant_reference(x, weights, ids, experts, mats, inter: int, acc:
     gate_up = bf16(qlinear(x)), h = bf16(silu(gate)) * up (bf16), y = bf16(qlinear(h)), sums in float32;
     qlinear is the twin of the CPU kernel's path for bf16 activations: the integer one for 4/8-bit codes, the
     float one (on the activations as float32) for 2/3-bit codes."""
-    n, d = x.shape
-    out = torch.zeros(n, d, dtype=torch.float32) if acc is None else acc
-    for e, (w1, w2) in zip(experts, mats):
-        tok, slot = (ids == e).nonzero(as_tuple=True)
-        if len(tok) == 0:
-            continue
-        gate_up = _bf16_qlinear_twin(x[tok], w1)
-        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = _bf16_qlinear_twin(hidden, w2)
-        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
-    missing = set(ids.flatten().tolist()) - set(experts)
-    if acc is None and missing:
-        raise ConfigError(f"moe_experts_quant: tokens are routed to experts {sorted(missing)} not among those passed")
-    return out if acc is not None else out.to(x.dtype)
+    def ffn(xe, mat):
+        gate_up = _bf16_qlinear_twin(xe, mat[0])
+        return _bf16_qlinear_twin(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], mat[1])
+    return _routed_sum("moe_experts_quant", x, weights, ids, experts, mats, ffn, acc)
 
 
 # ----------------------------------------------------------------------------------------- C ops
@@ -353,8 +355,7 @@ def moe_experts_quant(x, weights, ids, experts, mats, inter: int, acc: torch.Ten
     if _resolve(backend) == "torch" or not (_bf16_cpu(x) and n <= QUANT_FUSED_MAX_TOKENS):
         if backend == "c":
             raise ConfigError(f"moe_experts_quant: backend='c' takes bf16 CPU x with at most {QUANT_FUSED_MAX_TOKENS} "
-                              f"tokens, "
-                              f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+                              f"tokens, got {x.dtype} {tuple(x.shape)} on {x.device}")
         return moe_experts_quant_reference(x, weights, ids, experts, mats, inter, acc)
     ptrs = [p for w1, w2 in mats for p in (qmatrix_pointers(w1), qmatrix_pointers(w2))]
     return _moe_experts_quant_c(x, weights, ids, experts, ptrs, inter, acc, isa)
