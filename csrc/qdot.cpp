@@ -362,7 +362,10 @@ bool has_avx512vnni() { return has_avx512bw() && __builtin_cpu_supports("avx512v
 
 // The path that takes this shape: isa as asked, or the next one down when cols does not tile its superblocks.
 std::string fit_isa(std::string isa, int64_t cols, int bits) {
-  if ((isa == "avx512vnni" || isa == "avx512") && cols % 128) isa = has_avxvnni() ? "avxvnni" : "avx2";
+  if ((isa == "avx512vnni" || isa == "avx512") && cols % 128) {
+    const std::vector<std::string>& ok = qdot_isas();   // asked once (cpuid traps to the hypervisor in a VM)
+    isa = std::find(ok.begin(), ok.end(), "avxvnni") != ok.end() ? "avxvnni" : "avx2";
+  }
   if ((isa == "avxvnni" || isa == "avx2") && cols % (bits == 4 ? 64 : 32)) isa = "scalar";
   return isa;
 }
