@@ -45,7 +45,7 @@ class QuantLinear(nn.Module):
     """y [..., R] = x [..., C] @ W^T (+ bias) for a quantized W [R, C]; y in `dtype` (the model's).
 
     Buffers: plane0 (, plane1) uint8, scales and zeros float16 (a QMatrix's tensors); bias: the dense one.
-    kernel: kernels.qlinear's ("auto", or "reference": dequantize + F.linear)."""
+    kernel: kernels.qlinear's ("auto", or "reference": the device kernel's torch twin)."""
 
     def __init__(self, m: QMatrix, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str = "auto"):
         super().__init__()
@@ -126,10 +126,10 @@ def qmatrix_bytes(rows: int, cols: int, bits: int, group: int) -> int:
 def check_dense(spec, group: int) -> None:
     """Raise ConfigError naming the fix when `group` does not divide some dense matrix's input size."""
     with torch.device("meta"):
-        decoder = Decoder(spec)
-    for t in targets(decoder):
+        ts = targets(Decoder(spec))
+    for t in ts:
         if t.cols % group:
-            ok = [g for g in GROUP_SIZES if all(u.cols % g == 0 for u in targets(decoder))]
+            ok = [g for g in GROUP_SIZES if all(u.cols % g == 0 for u in ts)]
             fix = (f"use --quant-group {' or '.join(map(str, ok))}" if ok else
                    "no supported group size fits every dense matrix of this model; use --quant-scope experts")
             raise ConfigError(f"--quant-scope all --quant-group {group}: {t.label} has {t.cols} input columns, not a "
