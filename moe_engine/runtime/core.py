@@ -6,7 +6,8 @@
                       one token sampled last (decode), or several (a chunk; speculative decoding's drafted run
                       to verify, with all_logits=True) -> left-padded [B, T] ids and positions, a StepKV over the
                       sequences' caches, the decoder -> logits of each sequence's last token (or of every token)
-    core.sample / core.accept   next tokens from logits; the stop checks (eos ids, stop strings, length, context)
+    core.sample / core.accept   next tokens from logits (logits_process.py's per-sequence rules and logprobs,
+                      sampling.py's choice); the stop checks (eos ids, stop strings, length, context)
 
 Knows nothing of text, scheduling or threads. Engine.generate() / stream() drive it on the caller's thread
 (generation.py: all sequences in lockstep, or batching.Batcher's schedule), the server's EngineLoop (loop.py)
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .kv_cache import SeqKV, StepKV
+from .logits_process import LogitsState, TokenLogprob, logprob_entry
 from .sampling import Sampler, SamplingParams
 from .stopping import StopChecker
 
@@ -34,7 +36,13 @@ class Sequence:
     sampler: Sampler
     stopper: StopChecker
     kv: SeqKV | None = None                # allocated when the sequence starts
-    finish_reason: str | None = None       # "eos", "stop" or "length" once it has ended
+    finish_reason: str | None = None       # "eos", "stop", "length" (or "error", see isolate) once it has ended
+    processor: LogitsState | None = None   # penalties, bias, masks (None: the logits are used as they come)
+    constraint: object | None = None       # a grammar's TokenConstraint (runtime/grammar.py), or None
+    logprobs: list[TokenLogprob] | None = None          # per generated token, when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None   # per prompt token (the first is None)
+    isolate: bool = False                  # a failure to pick its token ends it alone ("error") instead of raising
+    error: str | None = None               # why it failed, with finish_reason "error"
 
     @property
     def generated(self) -> list[int]:
@@ -72,12 +80,22 @@ class GenerationCore:
             self.decoder.observers.remove(observer)
 
     def sequence(self, prompt: list[int], max_new: int, params: SamplingParams | None = None, eos=(), stop=None,
-                 decode=None) -> Sequence:
+                 decode=None, constraint=None, isolate: bool = False, keep_stop: bool = False) -> Sequence:
         """A new sequence (its KV cache is allocated by start()): it samples with `params` (None: never samples,
-        e.g. a logits pass) and stops on the eos ids and stop strings (decode: ids -> text, needed for stop strings)."""
+        e.g. a logits pass) and stops on the eos ids and stop strings (decode: ids -> text, needed for stop strings;
+        keep_stop: the text keeps the stop string that ended it). constraint: a grammar's TokenConstraint;
+        isolate: see Sequence.isolate (the server's loop sets it)."""
         sampler = None if params is None else Sampler(params, 1, self.device)
-        return Sequence(next(self._seq_ids), list(prompt), len(prompt), max_new, sampler,
-                        StopChecker(eos, stop, decode, 1))
+        stopper = StopChecker(eos, stop, decode, 1, min_tokens=params.min_tokens if params else 0, keep_stop=keep_stop)
+        seq = Sequence(next(self._seq_ids), list(prompt), len(prompt), max_new, sampler, stopper,
+                       constraint=constraint, isolate=isolate)
+        if params is not None:
+            params.check_vocab(self.spec.vocab_size)
+            if params.processes:
+                seq.processor = LogitsState(params, self.spec.vocab_size, seq.tokens, stopper.eos_token_ids)
+            seq.logprobs = [] if params.logprobs is not None else None
+            seq.prompt_logprobs = [] if params.prompt_logprobs is not None else None
+        return seq
 
     def start(self, seq: Sequence) -> None:
         seq.kv = SeqKV.for_spec(self.spec, seq.kv_tokens, self.dtype, self.device)
@@ -91,29 +109,82 @@ class GenerationCore:
         ids, mask, positions = left_pad(feeds, starts, self.device)              # [B, T] each
         kv = StepKV([s.kv for s in seqs])
         seq_ids = torch.tensor([s.seq_id for s in seqs])
-        logits = self.decoder(ids, positions, kv, mask, last_only=not all_logits, seq_ids=seq_ids)
+        scored = [s.prompt_logprobs is not None and start < s.prompt_len for s, start in zip(seqs, starts)]
+        every = all_logits or any(scored)
+        logits = self.decoder(ids, positions, kv, mask, last_only=not every, seq_ids=seq_ids)
         kv.commit()
+        for s, start, n, want, row in zip(seqs, starts, map(len, feeds), scored, logits):
+            if want:
+                _score_prompt(s, start, row[row.shape[0] - n:])
         if not all_logits:
-            return logits[:, 0]
+            return logits[:, -1]
         t = ids.shape[1]
         return [logits[i, t - len(f):] for i, f in enumerate(feeds)]
 
     @staticmethod
-    def sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """logits [B, V] -> each sequence's next token (greedy rows in one argmax, sampled rows with their own
-        generator, so a row's tokens do not depend on the others)."""
-        if all(s.sampler.params.greedy for s in seqs):
+    def sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
+        """logits [B, V] -> each sequence's next token (plain greedy rows in one argmax, the others one by one with
+        their own rules and generator, so a row's tokens do not depend on the others). None for a sequence that
+        gets no token: max_new == 0 (it ends with "length"), or an isolated one whose choice failed ("error")."""
+        if all(_plain_greedy(s) for s in seqs):
             return logits.argmax(-1).tolist()
-        return [int(s.sampler(logits[i:i + 1])[0]) for i, s in enumerate(seqs)]
+        return [_pick(s, logits[i:i + 1]) for i, s in enumerate(seqs)]
 
-    def accept(self, seq: Sequence, token: int) -> bool:
-        """Append a generated token; True when the sequence has now ended (eos, stop string, length, context)."""
+    def accept(self, seq: Sequence, token: int | None) -> bool:
+        """Append a generated token; True when the sequence has now ended (eos, stop string, length, context).
+        token None (see sample): the sequence has ended without one."""
+        if token is None:
+            seq.finish_reason = seq.finish_reason or "length"
+            return True
         seq.tokens.append(token)
+        if seq.processor is not None:
+            seq.processor.accept(token)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         if seq.stopper.update(0, token):
             seq.finish_reason = seq.stopper.reason(0)
         elif len(seq.tokens) - seq.prompt_len >= seq.max_new or len(seq.tokens) >= self.max_context:
             seq.finish_reason = "length"
         return seq.done
+
+
+def _plain_greedy(s: Sequence) -> bool:
+    return (s.sampler.params.greedy and s.processor is None and s.constraint is None and s.logprobs is None
+            and s.max_new > 0)
+
+
+def _pick(s: Sequence, raw: torch.Tensor) -> int | None:
+    """One sequence's next token from its raw logits [1, V]: processors, grammar mask, greedy or a draw, logprob."""
+    if s.max_new == 0:
+        return None
+    try:
+        scores = s.processor.process(raw) if s.processor is not None else raw
+        if s.constraint is not None:
+            scores = scores.float().masked_fill(~s.constraint.allowed().to(scores.device)[None], float("-inf"))
+        if not torch.isfinite(scores).any():
+            raise ValueError("every token is excluded (allowed_token_ids, logit_bias, min_tokens and the grammar "
+                             "leave none)")
+        token = int(scores.argmax(-1)[0]) if s.sampler.params.greedy else int(s.sampler(scores)[0])
+    except Exception as e:   # noqa: BLE001 -- an isolated sequence fails alone; the others keep their tokens
+        if not s.isolate:
+            raise
+        s.finish_reason, s.error = "error", f"{type(e).__name__}: {e}"
+        return None
+    if s.logprobs is not None:
+        s.logprobs.append(logprob_entry(raw[0], token, s.sampler.params.logprobs))
+    return token
+
+
+def _score_prompt(s: Sequence, start: int, rows: torch.Tensor) -> None:
+    """Prompt logprobs from the logits of the prompt ids fed at positions start.. (rows [n, V]): row j scores the
+    prompt id at start + j + 1. The first prompt id has no logprob (None), as in vLLM."""
+    if start == 0:
+        s.prompt_logprobs.append(None)
+    k = s.sampler.params.prompt_logprobs
+    for j in range(rows.shape[0]):
+        pos = start + j + 1
+        if pos < s.prompt_len:
+            s.prompt_logprobs.append(logprob_entry(rows[j], s.tokens[pos], k))
 
 
 def left_pad(feeds: list[list[int]], starts: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

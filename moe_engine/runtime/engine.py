@@ -25,7 +25,8 @@ from .stopping import normalize_eos
 from .textstream import TextStream
 
 DEFAULT_MAX_NEW_TOKENS = 256
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "do_sample", "seed")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "do_sample", "seed", "min_p", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "logit_bias", "allowed_token_ids", "min_new_tokens")
 
 
 class Engine:
@@ -72,15 +73,26 @@ class Engine:
                  top_p: float | None = None, top_k: int | None = None, do_sample: bool | None = None,
                  stop=None, eos_token_id=None, seed: int | None = None, streamer=None,
                  attention_mask: torch.Tensor | None = None, chat: bool = False, max_batch: int | None = None,
-                 scheduler: str = "expert"):
+                 scheduler: str = "expert", min_p: float | None = None, repetition_penalty: float | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 logit_bias: dict | None = None, allowed_token_ids: list[int] | None = None,
+                 min_new_tokens: int | None = None):
         """str -> str; list[str] -> list[str] (continuations); LongTensor [B, T] -> prompt + new ids.
+
+        Sampling controls (transformers' names where it has them): temperature, top_k, top_p, min_p,
+        repetition_penalty (prompt and generated ids), min_new_tokens (eos and stop strings ignored before), and
+        OpenAI's presence_penalty / frequency_penalty (generated ids), logit_bias ({token id: bias}) and
+        allowed_token_ids; see runtime/logits_process.py for their order.
 
         The rows prefill together and decode together, one token each per step. max_batch: at most this many
         rows per decode step instead, the scheduler ("expert": rows whose experts overlap share steps; "fifo")
         choosing which, and rows admitted as the KV reserve allows (the server's schedule); tokens are the same.
         """
         self._check_open()
-        kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, do_sample=do_sample, seed=seed)
+        kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, do_sample=do_sample, seed=seed, min_p=min_p,
+                  repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                  frequency_penalty=frequency_penalty, logit_bias=logit_bias, allowed_token_ids=allowed_token_ids,
+                  min_new_tokens=min_new_tokens)
         rows, kind = prompt_rows(self.text, prompt, attention_mask, chat)
         if streamer is not None and (len(rows) != 1 or max_batch is not None):
             raise ConfigError(f"streamer works with a single prompt and no max_batch, got {len(rows)} prompts"
@@ -147,6 +159,8 @@ class Engine:
         for need in (kv if alone else [sum(kv)]):
             self._check_kv_reserve(1 if alone else len(rows), need)
         eos = normalize_eos(self.eos_ids(eos_token_id))
+        kw = dict(kw)
+        kw["min_tokens"] = kw.pop("min_new_tokens", None)
         params = resolve_sampling(self.generation_config, **kw)
         return [self.core.sequence(r, n, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i),
                                    eos, stop, self.text.decoder) for i, (r, n) in enumerate(zip(rows, new))]

@@ -1,14 +1,16 @@
-"""Next-token choice from logits: greedy argmax, or temperature -> top-k -> top-p -> multinomial.
+"""Next-token choice from logits: greedy argmax, or temperature -> top-k -> top-p -> min-p -> multinomial.
 
 Pipeline for one decode step (B rows, V vocabulary):
 
-    logits [B, V] --greedy--> argmax                                   -> ids [B]
-                  --sample--> / temperature -> top-k -> top-p -> softmax
-                              -> multinomial with each row's own generator -> ids [B]
+    logits [B, V] --(per sequence: logits_process.py: allowed ids, min_tokens, logit_bias, penalties, grammar)
+                  --greedy--> argmax                                                -> ids [B]
+                  --sample--> / temperature -> top-k -> top-p -> min-p -> softmax
+                              -> multinomial with each row's own generator          -> ids [B]
 
-The filters match transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper
-(min_tokens_to_keep=1), applied in that order. This module knows nothing of tokenizers or of
-stopping; it takes logits and returns token ids.
+The filters match transformers' TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper and
+MinPLogitsWarper (min_tokens_to_keep=1), applied in that order (transformers' order; vLLM applies min-p
+before top-k / top-p). SamplingParams also carries what the per-sequence processors and the logprobs need;
+this module knows nothing of tokenizers or of stopping; it takes logits and returns token ids.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ class SamplingParams:
     top_k: int = 0  # 0 = disabled
     top_p: float = 1.0  # 1 = disabled
     seed: int | None = None  # None = nondeterministic
+    min_p: float = 0.0  # 0 = disabled; keep tokens with probability >= min_p * the top token's
+    repetition_penalty: float = 1.0  # 1 = off; transformers' / vLLM's (prompt and generated tokens)
+    presence_penalty: float = 0.0  # OpenAI's, on generated tokens: - presence if the token occurred
+    frequency_penalty: float = 0.0  # OpenAI's, on generated tokens: - frequency * occurrences
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); a dict is accepted
+    allowed_token_ids: tuple[int, ...] | None = None  # only these ids may be generated
+    min_tokens: int = 0  # eos / stop ids are masked and stops ignored until this many tokens are generated
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self):
         _check_do_sample(self.do_sample)
@@ -39,10 +50,34 @@ class SamplingParams:
         _check_top_k(self.top_k)
         object.__setattr__(self, "top_p", _check_top_p(self.top_p))
         _check_seed(self.seed)
+        object.__setattr__(self, "min_p", _check_range(self.min_p, "min_p", 0.0, 1.0, "0 disables min-p"))
+        object.__setattr__(self, "repetition_penalty", _check_repetition(self.repetition_penalty))
+        for name in ("presence_penalty", "frequency_penalty"):
+            object.__setattr__(self, name, _check_range(getattr(self, name), name, -2.0, 2.0, "0 disables it"))
+        object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
+        object.__setattr__(self, "allowed_token_ids", _check_ids(self.allowed_token_ids, "allowed_token_ids"))
+        _check_count(self.min_tokens, "min_tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_count(getattr(self, name), name)
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0.0
+
+    @property
+    def processes(self) -> bool:
+        """True when logits are changed per sequence before the choice (logits_process.py)."""
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+                    or self.logit_bias or self.allowed_token_ids is not None or self.min_tokens)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids named by the params must exist in the model's vocabulary."""
+        ids = [i for i, _ in self.logit_bias] + list(self.allowed_token_ids or ())
+        bad = [i for i in ids if i >= vocab_size]
+        if bad:
+            name = "logit_bias" if bad[0] in dict(self.logit_bias) else "allowed_token_ids"
+            raise ConfigError(f"{name} names token id {bad[0]}, outside the vocabulary 0..{vocab_size - 1}")
 
 
 def _is_number(value) -> bool:
@@ -54,10 +89,56 @@ def _check_do_sample(value) -> None:
         raise ConfigError(f"do_sample={value!r} is invalid: use True or False")
 
 
+MIN_TEMPERATURE = 1e-2  # below it logits / temperature overflow float32 (vLLM clamps to the same bound)
+
+
 def _check_temperature(value) -> float:
     if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise ConfigError(f"temperature={value!r} is invalid: use a value >= 0 (0 means greedy)")
+    if 0 < value < MIN_TEMPERATURE:
+        raise ConfigError(f"temperature={value!r} is too small to sample with: use 0 for greedy or a value >= "
+                          f"{MIN_TEMPERATURE}")
     return float(value)
+
+
+def _check_range(value, name: str, low: float, high: float, off: str) -> float:
+    if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:
+        raise ConfigError(f"{name}={value!r} is invalid: use a value in [{low:g}, {high:g}] ({off})")
+    return float(value)
+
+
+def _check_repetition(value) -> float:
+    if not _is_number(value) or not math.isfinite(value) or not 0 < value <= 100:
+        raise ConfigError(f"repetition_penalty={value!r} is invalid: use a value in (0, 100] (1 disables it)")
+    return float(value)
+
+
+def _check_count(value, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{name}={value!r} is invalid: use an integer >= 0")
+
+
+def _check_ids(value, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else None
+    if not items or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in items):
+        raise ConfigError(f"{name}={value!r} is invalid: use a non-empty list of token ids (integers >= 0)")
+    return tuple(sorted(set(items)))
+
+
+def _check_logit_bias(value) -> tuple[tuple[int, float], ...]:
+    pairs = list(value.items()) if isinstance(value, dict) else value
+    if not isinstance(pairs, (list, tuple)):
+        raise ConfigError(f"logit_bias={value!r} is invalid: use a mapping of token id to a bias in [-100, 100]")
+    out = {}
+    for pair in pairs:
+        key, bias = pair if isinstance(pair, (list, tuple)) and len(pair) == 2 else (pair, None)
+        token = int(key) if isinstance(key, str) and key.isdigit() else key
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise ConfigError(f"logit_bias key {key!r} is invalid: keys are token ids (integers >= 0)")
+        out[token] = _check_range(bias, f"logit_bias[{key!r}]", -100.0, 100.0, "added to the token's logit")
+    return tuple(sorted(out.items()))
 
 
 def _check_top_k(value) -> None:
@@ -81,6 +162,8 @@ _CHECKS = {
     "temperature": _check_temperature,
     "top_k": _check_top_k,
     "top_p": _check_top_p,
+    "min_p": lambda v: _check_range(v, "min_p", 0.0, 1.0, "0 disables min-p"),
+    "repetition_penalty": _check_repetition,
 }
 
 
@@ -91,12 +174,18 @@ def resolve_sampling(
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
     seed: int | None = None,
+    **extra,
 ) -> SamplingParams:
     """Merge explicit arguments over the model's generation_config.json over SamplingParams defaults.
 
     Precedence per field: explicit argument (not None) > gen_defaults[key] (present and not None) >
-    dataclass default. Keys read from gen_defaults: do_sample, temperature, top_k, top_p.
+    dataclass default. Keys read from gen_defaults: do_sample, temperature, top_k, top_p, min_p,
+    repetition_penalty (as transformers and vLLM read them). `extra`: the other SamplingParams fields
+    (presence_penalty, frequency_penalty, logit_bias, allowed_token_ids, min_tokens, logprobs,
+    prompt_logprobs), taken as given when not None.
 
     do_sample follows transformers (greedy unless asked), with one deliberate difference: when
     do_sample is not given, gen_defaults has no do_sample, and the caller explicitly passes
@@ -107,7 +196,8 @@ def resolve_sampling(
     only when gen_defaults holds it, so an absent key means no top-k filter.
     """
     defaults = {key: value for key, value in (gen_defaults or {}).items() if value is not None}
-    explicit = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    explicit = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "min_p": min_p, "repetition_penalty": repetition_penalty}
     values, from_file = {}, []
     for key, value in explicit.items():
         if value is not None:
@@ -117,7 +207,15 @@ def resolve_sampling(
             from_file.append(key)
     if "do_sample" not in values:
         values["do_sample"] = _is_number(temperature) and temperature > 0
+    unknown = sorted(set(extra) - _EXTRA)
+    if unknown:
+        raise ConfigError(f"unknown sampling argument {unknown[0]!r}: use one of {', '.join(sorted(_EXTRA))}")
+    values.update({key: value for key, value in extra.items() if value is not None})
     return _build_params(values, seed, from_file)
+
+
+_EXTRA = {"presence_penalty", "frequency_penalty", "logit_bias", "allowed_token_ids", "min_tokens", "logprobs",
+          "prompt_logprobs"}
 
 
 def _build_params(values: dict, seed: int | None, from_file: list[str]) -> SamplingParams:
@@ -161,16 +259,32 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V] each
     sorted_probs = sorted_logits.softmax(dim=-1)
     mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] probability of higher-ranked tokens
-    remove_sorted = mass_above >= p  # the top token has mass_above 0 < p: at least one is always kept
+    remove_sorted = mass_above >= p
+    remove_sorted[..., 0] = False  # the top token is always kept (a p below float32's range compares as 0)
     remove = remove_sorted.scatter(-1, order, remove_sorted)  # back to vocabulary order
     return logits.masked_fill(remove, float("-inf"))
 
 
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is >= min_p times the row's top probability; the rest -inf. [B, V] -> [B, V].
+
+    min_p == 0 leaves logits unchanged; the top token is always kept (transformers' MinPLogitsWarper).
+    """
+    if min_p == 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    top = probs.amax(dim=-1, keepdim=True)  # [B, 1]
+    remove = probs < min_p * top
+    remove.scatter_(-1, logits.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(remove, float("-inf"))
+
+
 def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Sampling filters in transformers' order: temperature, top-k, top-p. [B, V] -> float32 [B, V]."""
+    """Sampling filters in transformers' order: temperature, top-k, top-p, min-p. [B, V] -> float32 [B, V]."""
     scores = apply_temperature(logits, params.temperature)
     scores = apply_top_k(scores, params.top_k)
-    return apply_top_p(scores, params.top_p)
+    scores = apply_top_p(scores, params.top_p)
+    return apply_min_p(scores, params.min_p)
 
 
 class Sampler:
@@ -230,6 +344,7 @@ class Sampler:
 __all__ = [
     "Sampler",
     "SamplingParams",
+    "apply_min_p",
     "apply_temperature",
     "apply_top_k",
     "apply_top_p",

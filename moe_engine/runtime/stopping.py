@@ -51,10 +51,13 @@ class StopChecker:
     eos_token_ids: ids that end a row. stop_strings: texts that end a row once the generated text
     contains them. decode: token ids -> text (special tokens skipped), or None when there is no
     tokenizer, in which case stop strings are refused. Tokens passed to update() after a row is
-    finished are ignored.
+    finished are ignored. min_tokens: neither eos ids nor stop strings end a row before it has this many
+    tokens (vLLM's min_tokens). keep_stop: trim() keeps the stop string that ended the row
+    (include_stop_str_in_output). stop_reason(row): the eos id or the stop string that ended the row.
     """
 
-    def __init__(self, eos_token_ids, stop_strings, decode: Decode | None, batch_size: int):
+    def __init__(self, eos_token_ids, stop_strings, decode: Decode | None, batch_size: int, min_tokens: int = 0,
+                 keep_stop: bool = False):
         self.eos_token_ids = normalize_eos(eos_token_ids)
         self.stop_strings = normalize_stop(stop_strings)
         if self.stop_strings and decode is None:
@@ -65,6 +68,8 @@ class StopChecker:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} is invalid: use an integer >= 1")
         self._decode = decode
+        self.min_tokens, self.keep_stop = min_tokens, keep_stop
+        self._matched: list[int | str | None] = [None] * batch_size
         self._max_stop_chars = max((len(s) for s in self.stop_strings), default=0)
         self._ids: list[list[int]] = [[] for _ in range(batch_size)]
         self._reasons: list[str | None] = [None] * batch_size
@@ -74,11 +79,20 @@ class StopChecker:
         if self._reasons[row] is not None:
             return True
         self._ids[row].append(token_id)
+        if len(self._ids[row]) < self.min_tokens:
+            return False
         if token_id in self.eos_token_ids:
-            self._reasons[row] = "eos"
+            self._reasons[row], self._matched[row] = "eos", token_id
         elif self.stop_strings and self._tail_has_stop(self._ids[row]):
             self._reasons[row] = "stop"
         return self._reasons[row] is not None
+
+    def stop_reason(self, row: int) -> int | str | None:
+        """The eos / stop token id or the stop string that ended the row (None: not ended by one)."""
+        if self._reasons[row] == "stop" and self._matched[row] is None:
+            tail = self._tail_text(self._ids[row])
+            self._matched[row] = min((s for s in self.stop_strings if s in tail), key=tail.find)
+        return self._matched[row]
 
     def finished(self, row: int) -> bool:
         return self._reasons[row] is not None
@@ -88,11 +102,15 @@ class StopChecker:
         return self._reasons[row]
 
     def trim(self, row: int, text: str) -> str:
-        """Cut a row's full generated text before its first stop string; unchanged unless stopped on one."""
+        """Cut a row's full generated text before (keep_stop: after) its first stop string; unchanged unless
+        stopped on one."""
         if self._reasons[row] != "stop":
             return text
-        hits = [pos for pos in (text.find(s) for s in self.stop_strings) if pos >= 0]
-        return text[: min(hits)] if hits else text
+        hits = [(pos, pos + len(s)) for pos, s in ((text.find(s), s) for s in self.stop_strings) if pos >= 0]
+        if not hits:
+            return text
+        start, end = min(hits)
+        return text[:end] if self.keep_stop else text[:start]
 
     def _tail_has_stop(self, ids: list[int]) -> bool:
         tail = self._tail_text(ids)
