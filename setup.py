@@ -132,13 +132,14 @@ setup(
         "uvicorn>=0.30",
         "prometheus_client>=0.17",
         "rich>=13",            # moe-engine simulate / profile: report tables
+        "llguidance>=1.9,<2",  # structured output: JSON schema / regex / grammar token masks (runtime/grammar.py)
     ],
     extras_require={
         # triton: the GPU dequant-matmul kernel; tests run it on CPU with TRITON_INTERPRET=1
         "test": ["pytest>=8", "openai>=1.0", "httpx", "jsonschema>=4", "matplotlib",
                  "triton==3.9.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "gpu": ["triton>=3.2; platform_system == 'Linux'"],
-        "bench": ["matplotlib"],
+        "bench": ["matplotlib", "xgrammar>=0.2", "outlines-core>=0.2"],   # + bench/bench_grammar.py's rivals
     },
     entry_points={"console_scripts": ["moe-engine=moe_engine.cli:main"]},
 )
