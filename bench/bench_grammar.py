@@ -406,7 +406,7 @@ def fmt(row: dict) -> list[str]:
             f"{row['rollback_us']:.0f}"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--libs", nargs="+", default=list(LIBS), choices=LIBS)
     ap.add_argument("--vocabs", nargs="+", default=list(VOCABS), choices=VOCABS)
@@ -420,7 +420,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="1 pass of 8 steps on the tiny vocabulary (a check)")
     ap.add_argument("--one", nargs=3, metavar=("LIB", "VOCAB", "WORKLOAD"), help=argparse.SUPPRESS)
     add_record_flag(ap)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.one:
         return child(args)
     if args.smoke:
