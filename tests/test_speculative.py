@@ -1,0 +1,66 @@
+"""Speculative decoding's model-free parts: the config, prompt-lookup drafting, greedy verification, and rejection
+sampling preserving the target distribution (chi-square over many seeded draws)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from moe_engine.errors import ConfigError
+from moe_engine.runtime.speculative import SpeculativeConfig, propose_ngram, verify_greedy, verify_sampled
+
+
+def test_config_parses_vllm_json_and_names_bad_keys():
+    cfg = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}')
+    assert (cfg.method, cfg.num_speculative_tokens, cfg.prompt_lookup_max) == ("ngram", 3, 5)
+    for bad, words in [("{", "not valid JSON"), ('{"method": "medusa"}', "medusa"),
+                       ('{"method": "ngram", "k": 2}', "unknown key 'k'"),
+                       ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens=0"),
+                       ('{"method": "draft_model"}', "needs \"model\""),
+                       ('{"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}', "prompt_lookup_min")]:
+        with pytest.raises(ConfigError, match=words):
+            SpeculativeConfig.parse(bad)
+
+
+def test_prompt_lookup_takes_the_longest_latest_match():
+    tokens = [1, 2, 3, 9, 1, 2, 3, 4, 5, 7, 2, 3]
+    assert propose_ngram(tokens, 2, 3, 1) == [4, 5]          # "2 3" last seen before "4 5"
+    assert propose_ngram(tokens + [4], 3, 3, 1) == [5, 7, 2]  # "2 3 4" -> 5 7 2
+    assert propose_ngram([1, 2, 3], 2, 2, 1) == []
+    assert propose_ngram([5, 5], 4, 2, 1) == [5]
+
+
+def test_greedy_verification_is_plain_greedy():
+    torch.manual_seed(0)
+    for _ in range(50):
+        logits = torch.randn(5, 7)
+        best = logits.argmax(-1).tolist()
+        draft = [b if torch.rand(()) < 0.7 else (b + 1) % 7 for b in best[:4]]
+        out = verify_greedy(logits, draft)
+        n = next((i for i, (d, b) in enumerate(zip(draft, best)) if d != b), 4)
+        assert out == draft[:n] + [best[n]]
+
+
+@pytest.mark.parametrize("stochastic_draft", [False, True])
+def test_rejection_sampling_preserves_the_target_distribution(stochastic_draft):
+    """With position-wise target laws p_0, p_1 and any draft law q, the first emitted token follows p_0 and, when
+    the first draft token was kept, the second follows p_1 (chi-square, 20k seeded draws)."""
+    vocab, draws = 6, 20000
+    gen = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(3, vocab, generator=gen) * 1.5, -1)      # [k+1, V]
+    q = torch.softmax(torch.randn(2, vocab, generator=gen) * 1.5, -1)      # [k, V]
+    first, second = torch.zeros(vocab), torch.zeros(vocab)
+    for _ in range(draws):
+        draft = [int(torch.multinomial(q[i], 1, generator=gen)) for i in range(2)] if stochastic_draft else [2, 4]
+        out = verify_sampled(p, draft, q if stochastic_draft else None, gen)
+        first[out[0]] += 1
+        if len(out) > 1:
+            second[out[1]] += 1
+    for counts, law in ((first, p[0]), (second, p[1])):
+        expected = law * counts.sum()
+        assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
+    # a biased implementation (keeping every draft token) fails the same test
+    biased = torch.zeros(vocab)
+    for _ in range(2000):
+        biased[2] += 1
+    assert chisquare(biased.numpy(), (p[0] * biased.sum()).numpy()).pvalue < 1e-6
