@@ -12,6 +12,11 @@ model.safetensors.index.json, or else every *.safetensors file), parse every hea
 file size, and record each tensor's absolute byte range (TensorInfo) so an offloading layer can read exactly those
 bytes later. Reads use os.preadv into memory the caller or this module owns; no mmap, no safetensors package.
 
+Every header is checked against its file: each tensor's byte range lies inside the data section and no two
+tensors share a byte (the safetensors library rejects overlaps too); a shard index may only name files inside
+the model directory. Each file's identity (inode, size, mtime, ctime) as parsed is recorded in `watch`
+(checkpoint/watch.py); reads check it afterwards, so a file changed under a running engine fails loudly.
+
 What it does not do: map names to model modules, convert dtypes, or read tensor data at construction time.
 """
 
@@ -23,11 +28,13 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from moe_engine.errors import CheckpointError, ConfigError
+
+from .watch import FileWatch
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -60,10 +67,11 @@ def _corrupt(path: Path, what: str, tensor: str | None = None) -> CheckpointErro
     return CheckpointError(f"{where}: {what}; {_REDOWNLOAD}")
 
 
-def _read_header(path: Path) -> tuple[dict, int, int]:
-    """Return (header JSON, data section start, file size), reading only the header bytes."""
+def _read_header(path: Path) -> tuple[dict, int, os.stat_result]:
+    """Return (header JSON, data section start, the file's stat), reading only the header bytes."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        size = st.st_size
         if size < 8:
             raise _corrupt(path, f"file is {size} bytes, shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", f.read(8))
@@ -76,7 +84,7 @@ def _read_header(path: Path) -> tuple[dict, int, int]:
         raise _corrupt(path, f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise _corrupt(path, f"header is a JSON {type(header).__name__}, expected an object")
-    return header, 8 + n, size
+    return header, 8 + n, st
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
@@ -99,10 +107,22 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
     return TensorInfo(name, str(path), data_start + begin, end - begin, dtype, tuple(shape))
 
 
-def _parse_file(path: Path) -> dict[str, TensorInfo]:
-    header, data_start, size = _read_header(path)
-    return {name: _tensor_info(path, name, entry, data_start, size)
-            for name, entry in header.items() if name != "__metadata__"}
+def _parse_file(path: Path, watch: FileWatch) -> dict[str, TensorInfo]:
+    header, data_start, st = _read_header(path)
+    infos = {name: _tensor_info(path, name, entry, data_start, st.st_size)
+             for name, entry in header.items() if name != "__metadata__"}
+    _check_disjoint(path, infos)
+    watch.record(path, st)
+    return infos
+
+
+def _check_disjoint(path: Path, infos: dict[str, TensorInfo]) -> None:
+    """No two tensors of a file share a byte (a crafted header could make one tensor's bytes another's)."""
+    spans = sorted((i.offset, i.offset + i.nbytes, i.name) for i in infos.values() if i.nbytes)
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise _corrupt(path, f"tensors {name!r} and {other!r} share bytes {begin}..{end} of the data section "
+                                 f"(overlapping data_offsets)")
 
 
 def _load_weight_map(index_path: Path) -> dict[str, str]:
@@ -113,6 +133,12 @@ def _load_weight_map(index_path: Path) -> dict[str, str]:
                               f"with a 'weight_map' object; re-download it or remove it if the model is one file") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+    for name, shard in weight_map.items():
+        path = PurePosixPath(shard)
+        if not shard or path.is_absolute() or ".." in path.parts:
+            raise CheckpointError(f"{index_path}: tensor {name!r} points to {shard!r}, outside the model directory; "
+                                  f"a shard index may only name files inside {index_path.parent} (fix the index "
+                                  f"or re-download the checkpoint)")
     return weight_map
 
 
@@ -170,7 +196,8 @@ class SafetensorsIndex:
             raise CheckpointError(f"model directory {self.model_dir} does not exist or is not a directory")
         shards, weight_map, index_path = _find_files(self.model_dir)
         self._files = [str(p) for p in shards]
-        per_file = {p: _parse_file(p) for p in shards}
+        self.watch = FileWatch("checkpoint")     # each file as parsed; reads check it (watch.py)
+        per_file = {p: _parse_file(p, self.watch) for p in shards}
         self._infos = (_from_weight_map(self.model_dir, per_file, weight_map, index_path) if weight_map is not None
                        else _merge_files(self.model_dir, per_file))
         self._fds: dict[str, int] = {}
@@ -244,11 +271,14 @@ class SafetensorsIndex:
             return self._fds[path]
 
     def _read_exact(self, info: TensorInfo, view: memoryview) -> None:
-        """Fill `view` (len == info.nbytes) from [offset, offset + nbytes), looping on short reads."""
+        """Fill `view` (len == info.nbytes) from [offset, offset + nbytes), looping on short reads; then check that
+        the file is still the one indexed (a change before or during the read fails here, not in the outputs)."""
         fd, done = self._fd(info.path), 0
         while done < info.nbytes:
             got = os.preadv(fd, [view[done:]], info.offset + done)
             if got == 0:
+                self.watch.check((info.path,), f"tensor {info.name!r}")
                 raise _corrupt(Path(info.path), f"end of file after {done} of {info.nbytes} bytes "
                                                 f"(file truncated since it was indexed)", info.name)
             done += got
+        self.watch.check((info.path,), f"tensor {info.name!r}")

@@ -7,7 +7,10 @@
     view(layer, expert, slot): the packed expert in its slot, as the model dtype
 
 A failed or short read raises (ExpertReadError) on the loader thread; the controller then never marks
-the expert ready. Knows nothing of which expert goes where or when: the controller decides that.
+the expert ready. After every read the source's files are checked against what was loaded
+(`check_unchanged`: inode, size, mtime, ctime), so a checkpoint overwritten under a running engine fails
+the read (and every later one) with a CheckpointError instead of changing outputs. Knows nothing of
+which expert goes where or when: the controller decides that.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ class SlotStorage:
         slots = sum(plan.quotas)
         self.buffer = self._alloc(slots * self.slot_bytes)               # [slots * slot_bytes] uint8
         self.reader = _ops.DirectReader(num_threads=io_threads) if host is None else None
-        self.direct = checkpoint.raw_is_packed(dtype)    # bytes on disk are the packed expert: read into slots
+        self.direct = checkpoint.raw_is_packed(dtype)    # every expert's bytes on disk are packed: no staging
         self.staging = [] if self.direct or host is not None else \
             [_ops.alloc_aligned(plan.slot_bytes) for _ in range(io_threads)]
         self.shift = [0] * slots                           # where in its slot each expert starts (see _in_place_shift)
@@ -65,7 +68,7 @@ class SlotStorage:
         Direct IO then reads straight into the slot instead of through a bounce buffer (slots have
         4 KiB of slack for this). 0 when the expert is converted or the offset would misalign the dtype.
         """
-        if not self.direct or self.host is not None:
+        if self.host is not None or not self.ckpt.expert_is_packed(job.layer, job.expert, self.dtype):
             return 0
         shift = (self.ckpt.expert_infos(job.layer, job.expert)[0].offset - start) % ALIGN
         return shift if shift % self.dtype.itemsize == 0 else 0
@@ -89,13 +92,14 @@ def read_expert_bytes(ckpt, reader, layer: int, expert: int, dest: torch.Tensor,
     """Read one expert's tensors from disk into `dest` (uint8), packed, in `dtype`.
 
     When the bytes on disk are not the packed buffer itself (another dtype, or a family whose
-    experts are stored stacked, transposed or quantized: `ckpt.raw_is_packed`), they go to
-    `staging` first and `ckpt.pack_raw` converts them into `dest`. Sizes are checked: a
-    checkpoint that does not match the plan fails.
+    experts are stored stacked, transposed or quantized: `ckpt.expert_is_packed`, decided per
+    expert from every tensor's dtype), they go to `staging` first and `ckpt.pack_raw` converts them
+    into `dest`. Sizes are checked: a checkpoint that does not match the plan fails. Then the
+    files read are checked against what was loaded (`ckpt.check_unchanged`), also when a read fails.
     """
     infos = ckpt.expert_infos(layer, expert)
     raw = sum(i.nbytes for i in infos)
-    direct = ckpt.raw_is_packed(dtype)
+    direct = ckpt.expert_is_packed(layer, expert, dtype)
     if direct and raw != dest.numel():
         raise ExpertReadError(f"expert {expert} of layer {layer} has {raw} bytes in {infos[0].path}, "
                               f"expected {dest.numel()}; the checkpoint does not match config.json")
@@ -105,7 +109,13 @@ def read_expert_bytes(ckpt, reader, layer: int, expert: int, dest: torch.Tensor,
     for info in infos:
         ranges.append(_ops.ReadRange(info.path, info.offset, info.nbytes, target, offset))
         offset += info.nbytes
-    reader.read(ranges)
+    what = f"expert {expert} of layer {layer}"
+    try:
+        reader.read(ranges)
+    except ExpertReadError:
+        ckpt.check_unchanged(infos, what)    # a file changed under us: say that, not only "short read"
+        raise
+    ckpt.check_unchanged(infos, what)
     if not direct:
         try:
             ckpt.pack_raw(layer, expert, target[:raw], dest, dtype)

@@ -21,7 +21,8 @@ from ..errors import ConfigError, MoeEngineError
 from .allocate import allocate_bits, importance
 from .calibrate import expert_errors, record_calibration
 from .settings import QuantSettings
-from .store import QuantizedExperts, cache_root, checkpoint_digest, entry_key, verify_entry, write_entry
+from .store import (QuantizedExperts, cache_root, cache_write_error, checkpoint_digest, clean_stale, entry_key,
+                    verify_entry, write_entry)
 
 log = logging.getLogger("moe_engine")
 
@@ -38,6 +39,7 @@ def quantized_experts(ckpt, settings: QuantSettings, cache_dir=None, progress: b
         bits_table = dict(zip(ckpt.spec.moe_layers, map(list, settings.bits_table)))
     root = cache_root(cache_dir)
     _check_writable(root)
+    clean_stale(root)                      # temporary entries of builds that were killed
     calib = _sha256(settings.calibration) if settings.mode == "mixed" and bits_table is None else None
     table = {str(k): v for k, v in bits_table.items()} if bits_table is not None else None
     key = entry_key(checkpoint_digest(ckpt, root, progress), settings, calib, table)
@@ -91,5 +93,4 @@ def _check_writable(root) -> None:
     try:
         (root / "quant").mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot create the quantized-expert cache in {root} ({e.strerror or e}); "
-                          f"pass --quant-cache DIR (or set MOE_ENGINE_CACHE) to a writable directory") from None
+        raise cache_write_error(root, e) from None

@@ -54,6 +54,7 @@ class Family:
     expert_format: Callable[[object], ExpertFormat] | None = None
     # generic name template -> (checkpoint name template, part, parts): rows block `part` of `parts` (dim 0)
     fused: dict = field(default_factory=dict)
+    experts_field: str = "num_local_experts"  # config.json's name for the routed experts per layer
 
     def checkpoint_name(self, generic: str) -> str:
         """'layers.3.attn.q_proj.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
@@ -118,3 +119,76 @@ def is_sparse_layer(cfg, layer: int) -> bool:
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+# ---- config.json values: checked before transformers parses them and before any arithmetic on them ----------
+
+POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "intermediate_size", "moe_intermediate_size", "max_position_embeddings",
+                 "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "kv_lora_rank",
+                 "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group",
+                 "decoder_sparse_step")
+NON_NEGATIVE_INTS = ("shared_expert_intermediate_size", "shared_intermediate_size", "n_shared_experts",
+                     "first_k_dense_replace", "sliding_window", "num_nextn_predict_layers")
+POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta", "logits_scaling")
+NUMBERS = ("routed_scaling_factor", "swiglu_alpha", "swiglu_limit", "embedding_multiplier", "attention_multiplier",
+           "residual_multiplier", "partial_rotary_factor", "router_jitter_noise")
+
+
+def _bad_value(key: str, value, kind: str) -> str:
+    return f"field {key!r} is {json_repr(value)} ({type(value).__name__}); it must be {kind}"
+
+
+def json_repr(value) -> str:
+    return repr(value) if not isinstance(value, str) else f'"{value}"'
+
+
+def check_raw_config(raw: dict) -> str | None:
+    """The first numeric field of config.json with a wrong type or range, as a sentence naming it; else None.
+    null is left to transformers' defaults."""
+    for key in (*POSITIVE_INTS, *NON_NEGATIVE_INTS):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            return _bad_value(key, value, "an integer")
+        if value < (1 if key in POSITIVE_INTS else 0):
+            return _bad_value(key, value, "at least 1" if key in POSITIVE_INTS else "0 or more")
+    for key in (*POSITIVE_NUMBERS, *NUMBERS):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return _bad_value(key, value, "a number")
+        if key in POSITIVE_NUMBERS and not value > 0:
+            return _bad_value(key, value, "greater than 0")
+    return None
+
+
+def check_config(cfg, family: Family) -> str | None:
+    """Relations between the parsed config's fields that the decoder relies on, as a sentence naming the fields
+    (None when they hold): experts per token within the experts, heads over key/value heads, the head size."""
+    experts = getattr(cfg, family.experts_field, None)
+    if not isinstance(experts, int) or experts < 1:
+        return f"field {family.experts_field!r} is {experts!r}; a MoE model needs at least 1 routed expert per layer"
+    top_k = getattr(cfg, "num_experts_per_tok", None)
+    if isinstance(top_k, int) and top_k > experts:
+        return (f"field 'num_experts_per_tok' is {top_k}, more than the {experts} experts of "
+                f"{family.experts_field!r}; it must be in 1..{experts}")
+    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    if heads % kv_heads:
+        return (f"field 'num_attention_heads' ({heads}) is not a multiple of 'num_key_value_heads' ({kv_heads}); "
+                f"each key/value head serves a whole group of query heads")
+    if getattr(cfg, "head_dim", None) is None and hidden % heads:
+        return (f"field 'hidden_size' ({hidden}) is not a multiple of 'num_attention_heads' ({heads}) and no "
+                f"'head_dim' is given; fix hidden_size or set head_dim")
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    prf = getattr(cfg, "partial_rotary_factor", None) or 1.0
+    if getattr(cfg, "qk_rope_head_dim", None) is None and int(head_dim * prf) % 2:
+        source = "'head_dim'" if getattr(cfg, "head_dim", None) else \
+            f"'hidden_size' / 'num_attention_heads' = {hidden} / {heads}"
+        return (f"the rotary dimension is odd: head size {head_dim} (from {source}) x partial_rotary_factor {prf} = "
+                f"{int(head_dim * prf)}; rotary embeddings rotate pairs of dimensions, so it must be even: fix "
+                f"{'head_dim' if getattr(cfg, 'head_dim', None) else 'hidden_size or set head_dim'}")
+    return None

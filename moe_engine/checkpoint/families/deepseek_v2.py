@@ -69,4 +69,5 @@ def build_spec(cfg) -> ModelSpec:
 
 
 FAMILY = Family(name="deepseek_v2", architectures=("DeepseekV2ForCausalLM",), model_types=("deepseek_v2",),
-                build_spec=build_spec, names=DEEPSEEK_NAMES, expert_names=LLAMA_STYLE_EXPERT)
+                build_spec=build_spec, names=DEEPSEEK_NAMES, expert_names=LLAMA_STYLE_EXPERT,
+                experts_field="n_routed_experts")

@@ -27,4 +27,5 @@ def build_spec(cfg) -> ModelSpec:
 
 
 FAMILY = Family(name="deepseek_v3", architectures=("DeepseekV3ForCausalLM",), model_types=("deepseek_v3",),
-                build_spec=build_spec, names=DEEPSEEK_NAMES, expert_names=LLAMA_STYLE_EXPERT)
+                build_spec=build_spec, names=DEEPSEEK_NAMES, expert_names=LLAMA_STYLE_EXPERT,
+                experts_field="n_routed_experts")

@@ -13,4 +13,5 @@ def build_spec(cfg) -> ModelSpec:
 
 
 FAMILY = Family(name="olmoe", architectures=("OlmoeForCausalLM",), model_types=("olmoe",),
-                build_spec=build_spec, names=LLAMA_STYLE_NAMES, expert_names=LLAMA_STYLE_EXPERT)
+                build_spec=build_spec, names=LLAMA_STYLE_NAMES, expert_names=LLAMA_STYLE_EXPERT,
+                experts_field="num_experts")

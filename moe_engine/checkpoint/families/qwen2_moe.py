@@ -23,4 +23,5 @@ def build_spec(cfg) -> ModelSpec:
 
 
 FAMILY = Family(name="qwen2_moe", architectures=("Qwen2MoeForCausalLM",), model_types=("qwen2_moe",),
-                build_spec=build_spec, names=LLAMA_STYLE_NAMES, expert_names=LLAMA_STYLE_EXPERT)
+                build_spec=build_spec, names=LLAMA_STYLE_NAMES, expert_names=LLAMA_STYLE_EXPERT,
+                experts_field="num_experts")

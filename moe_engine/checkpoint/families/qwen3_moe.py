@@ -15,4 +15,5 @@ def build_spec(cfg) -> ModelSpec:
 
 
 FAMILY = Family(name="qwen3_moe", architectures=("Qwen3MoeForCausalLM",), model_types=("qwen3_moe",),
-                build_spec=build_spec, names=LLAMA_STYLE_NAMES, expert_names=LLAMA_STYLE_EXPERT)
+                build_spec=build_spec, names=LLAMA_STYLE_NAMES, expert_names=LLAMA_STYLE_EXPERT,
+                experts_field="num_experts")
