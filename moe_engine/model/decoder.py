@@ -150,6 +150,37 @@ class Decoder(nn.Module):
         seq_ids [B]: which sequence each row is (for routing observers, e.g. the cache's predictor; row index
         if None).
         """
+        x = self.hidden(input_ids, positions, kv_cache, token_mask, seq_ids)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))
+        if self.spec.logits_scaling != 1.0:
+            logits = logits / self.spec.logits_scaling
+        return logits.float()
+
+    def first_nonfinite(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache, token_mask: torch.Tensor,
+                        rows: list[int], seq_ids: torch.Tensor | None = None) -> int | None:
+        """Where NaN/inf first appear in the hidden states of `rows`: -1 (the embedding), a layer index (its output),
+        or None (every layer's output is finite: the final norm or lm_head made them). Runs the step again with the
+        same arguments (before the caller commits its KV: the same slots are rewritten with the same values), so
+        that finding the layer costs nothing until logits are found non-finite."""
+        found: list[int] = []
+
+        def watch(layer: int, x: torch.Tensor) -> None:
+            if not bool(torch.isfinite(x[rows]).all()):
+                found.append(layer)
+                raise _Found
+
+        try:
+            self.hidden(input_ids, positions, kv_cache, token_mask, seq_ids, watch)
+        except _Found:
+            pass
+        return found[0] if found else None
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache, token_mask: torch.Tensor,
+               seq_ids: torch.Tensor | None = None, watch=None) -> torch.Tensor:
+        """The hidden states after the last layer [B, T, D] (forward without the head); watch(layer, x), when
+        given, sees them after the embedding (layer -1) and after each layer."""
         b, t = input_ids.shape
         if self.observers:     # real tokens in the order the MoE blocks see them
             rows = seq_ids if seq_ids is not None else torch.arange(b, device=input_ids.device)
@@ -163,14 +194,17 @@ class Decoder(nn.Module):
         masks = {w: attention_mask(kv_cache.valid, start, t, w) for w in {layer.sliding_window for layer in self.layers}}
         if token_mask.all():
             token_mask = None
-        for layer in self.layers:
+        if watch is not None:
+            watch(-1, x)
+        for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_cache, masks[layer.sliding_window], token_mask)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))
-        if self.spec.logits_scaling != 1.0:
-            logits = logits / self.spec.logits_scaling
-        return logits.float()
+            if watch is not None:
+                watch(i, x)
+        return x
+
+
+class _Found(Exception):
+    """first_nonfinite's early exit once the layer is known."""
 
 
 def make_norm(spec: ModelSpec) -> nn.Module:

@@ -9,6 +9,11 @@
     core.sample / core.accept   next tokens from logits (logits_process.py's per-sequence rules and logprobs,
                       sampling.py's choice); the stop checks (eos ids, stop strings, length, context)
 
+Non-finite logits (NaN/inf weights, float16 overflow) are caught after every forward (one sum over the logits;
+exact isfinite checks and a rerun that names the first layer only once that sum is not finite): an isolated
+sequence (the server's) ends alone with finish_reason "error", any other raises NonFiniteError before the step's
+KV is committed (`check_finite` switches this off).
+
 Knows nothing of text, scheduling or threads. Engine.generate() / stream() drive it on the caller's thread
 (generation.py: all sequences in lockstep, or batching.Batcher's schedule), the server's EngineLoop (loop.py)
 drives the same Batcher on its own thread; one core, so a sequence's tokens do not depend on who drives it.
@@ -21,10 +26,20 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import MoeEngineError
 from .kv_cache import SeqKV, StepKV
 from .logits_process import LogitsState, TokenLogprob, logprob_entry
 from .sampling import Sampler, SamplingParams
 from .stopping import StopChecker
+
+
+class NonFiniteError(MoeEngineError):
+    """A step's logits hold NaN or inf. seq_ids: the sequences whose logits did; layer: the first decoder layer whose
+    output held them (-1: the embedding; None: only the final norm / lm_head). The step's KV was not committed."""
+
+    def __init__(self, message: str, seq_ids: list[int], layer: int | None):
+        super().__init__(message)
+        self.seq_ids, self.layer = seq_ids, layer
 
 
 @dataclass(eq=False)
@@ -69,6 +84,7 @@ class GenerationCore:
         self.device, self.dtype = device, dtype
         self.max_context = self.spec.max_position_embeddings
         self._seq_ids = itertools.count()      # unique for this engine: predictors tell sequences apart by them
+        self.check_finite = True               # refuse NaN/inf logits (see the module docstring)
 
     @contextlib.contextmanager
     def observing(self, observer):
@@ -101,10 +117,18 @@ class GenerationCore:
         seq.kv = SeqKV.for_spec(self.spec, seq.kv_tokens, self.dtype, self.device)
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor | list[torch.Tensor]:
-        """Feed every sequence its pending ids in one forward. Returns float32 logits of each sequence's last id
-        [B, V], or with all_logits a list of [n_i, V] (one row per id fed)."""
+    def step(self, seqs: list[Sequence], all_logits: bool = False,
+             feed: list[int] | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Feed every sequence its pending ids in one forward, or only the first feed[i] of them (a prompt chunk:
+        the logits of a sequence left with pending ids are of its prompt's middle, not for sampling). Returns
+        float32 logits of each sequence's last id fed [B, V], or with all_logits a list of [n_i, V] (one row per
+        id fed)."""
         feeds = [s.pending for s in seqs]
+        if feed is not None:
+            if len(feed) != len(seqs) or any(not 1 <= n <= len(f) for n, f in zip(feed, feeds)):
+                raise ValueError(f"feed={feed} must give each of the {len(seqs)} sequences 1..its pending ids "
+                                 f"({[len(f) for f in feeds]})")
+            feeds = [f[:n] for f, n in zip(feeds, feed)]
         starts = [s.kv.length for s in seqs]
         ids, mask, positions = left_pad(feeds, starts, self.device)              # [B, T] each
         kv = StepKV([s.kv for s in seqs])
@@ -112,14 +136,37 @@ class GenerationCore:
         scored = [s.prompt_logprobs is not None and start < s.prompt_len for s, start in zip(seqs, starts)]
         every = all_logits or any(scored)
         logits = self.decoder(ids, positions, kv, mask, last_only=not every, seq_ids=seq_ids)
+        if self.check_finite and not bool(torch.isfinite(logits.sum()).all()):      # one pass; exact check below
+            self._nonfinite(seqs, logits, (ids, positions, kv, mask), seq_ids, every)
         kv.commit()
         for s, start, n, want, row in zip(seqs, starts, map(len, feeds), scored, logits):
-            if want:
+            if want and s.error is None:
                 _score_prompt(s, start, row[row.shape[0] - n:])
         if not all_logits:
             return logits[:, -1]
         t = ids.shape[1]
         return [logits[i, t - len(f):] for i, f in enumerate(feeds)]
+
+    def _nonfinite(self, seqs: list[Sequence], logits: torch.Tensor, step_args, seq_ids, every: bool) -> None:
+        """Some logits sum to NaN/inf: find the rows with a non-finite logit (real tokens only), rerun the step to
+        name the first layer, then end isolated rows alone ("error") or raise NonFiniteError for the step."""
+        finite = torch.isfinite(logits).all(-1)                                  # [B, T or 1]
+        if every:
+            finite |= ~step_args[3]                                              # padding rows do not count
+        bad = [i for i in range(len(seqs)) if not bool(finite[i].all())]
+        if not bad:
+            return                                                               # a finite sum that overflowed
+        layer = self.decoder.first_nonfinite(*step_args, bad, seq_ids)
+        where = ("the token embedding" if layer == -1 else f"the output of decoder layer {layer} (layers 0.."
+                 f"{self.spec.num_layers - 1})" if layer is not None else "the final norm / lm_head")
+        msg = (f"the model produced NaN/inf logits for {len(bad)} of {len(seqs)} sequences in this step; they first "
+               f"appear in {where}: the checkpoint's weights there hold NaN/inf values, or float16 overflowed (check "
+               f"the checkpoint, or load it with dtype bfloat16 or float32)")
+        if all(seqs[i].isolate for i in bad):
+            for i in bad:
+                seqs[i].finish_reason, seqs[i].error = "error", f"NonFiniteError: {msg}"
+            return
+        raise NonFiniteError(msg, [seqs[i].seq_id for i in bad], layer)
 
     @staticmethod
     def sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
@@ -150,12 +197,12 @@ class GenerationCore:
 
 def _plain_greedy(s: Sequence) -> bool:
     return (s.sampler.params.greedy and s.processor is None and s.constraint is None and s.logprobs is None
-            and s.max_new > 0)
+            and s.max_new > 0 and s.error is None)
 
 
 def _pick(s: Sequence, raw: torch.Tensor) -> int | None:
     """One sequence's next token from its raw logits [1, V]: processors, grammar mask, greedy or a draw, logprob."""
-    if s.max_new == 0:
+    if s.max_new == 0 or s.error is not None:       # nothing to pick, or its step failed (NaN/inf logits)
         return None
     try:
         scores = s.processor.process(raw) if s.processor is not None else raw

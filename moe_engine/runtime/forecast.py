@@ -7,7 +7,9 @@
 Predictions only steer loading. A predictor that raises or answers with a malformed result
 (not a dict of [N, E] tensors for later MoE layers, or non-finite scores) is switched off with
 one warning and replaced by the default predictor; if that fails too, prediction stops. The
-model's outputs never depend on any of this.
+model's outputs never depend on any of this. Non-finite scores from a non-finite router input
+are the model's fault, not the predictor's: that layer gets no forecast, the predictor stays, and
+the generation core fails the step naming the layer (runtime/core.py).
 """
 from __future__ import annotations
 
@@ -74,7 +76,9 @@ class Forecaster:
             if problem is None:
                 self.meter.forecast(layer, out)
                 return out
-            self._fail(f"at layer {layer}: {problem}")
+            if not bool(torch.isfinite(router_input).all()):
+                return {}      # the model's own hidden states are NaN/inf, not the predictor's fault: the core fails
+            self._fail(f"at layer {layer}: {problem}")   # the step and names the layer (runtime/core.py)
         return {}
 
     def _check(self, layer: int, out, n: int) -> str | None:
