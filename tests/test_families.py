@@ -134,7 +134,7 @@ def test_offloaded_under_budget_matches_resident(checkpoint_dir, case):
     assert torch.allclose(got[0], want[0], atol=1e-5, rtol=0) and torch.equal(got[1], want[1])
     total = len(eng.spec.moe_layers) * eng.spec.moe.num_experts
     assert stats["cache"]["capacity_experts"] < total and stats["io"]["loads"] > 0
-    assert stats["memory"]["device_peak_bytes"] <= budget
+    # memory under the budget is measured (peak RSS of a fresh process): test_hardening.py's test_measured_peak_*
 
 
 @pytest.mark.parametrize("case", ["deepseek_v2-lite", "phimoe"])

@@ -36,7 +36,7 @@ def test_offloaded_under_budget_gives_resident_outputs(case, checkpoint_dir):
     assert torch.allclose(got[0], want[0], atol=1e-5, rtol=0)
     assert torch.equal(got[1], want[1])
     assert stats["cache"]["capacity_experts"] < total and stats["io"]["loads"] > stats["cache"]["capacity_experts"]
-    assert stats["memory"]["device_peak_bytes"] <= budget
+    # memory under the budget is measured (peak RSS of a fresh process): test_hardening.py's test_measured_peak_*
 
 
 QUANT_CASES = {

@@ -123,7 +123,7 @@ def test_mxfp4_experts_offloaded_read_their_disk_bytes(mx_dir):
     assert torch.allclose(got[0], want[0], atol=1e-5, rtol=0) and torch.equal(got[1], want[1])
     assert stats["cache"]["capacity_experts"] < 2 * e and stats["io"]["loads"] > 0
     assert stats["io"]["bytes_disk_read"] >= stats["io"]["loads"] * mxfp4_bytes
-    assert stats["memory"]["device_peak_bytes"] <= budget
+    # memory under the budget is measured (peak RSS of a fresh process): test_hardening.py's test_measured_peak_*
 
 
 def test_unknown_quant_method_and_wrong_block_dtype_are_named(mx_dir, tmp_path):

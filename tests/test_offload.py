@@ -66,7 +66,7 @@ def test_outputs_identical_whatever_budget_policy_predictor(reference, min_budge
     assert cache["misses"] > 0 and io["loads"] >= cache["misses"]           # a tight budget has to load
     assert opt["belady_loads"] <= io["loads"]                                # nobody beats Belady
     assert cache["capacity_experts"] < 96
-    assert stats["memory"]["device_peak_bytes"] <= min_budget + extra_slots * slot
+    # memory under the budget is measured (peak RSS of a fresh process): test_hardening.py's test_measured_peak_*
 
 
 def test_batched_generation_matches_unbudgeted(min_budget):

@@ -10,6 +10,11 @@ for the non-expert weights, the KV reserve and `top_k` slots per MoE layer fails
 any weight is read, with the smallest budget that would work. A budget that `--gpu-mem auto`
 chose from the memory available (runtime/resources.py) arrives with the sentence saying how,
 which the plan prints (and the error names); `notes` are further lines (runtime footprint, threads).
+
+The runtime's own footprint (python, torch, tokenizer, shared libraries: the RSS measured just before the
+plan, `runtime_bytes`) is not part of `--gpu-mem` on the CPU (nor of `--cpu-mem` on a GPU): the plan says
+so and states the total the process will need: footprint + RUNTIME_GROWTH (what the process adds once it
+computes: code pages of the kernels, thread stacks) + what it places.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ ALIGN = 4096                     # slot stride alignment (direct IO wants 4 KiB-
 IO_CHUNK = 4 << 20               # bytes of one bounce buffer of the direct-IO reader, per thread
 DEFAULT_KV_TOKENS = 4096         # KV reserve when the caller names none: one sequence of this many tokens
 WORKSPACE_TOKENS = 64            # activation workspace estimate: a prefill chunk of this many tokens
+RUNTIME_GROWTH = 24 << 20        # RSS the runtime adds after the plan as it starts computing (kernel code pages,
+                                 # thread stacks): 14-16 MiB measured on x86-64 Linux with torch 2.13
 
 
 def round_up(n: int, align: int = ALIGN) -> int:
@@ -61,10 +68,29 @@ class Placement:
     device_auto: str | None = None   # how --gpu-mem auto chose device_budget (resources.AutoBudget.describe())
     host_auto: str | None = None     # how --cpu-mem auto chose host_budget
     notes: tuple[str, ...] = ()      # what else was measured and chosen: runtime footprint, compute threads
+    runtime_bytes: int | None = None  # RSS measured before anything was placed (the runtime's footprint)
 
     @property
     def total_experts(self) -> int:
         return self.num_moe_layers * self.num_experts
+
+    @property
+    def process_bytes(self) -> int | None:
+        """Host RAM the process will hold: the runtime footprint + the compute tier (CPU) or the host tier (GPU)."""
+        if self.runtime_bytes is None:
+            return None
+        placed = self.device_bytes if self.device == "cpu" else self.host_slots * self.slot_bytes + self.io_bytes
+        return self.runtime_bytes + RUNTIME_GROWTH + placed
+
+    def _process_line(self) -> str:
+        tier, flag = ("compute tier", "--gpu-mem") if self.device == "cpu" else ("host tier", "--cpu-mem")
+        placed = self.process_bytes - self.runtime_bytes - RUNTIME_GROWTH
+        auto = self.device_auto if self.device == "cpu" else self.host_auto
+        return (f"  process: runtime footprint {format_size(self.runtime_bytes)} (measured) + "
+                f"{format_size(RUNTIME_GROWTH)} once it computes + {tier} {format_size(placed)} = about "
+                f"{format_size(self.process_bytes)} of RAM; {flag} bounds the {tier} "
+                f"only and does not include the runtime footprint"
+                + (" (auto measured what is available after it)" if auto else ""))
 
     @property
     def all_resident(self) -> bool:
@@ -91,6 +117,8 @@ class Placement:
                  f"{format_size(self.device_slots * self.slot_bytes)} = {format_size(self.device_bytes)}"
                  + (f" of --gpu-mem {'auto = ' if self.device_auto else ''}{format_size(self.device_budget)}"
                     if self.device_budget else "")]
+        if self.runtime_bytes is not None:
+            lines.append(self._process_line())
         if self.device == "cpu":
             lines.append("  host tier: none (the CPU computes; misses are read from disk into its slots)")
         else:
@@ -115,13 +143,14 @@ def make_plan(spec: ModelSpec, device: torch.device, dtype: torch.dtype, non_exp
               device_budget: int | None, host_budget: int | None, kv_tokens: int | None = None,
               io_threads: int = 2, staging_experts: int = 0, quota_weights: list[float] | None = None,
               expert_bytes: int | None = None, expert_lines: tuple[str, ...] = (), device_auto: str | None = None,
-              host_auto: str | None = None, notes: tuple[str, ...] = ()) -> Placement:
+              host_auto: str | None = None, notes: tuple[str, ...] = (), runtime_bytes: int | None = None) -> Placement:
     """Split the budgets. `staging_experts`: expert-sized staging buffers the loader needs (dtype conversion).
 
     `expert_bytes`: bytes of the largest stored expert when experts are quantized (slots are sized
     for it); by default one expert in `dtype`. `expert_lines` describe the stored experts.
     `device_auto` / `host_auto`: how "auto" chose the budget ("--gpu-mem auto: ... -> 1.00 GiB"), printed
-    and named in the error when it is too small; `notes`: more lines for describe().
+    and named in the error when it is too small; `notes`: more lines for describe(); `runtime_bytes`: the
+    process's RSS before anything is placed, for the plan's process total.
     """
     moe = spec.moe
     n_layers = len(spec.moe_layers)
@@ -168,4 +197,5 @@ def make_plan(spec: ModelSpec, device: torch.device, dtype: torch.dtype, non_exp
             quotas[layer] = q
     return Placement(device.type, n_layers, moe.num_experts, expert_bytes, slot_bytes, non_expert_bytes,
                      kv_tokens, kv_bytes, io_bytes + workspace, device_budget, host_budget,
-                     sum(quotas), host_slots, quotas, tuple(expert_lines), device_auto, host_auto, tuple(notes))
+                     sum(quotas), host_slots, quotas, tuple(expert_lines), device_auto, host_auto, tuple(notes),
+                     runtime_bytes)

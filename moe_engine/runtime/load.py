@@ -115,7 +115,7 @@ def _build(config: EngineConfig, ckpt: Checkpoint, predictor) -> Engine:
                          device_auto=budgets.device_auto and budgets.device_auto.describe(),
                          host_auto=budgets.host_auto and budgets.host_auto.describe(), notes=(*budgets.notes, threads),
                          expert_bytes=experts.max_expert_bytes if qs is not None else None,
-                         expert_lines=quant_lines)
+                         expert_lines=quant_lines, runtime_bytes=budgets.runtime_rss)
         if progress:
             print(plan.describe(), file=sys.stderr)
     elif qs is not None and progress:

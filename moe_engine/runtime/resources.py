@@ -269,6 +269,7 @@ class Budgets:
     device_auto: AutoBudget | None = None
     host_auto: AutoBudget | None = None
     notes: tuple[str, ...] = ()
+    runtime_rss: int | None = None   # this process's RSS when measured (the plan's runtime footprint)
 
     def apply(self, offload):
         """`offload` (runtime/config.OffloadConfig) with these budgets in bytes."""
@@ -315,9 +316,10 @@ def auto_budgets(gpu_mem, cpu_mem, device: torch.device, probe: ResourceProbe | 
             notes[0] += in_use
         if cpu_mem == AUTO:
             cpu_mem = None                                  # no host tier apart from the compute tier
-        elif isinstance(gpu_mem, int) and host.available is not None and gpu_mem > host.available + host.rss:
-            notes.append(f"note: --gpu-mem {format_size(gpu_mem)} is more than this process may use "
-                         f"({format_size(host.rss)} resident + {host.describe()})")
+        elif isinstance(gpu_mem, int) and host.available is not None and gpu_mem > host.available:
+            notes.append(f"warning: --gpu-mem {format_size(gpu_mem)} on top of the {format_size(host.rss)} already "
+                         f"resident is more than this process may use ({host.describe()}); under a cgroup limit the "
+                         f"kernel kills the process when it gets there: lower --gpu-mem or use --gpu-mem auto")
     else:
         if gpu_mem == AUTO:
             device_auto = _gpu_auto(device, *(cuda_free or (None, None)))
@@ -326,7 +328,7 @@ def auto_budgets(gpu_mem, cpu_mem, device: torch.device, probe: ResourceProbe | 
             host_auto = _host_auto("--cpu-mem", host)
             cpu_mem = host_auto.nbytes
             notes[0] += in_use
-    return Budgets(gpu_mem, cpu_mem, device_auto, host_auto, tuple(notes))
+    return Budgets(gpu_mem, cpu_mem, device_auto, host_auto, tuple(notes), host.rss)
 
 
 # ---- threads ----------------------------------------------------------------------------------------------
