@@ -10,6 +10,7 @@ files; it does not simulate caches (replay.py) or compute bounds (belady.py).
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 from ..errors import MoeEngineError
 
 REQUIRED = ("experts", "probs", "seq_offsets")
+ZIP_MAGIC = b"PK"                          # an npz is a zip archive of .npy files
+NPY_MAGIC = b"\x93NUMPY"
 
 
 class TraceError(MoeEngineError, ValueError):
@@ -90,13 +93,30 @@ def _check_offsets(off: np.ndarray, num_steps: int, source: str) -> None:
                          f"(got first {off[0]}, last {off[-1]}, non-decreasing: {bool((np.diff(off) >= 0).all())})")
 
 
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an npz file, never through pickle; anything else (a text file, an empty file, one .npy
+    array, a damaged zip, object arrays) is a TraceError naming the file."""
+    if not path.is_file():
+        raise TraceError(f"{path}: no such trace file (record one with `moe-engine trace ... --out {path.name}`)")
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if not head.startswith(ZIP_MAGIC):
+        found = "an empty file" if not head else ("a single .npy array" if head == NPY_MAGIC else
+                                                   f"not an npz file (it starts with {head[:4]!r})")
+        raise TraceError(f"{path} is {found}; a routing trace is the .npz that `moe-engine trace --out` writes")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        why = "it holds object arrays, which are never unpickled" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
+        raise TraceError(f"{path} is not a readable npz of arrays ({why}); record the trace again with "
+                         f"`moe-engine trace`") from None
+
+
 def load_trace(path: str | Path, num_experts: int | None = None) -> Trace:
     """Read and validate a trace file; `num_experts` (E) is checked against the ids when given."""
     path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"{path}: no such trace file (record one with `moe-engine trace ... --out {path.name}`)")
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = read_npz(path)
     validate(arrays, str(path))
     if num_experts is not None and arrays["experts"].size and arrays["experts"].max() >= num_experts:
         raise TraceError(f"{path}: key 'experts' has id {arrays['experts'].max()} >= num_experts={num_experts}")

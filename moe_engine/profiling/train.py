@@ -16,7 +16,7 @@ from ..checkpoint import Checkpoint
 from ..config import check_int
 from ..errors import ConfigError
 from ..runtime.load import DEFAULT_MODEL_DIR
-from .trace import Trace, load_trace
+from .trace import Trace, TraceError, load_trace
 
 
 def check_trace(trace: Trace, spec, kind: str, path: Path) -> None:
@@ -56,7 +56,10 @@ def train_predictor(model_dir, trace_path, kind: str = "learned", depth: int = 2
     if depth >= len(spec.moe_layers):
         raise ConfigError(f"--depth {depth}: the model has only {len(spec.moe_layers)} MoE layers; use at most "
                           f"{len(spec.moe_layers) - 1}")
-    trace = load_trace(trace_path)
+    try:
+        trace = load_trace(trace_path)
+    except TraceError as e:
+        raise ConfigError(f"--trace {e}") from None
     check_trace(trace, spec, kind, Path(trace_path))
     kw = {"depth": depth, "seed": seed, **({"epochs": epochs} if epochs is not None else {})}
     with tqdm(total=100, desc=f"training {kind} predictor", unit="%", disable=not progress, leave=False) as bar:
