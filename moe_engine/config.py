@@ -127,3 +127,45 @@ def check_choice(value, what: str, choices) -> str:
     if value not in choices:
         raise ConfigError(f"{what}={value!r} is invalid: use one of {', '.join(map(str, choices))}")
     return value
+
+
+# ---- one error, two audiences: CLI flags or load() keywords --------------------------------------------------
+
+def flag_of(keyword: str) -> str:
+    """load()'s keyword -> the CLI flag of the same value: max_kv_tokens -> --max-kv-tokens."""
+    return "--" + keyword.replace("_", "-")
+
+
+def _drop_repeated_mention(message: str, name: str) -> str:
+    """'threads 0 is invalid ... (threads)' -> without the parenthesis when `name` is said before it."""
+    paren = f" ({name})"
+    if paren in message and message.index(name) < message.index(paren):
+        message = message.replace(paren, "")
+    return message
+
+
+_VALUE = r"(?:[A-Z][A-Z_]*\b|[0-9'\"][^\s;,)]*)"   # a flag's value as errors write it: DIR, 600M, 'x'
+
+
+def api_words(message: str, keywords) -> str:
+    """An error written with CLI flags, for a caller of the Python API: each flag of `keywords` (load()'s keyword
+    names) becomes its keyword, `=` before a value ('--gpu-mem / gpu_mem: ...' -> 'gpu_mem: ...', '--gpu-mem 600M'
+    -> 'gpu_mem=600M', '--quant-cache DIR' -> 'quant_cache=DIR', 'raise --gpu-mem to' -> 'raise gpu_mem to')."""
+    for kw in keywords:
+        flag = re.escape(flag_of(kw))
+        message = re.sub(rf"(?<![\w-]){flag} / {kw}(?![\w-])", kw, message)
+        message = re.sub(rf"(?<![\w-]){flag} ({_VALUE})", rf"{kw}=\1", message)
+        message = re.sub(rf"(?<![\w-]){flag}(?![\w-])", kw, message)
+        message = _drop_repeated_mention(message, kw)
+    return message
+
+
+def cli_words(message: str, keywords) -> str:
+    """An error written with load() keywords, for a user of the CLI: 'max_kv_tokens=0' -> '--max-kv-tokens 0',
+    '--gpu-mem / gpu_mem' -> '--gpu-mem'."""
+    for kw in keywords:
+        flag = flag_of(kw)
+        message = re.sub(rf"(?<![\w-]){re.escape(flag)} / {kw}(?![\w-])", flag, message)
+        message = re.sub(rf"(?<![\w.-]){kw}=", flag + " ", message)
+        message = _drop_repeated_mention(message, flag)
+    return message
