@@ -154,13 +154,21 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "share a step: expert (fewer distinct experts and misses, bounded waiting) or fifo")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per request "
                    "(default: the model's context)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics "
+                   "(shows in ps: prefer --api-key-file, MOE_ENGINE_API_KEY or VLLM_API_KEY)")
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
+    p.add_argument("--allow-metrics-without-key", action="store_true", help="serve /metrics without the API key "
+                   "(as vLLM does), e.g. for a Prometheus scraper that sends none")
+    p.add_argument("--metrics-prefix", choices=("moe_engine", "vllm"), default="moe_engine", help="prefix of the "
+                   "vLLM metric names: vllm gives vLLM's exact names, for its Grafana dashboards")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a client has to send a request's "
+                   "head, and again its body, before the connection is dropped (default 30)")
     p.add_argument("--served-model-name", default=None, help="model name clients send and /v1/models lists "
                    "(default: the model directory's name)")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file for /v1/chat/completions "
                    "(default: the tokenizer's)")
-    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to let running requests finish "
-                   "after SIGTERM before exiting")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds from SIGTERM to exit: running "
+                   "requests finish until then, the rest end with finish_reason abort")
 
 
 def _engine_config(args):
@@ -293,7 +301,36 @@ def _read_chat_template(path: str | None) -> str | None:
     return Path(path).read_text(encoding="utf-8")
 
 
+API_KEY_ENV = ("MOE_ENGINE_API_KEY", "VLLM_API_KEY")      # first set wins, after --api-key and --api-key-file
+
+
+def _api_key(args, environ) -> str | None:
+    """The server's key: --api-key, else --api-key-file, else MOE_ENGINE_API_KEY, else VLLM_API_KEY."""
+    from pathlib import Path
+
+    from .errors import ConfigError
+    if args.api_key is not None and args.api_key_file is not None:
+        raise ConfigError("--api-key and --api-key-file both given: keep one")
+    if args.api_key is not None:
+        key, source = args.api_key, "--api-key"
+    elif args.api_key_file is not None:
+        path = Path(args.api_key_file)
+        if not path.is_file():
+            raise ConfigError(f"--api-key-file {path}: no such file; give a file holding the key on its first line")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        key, source = (lines[0].strip() if lines else ""), f"--api-key-file {path}"
+    else:
+        name = next((n for n in API_KEY_ENV if environ.get(n)), None)
+        if name is None:
+            return None
+        key, source = environ[name], name
+    if not key or key != key.strip():
+        raise ConfigError(f"the API key from {source} is empty or has spaces at its ends; give the key itself")
+    return key
+
+
 def cmd_serve(args) -> int:
+    import os
     from pathlib import Path
 
     from .errors import ConfigError
@@ -303,10 +340,12 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"MODEL_DIR {args.model_dir} is not a directory; give a Hugging Face checkpoint directory")
 
     config = _engine_config(args)                 # every loading flag checked before the server starts
-    app = create_app(engine_factory=lambda: build_engine(config), served_model_name=args.served_model_name, api_key=args.api_key,
+    app = create_app(engine_factory=lambda: build_engine(config), served_model_name=args.served_model_name,
+                     api_key=_api_key(args, os.environ),
                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                      chat_template=_read_chat_template(args.chat_template), scheduler=args.scheduler,
-                     max_batch=args.max_batch, drain_timeout=args.drain_timeout)
+                     max_batch=args.max_batch, drain_timeout=args.drain_timeout, read_timeout=args.read_timeout,
+                     metrics_prefix=args.metrics_prefix, metrics_without_key=args.allow_metrics_without_key)
     run_server(app, args.host, args.port)
     return 0
 

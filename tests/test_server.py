@@ -216,7 +216,7 @@ def test_32_concurrent_streams_each_complete_once_as_alone(client, live):
 
 
 def _abort_count(live) -> float:
-    body = httpx.get(live.url + "/metrics").text
+    body = httpx.get(live.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for fam in text_string_to_metric_families(body):
         if fam.name == "moe_engine:request_success":
             return sum(s.value for s in fam.samples if s.labels.get("finished_reason") == "abort"
@@ -348,12 +348,12 @@ def test_server_keeps_serving_after_abuse(client, live, engine):
 
 # ---- metrics ----------------------------------------------------------------------------------
 def scrape(url: str) -> dict[str, float]:
-    """sample name{labels} -> value."""
-    body = httpx.get(url + "/metrics").text
+    """sample name{labels but the server's model_name and engine} -> value."""
+    body = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     out = {}
     for fam in text_string_to_metric_families(body):
         for s in fam.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("model_name", "engine"))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
 
@@ -377,8 +377,9 @@ def test_metrics_count_one_request(client, live):
     delta = {k: after[k] - before.get(k, 0) for k in after}
     assert delta["moe_engine:prompt_tokens_total"] == r.usage.prompt_tokens
     assert delta["moe_engine:generation_tokens_total"] == 7
-    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
         assert delta[f"moe_engine:{name}_count"] == 1
+    assert delta["moe_engine:time_per_output_token_seconds_count"] == 6                  # one per token after the first
     assert delta["moe_engine:request_success_total{finished_reason=length}"] == 1
     assert after["moe_engine:num_requests_running"] == 0
     assert after["moe_engine:expert_cache_capacity_experts"] == 96                          # all resident

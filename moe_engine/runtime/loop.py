@@ -2,7 +2,8 @@
 
     loop thread:  cancels -> admit + prefill (one group per iteration while others decode) -> one decode step
                   -> each sequence's tokens through its TextStream -> Event callbacks
-    callers:      submit(Request) / cancel(id) / drain() / shutdown() / counters()
+    callers:      submit(Request) / cancel(id) / drain() / abort_all() / shutdown() / counters()
+    metrics:      Event times (queue, first token, per-token gaps, end); on_step(prompt, generated) per iteration
 
 The Batcher decides admission and each step's batch; this module adds what serving needs around it: a
 queue fed from other threads, cancellation, draining, text events with stop-string hold-back, and
@@ -53,6 +54,8 @@ class Event:
     error: str | None = None
     ttft_s: float | None = None                      # on the last event: time to first token, end to end
     e2e_s: float | None = None
+    queue_s: float | None = None                     # on the last event: submit -> admission (None: never admitted)
+    itl_s: list[float] = field(default_factory=list)  # seconds between consecutive tokens, one per token after the first
 
 
 @dataclass(eq=False)
@@ -63,7 +66,10 @@ class _Served:
     text: TextStream | None
     pending: list[int] = field(default_factory=list)    # token ids not yet sent in an event
     t_submit: float = field(default_factory=time.perf_counter)
+    t_admit: float | None = None
     t_first: float | None = None
+    t_last: float | None = None                          # when its latest token came
+    gaps: list[float] = field(default_factory=list)      # inter-token gaps not yet sent in an event
 
 
 class EngineLoop:
@@ -79,6 +85,8 @@ class EngineLoop:
         self._cancel: set[str] = set()
         self._cond = threading.Condition()
         self._stop = self._draining = False
+        self.on_step: Callable[[int, int], None] | None = None   # (prompt tokens, generated tokens) per iteration
+        self._step_tokens = [0, 0]
         self._thread = threading.Thread(target=self._run, name="moe-engine-loop", daemon=True)
 
     # ---- callers' side --------------------------------------------------------------------------
@@ -126,13 +134,26 @@ class EngineLoop:
             self._cond.notify()
             return self._cond.wait_for(lambda: not self.served, timeout)
 
-    def shutdown(self, timeout: float = 30) -> None:
+    def abort_all(self, timeout: float | None = None) -> bool:
+        """End every queued and running request with finish_reason "abort" (after the step in progress); wait
+        until they have ended. False when some had not ended within `timeout` (the step was still running)."""
+        with self._cond:
+            self._cancel.update(s.req.request_id for s in self.served.values())
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: not self.served, timeout)
+
+    def shutdown(self, timeout: float = 30) -> bool:
+        """Stop the loop thread (requests still there end with "abort"); False when the thread was still in a step
+        after `timeout` seconds (it then stops after that step, and keeps the engine's routing observer)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
         self.engine.observers.remove(self.batcher.recorder)
+        return True
 
     # ---- the loop thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -146,12 +167,16 @@ class EngineLoop:
                 admitted = b.admit()
             self._apply_cancels(cancels)
             admitted = [s for s in admitted if s.seq_id in b.running]     # not cancelled as they were admitted
+            now = time.perf_counter()
+            for s in admitted:
+                self.served[s.seq_id].t_admit = now
             if admitted:
                 self._guarded(admitted, lambda: self._send_tokens(b.prefill(admitted), first=True))
             decoding = b.decoding()
             if decoding:
                 batch = b.pick(decoding)
                 self._guarded(batch, lambda: self._send_tokens(b.decode(batch)))
+            self._report_step()
             with self._cond:
                 self._cond.notify_all()                       # drain() waiters
         for served in list(self.served.values()):
@@ -178,21 +203,36 @@ class EngineLoop:
                 if served is not None:
                     self._finish(served, "error", error=f"{type(e).__name__}: {e}")
 
+    def _report_step(self) -> None:
+        prompt, generated = self._step_tokens
+        self._step_tokens = [0, 0]
+        if self.on_step is not None and (prompt or generated):
+            try:
+                self.on_step(prompt, generated)
+            except Exception:   # noqa: BLE001 -- a broken metrics hook must not stop the loop
+                log.exception("the loop's on_step hook failed")
+
     # ---- events ---------------------------------------------------------------------------------
     def _send_tokens(self, tokens: list[tuple[Sequence, int]], first: bool = False) -> None:
         now = time.perf_counter()
+        self._step_tokens[0] += sum(seq.prompt_len for seq, _ in tokens) if first else 0
+        self._step_tokens[1] += len(tokens)
         for seq, token in tokens:
             s = self.served[seq.seq_id]
             if first:
                 s.t_first = now
+            else:
+                s.gaps.append(now - s.t_last)
+            s.t_last = now
             s.pending.append(token)
             delta = s.text.push(token, seq.done) if s.text is not None else ""
             if seq.done:
                 self._finish(s, "stop" if seq.finish_reason in ("eos", "stop") else "length", text=delta)
                 continue
             if delta or s.text is None:
-                self._send(s, Event(s.req.request_id, delta, s.pending, None, seq.prompt_len, len(seq.generated)))
-                s.pending = []
+                self._send(s, Event(s.req.request_id, delta, s.pending, None, seq.prompt_len, len(seq.generated),
+                                    itl_s=s.gaps))
+                s.pending, s.gaps = [], []
 
     def _finish(self, s: _Served, reason: str, text: str = "", error: str | None = None) -> None:
         with self._cond:
@@ -200,9 +240,10 @@ class EngineLoop:
             self.batcher.release(s.seq)
         now = time.perf_counter()
         ttft = (s.t_first - s.t_submit) if s.t_first is not None else None
+        queue = (s.t_admit - s.t_submit) if s.t_admit is not None else None
         self._send(s, Event(s.req.request_id, text, s.pending, reason, s.seq.prompt_len, len(s.seq.generated),
-                            error, ttft, now - s.t_submit))
-        s.pending = []
+                            error, ttft, now - s.t_submit, queue, s.gaps))
+        s.pending, s.gaps = [], []
 
     def _send(self, s: _Served, event: Event) -> None:
         try:

@@ -3,7 +3,8 @@
     startup:  engine given -> EngineLoop now | engine_factory -> load on a thread (/health 503 until ready)
     request:  API key -> state (503 loading/draining) -> body (size cap) -> protocol checks -> prompts
               -> serving.submit -> JSON or SSE
-    drain:    ServerState.drain() (SIGTERM, see run.py): new requests 503, running ones finish
+    drain:    ServerState.drain() (SIGTERM, see run.py): new requests 503, running ones finish; at the
+              deadline ServerState.abort() ends the rest (streams: finish_reason "abort" and [DONE])
     shutdown: EngineLoop.shutdown(); the engine is closed when the app loaded it
 
 Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics. Every error is
@@ -23,13 +24,14 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 
 from ..config import check_int
 from ..errors import ConfigError
 from ..runtime.loop import EngineLoop
 from . import serving
-from .metrics import ServerMetrics
+from .metrics import PREFIXES, ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, parse_body
 
 log = logging.getLogger("moe_engine.server")
@@ -48,6 +50,9 @@ class ServerConfig:
     max_waiting: int | None = None
     max_body_bytes: int = 1 << 20
     drain_timeout: float = 60.0
+    read_timeout: float = 30.0                 # seconds a client has to send a request body (run.py: its head)
+    metrics_prefix: str = "moe_engine"         # or "vllm": vLLM's exact metric names
+    metrics_without_key: bool = False          # /metrics open with --api-key set (vLLM never asks a key there)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_body_bytes", "max_model_len", "max_batch", "max_waiting"):
@@ -55,8 +60,13 @@ class ServerConfig:
                       flag="--" + name.replace("_", "-"))
         if self.scheduler not in ("expert", "fifo"):
             raise ConfigError(f"scheduler={self.scheduler!r} is invalid: use expert or fifo (--scheduler)")
-        if not self.drain_timeout > 0:
-            raise ConfigError(f"drain_timeout={self.drain_timeout!r} is invalid: use a number of seconds > 0")
+        for name in ("drain_timeout", "read_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: use a number of seconds > 0 "
+                                  f"(--{name.replace('_', '-')})")
+        if self.metrics_prefix not in PREFIXES:
+            raise ConfigError(f"metrics_prefix={self.metrics_prefix!r} is invalid: use one of {', '.join(PREFIXES)} "
+                              f"(--metrics-prefix)")
 
 
 class ServerState:
@@ -71,7 +81,8 @@ class ServerState:
         self.model_name = config.served_model_name
         self.limit = 0                            # prompt + max_tokens of one request
         self.chat_template = config.chat_template
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(config.metrics_prefix)
+        self.close_timeout = 30.0                 # how long close() waits for the loop's step (the runner sets it)
         self.on_fatal: Callable[[], None] | None = None      # set by the runner: stop the server
         self._lock = threading.Lock()
 
@@ -83,7 +94,7 @@ class ServerState:
         loop = EngineLoop(engine, cfg.max_num_seqs, cfg.max_batch, cfg.scheduler, cfg.max_waiting)
         self.limit = min(cfg.max_model_len or ctx, ctx, loop.kv_tokens)
         self.model_name = self.model_name or engine.checkpoint.model_dir.name
-        self.metrics.attach(engine, loop)
+        self.metrics.attach(engine, loop, self.model_name, self.limit)
         with self._lock:
             self.engine, self.loop = engine, loop.start()
             if self.status == "loading":
@@ -104,19 +115,27 @@ class ServerState:
                     self.on_fatal()
         threading.Thread(target=run, name="moe-engine-load", daemon=True).start()
 
-    def drain(self) -> bool:
-        """Refuse new requests (503) and wait until running and queued ones have finished."""
+    def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new requests (503) and wait until running and queued ones have finished (default timeout:
+        drain_timeout); False when some still run."""
         with self._lock:
             if self.status in ("loading", "failed"):
                 return True
             self.status = "draining"
-        return self.loop.drain(self.config.drain_timeout)
+        return self.loop.drain(self.config.drain_timeout if timeout is None else timeout)
+
+    def abort(self, timeout: float) -> bool:
+        """End every request still queued or running with finish_reason "abort"; False when the loop's step
+        outlasted `timeout`."""
+        return self.loop is None or self.loop.abort_all(timeout)
 
     def close(self) -> None:
         with self._lock:
             self.status = "draining" if self.status == "ready" else self.status
-        if self.loop is not None:
-            self.loop.shutdown()
+        if self.loop is not None and not self.loop.shutdown(self.close_timeout):
+            log.warning("the engine loop was still in a step after %.1fs; exiting without closing the engine",
+                        self.close_timeout)
+            return
         if self.owns_engine and self.engine is not None:
             self.engine.close()
 
@@ -133,7 +152,8 @@ def create_app(engine=None, *, engine_factory: Callable[[], object] | None = Non
     """The server app over a loaded `engine`, or over `engine_factory()` run on a thread at startup.
 
     options: the fields of ServerConfig (served_model_name, api_key, max_num_seqs, max_model_len,
-    chat_template, scheduler, max_batch, max_waiting, max_body_bytes, drain_timeout).
+    chat_template, scheduler, max_batch, max_waiting, max_body_bytes, drain_timeout, read_timeout,
+    metrics_prefix, metrics_without_key).
     """
     if (engine is None) == (engine_factory is None):
         raise ConfigError("create_app needs exactly one of engine and engine_factory")
@@ -158,7 +178,8 @@ def create_app(engine=None, *, engine_factory: Callable[[], object] | None = Non
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"Connection": "close"} if exc.status == 408 else None      # the rest of that body is not read
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
@@ -179,7 +200,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return JSONResponse(error_body(503, _status_message(state)), status_code=503)
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: HTTPRequest):
+        if not state.config.metrics_without_key:
+            _authorize(request, state)
         body = await asyncio.to_thread(state.metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -188,7 +211,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         _authorize(request, state)
         state.require_ready()
         card = {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "moe-engine",
-                "root": str(state.engine.checkpoint.model_dir), "max_model_len": state.limit}
+                "root": state.model_name, "max_model_len": state.limit}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
@@ -226,17 +249,21 @@ def _authorize(request: HTTPRequest, state: ServerState) -> None:
                        f"server's --api-key")
 
 
-async def _read_body(request: HTTPRequest, cap: int) -> bytes:
+async def _read_body(request: HTTPRequest, cap: int, timeout: float) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap * DRAIN_BODY_FACTOR:
         raise APIError(413, f"the request body has {declared} bytes; the server accepts at most {cap}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= cap:
-            chunks.append(chunk)
-        elif size > cap * DRAIN_BODY_FACTOR:
-            break
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size <= cap:
+                    chunks.append(chunk)
+                elif size > cap * DRAIN_BODY_FACTOR:
+                    break
+    except (TimeoutError, ClientDisconnect) as e:
+        raise _abandoned_body(request, size, declared, timeout, isinstance(e, TimeoutError)) from None
     if size > cap:
         raise APIError(413, f"the request body has {size}{'+' if size > cap * DRAIN_BODY_FACTOR else ''} bytes; "
                        f"the server accepts at most {cap}")
@@ -246,11 +273,23 @@ async def _read_body(request: HTTPRequest, cap: int) -> bytes:
 async def _checked_body(request: HTTPRequest, state: ServerState, model_cls):
     _authorize(request, state)
     state.require_ready()
-    body = parse_body(await _read_body(request, state.config.max_body_bytes), model_cls)
+    body = parse_body(await _read_body(request, state.config.max_body_bytes, state.config.read_timeout), model_cls)
     if body.model is not None and body.model != state.model_name:
         raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{state.model_name}` "
                        f"(see /v1/models)", "model")
     return body
+
+
+def _abandoned_body(request: HTTPRequest, size: int, declared: str, timeout: float, timed_out: bool) -> APIError:
+    """One log line for a body that never ended (the client stalled or left); the error answers a stalled one."""
+    client = request.client
+    where = f"{request.method} {request.url.path} from {client.host}:{client.port}" if client else request.url.path
+    got = f"{size} of {declared or '?'} bytes"
+    if timed_out:
+        log.warning("dropped the body of %s: %s after %gs (--read-timeout)", where, got, timeout)
+        return APIError(408, f"the request body did not arrive within {timeout:g}s ({got}); send it at once")
+    log.info("dropped the body of %s: the client left after %s", where, got)
+    return APIError(400, "the client closed the connection before the request body ended")
 
 
 def _need_tokenizer(state: ServerState, what: str):

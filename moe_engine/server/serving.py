@@ -214,9 +214,9 @@ async def stream(job: Job, shape: Shape, include_usage: bool):
             for i in range(job.n):
                 yield sse(shape.chunk(i, None, None, **extra))
         async for i, ev in job.events():
-            if ev.finish_reason in ("error", "abort"):
-                if job.disconnected:
-                    return
+            if ev.finish_reason in ("error", "abort") and job.disconnected:
+                return
+            if ev.finish_reason == "error":         # "abort" (the drain deadline) ends its choice like vLLM's abort
                 err = _failure(job, ev)
                 yield sse(error_body(err.status, err.message))
                 break
