@@ -123,7 +123,10 @@ class _Step:
 
     def __init__(self, flats: dict[int, frozenset[int] | None], resident: frozenset[int] | None, miss_weight: float):
         self.flats, self.resident, self.miss_weight = flats, resident, miss_weight
-        shared = Counter(p for flat in flats.values() if flat is not None for p in flat)
+        known = [flat for flat in flats.values() if flat is not None]
+        # nothing to save (no known path, or every predicted expert resident): pick as FIFO does, at FIFO's cost
+        self.by_age = not known or (resident is not None and all(flat <= resident for flat in known))
+        shared = Counter() if self.by_age else Counter(p for flat in known for p in flat)
         self.popularity = {sid: sum(shared[p] for p in flat) - len(flat) for sid, flat in flats.items() if flat}
         self.union: set[int] = set()
         self.picked: list[Candidate] = []
@@ -138,7 +141,9 @@ class _Step:
 
     def cheapest(self, pool: list[Candidate]) -> Candidate:
         """Lowest marginal cost (unknown paths: the mean of the known ones); ties: experts most shared with
-        the other ready sequences, then oldest."""
+        the other ready sequences, then oldest. Oldest first when there is nothing to save (`by_age`)."""
+        if self.by_age:
+            return min(pool, key=_age)
         costs = {c.seq_id: self.cost(self.flats[c.seq_id]) for c in pool if self.flats[c.seq_id] is not None}
         unknown = sum(costs.values()) / len(costs) if costs else 0.0
         return min(pool, key=lambda c: (costs.get(c.seq_id, unknown), -self.popularity.get(c.seq_id, 0), *_age(c)))
@@ -172,7 +177,9 @@ class ExpertAwareScheduler:
     sequences (ready or not) number at most capacity * (max_wait + 1); above that no schedule can, and the
     longest-waiting (then oldest) run first. So choose max_wait >= ceil(max_num_seqs / capacity) - 1.
 
-    Unknown paths (None) are priced at the mean cost of the known candidates. Ties go to the candidate
+    When no candidate's path is known, or every predicted expert is resident, there are no loads to save and
+    the pick is FIFO's (oldest first, after the must-runs), at FIFO's cost. Unknown paths (None) are otherwise
+    priced at the mean cost of the known candidates. Ties go to the candidate
     whose experts the other ready sequences share most (with nothing resident, the first pick seeds the
     largest overlapping group), then to the older arrival. When len(ready) <= capacity everyone runs.
     A counter resets when its sequence runs and stands still while it is not ready, so call

@@ -1,4 +1,5 @@
-"""scheduling/: FIFO, the expert-aware scheduler (overlap, residents, starvation bound), group_batches, errors."""
+"""scheduling/: FIFO, the expert-aware scheduler (overlap, residents, starvation bound, FIFO when nothing can miss),
+group_batches, the fairness rules (turns, caps, chunk sizes, cold experts), errors."""
 from __future__ import annotations
 
 import random
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduling import (Candidate, ExpertAwareScheduler, FifoScheduler, distinct_experts, group_batches,
-                        make_scheduler, misses)
+from scheduling import (Candidate, ExpertAwareScheduler, FifoScheduler, chunk_sizes, cold_forced, distinct_experts,
+                        fair_order, group_batches, make_scheduler, misses, over_cap, rows_per_client)
 
 ROOT = Path(__file__).resolve().parent.parent
 f = frozenset
@@ -89,6 +90,15 @@ def test_unknown_paths():
     assert ExpertAwareScheduler().select(ready, 1, [f({0, 1})]) == [3]      # cheap known beats the mean
     assert ExpertAwareScheduler().select(ready, 2, [f({0, 1})]) == [1, 3]   # then mean of {s1} ties s1; older wins
     assert distinct_experts(ready) == 4 and distinct_experts(cands(None)) == 0
+
+
+def test_nothing_to_save_picks_as_fifo():
+    """Every predicted expert resident (or no path known): the pick is FIFO's, not the overlap greedy's."""
+    ready = cands([{0, 1}], [{2, 3}], [{0, 1}], [{0, 1}], arrivals=[0, 1, 2, 3])
+    resident = [f({0, 1, 2, 3})]
+    assert ExpertAwareScheduler().select(ready, 2, resident) == FifoScheduler().select(ready, 2) == [1, 2]
+    assert ExpertAwareScheduler().select(ready, 2, [f({0, 1})]) == [1, 3]      # s2 misses: the greedy again
+    assert ExpertAwareScheduler().select(cands(None, None, None, arrivals=[2, 0, 1]), 2, resident) == [2, 3]
 
 
 # ---- starvation bound -----------------------------------------------------------------------------------
@@ -176,6 +186,49 @@ def test_group_batches_groups_identical_paths():
     batches = group_batches(paths, 4)
     assert len(batches) == 3
     assert all(len({order[i] for i in b}) == 1 for b in batches)
+
+
+# ---- fairness ------------------------------------------------------------------------------------------------
+def test_fair_order_takes_turns():
+    items = [(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "c"), (6, "b")]
+    assert fair_order(items) == [1, 4, 5, 2, 6, 3]                       # each client's first, then seconds
+    assert fair_order(items, offset={"a": 2}) == [4, 5, 6, 1, 2, 3]      # a already runs two: it waits
+    assert fair_order(items, priority={"a": 10, "c": 5}) == [4, 5, 1, 6, 2, 3]
+    assert fair_order([(7, None), (8, None)]) == [7, 8]                   # one client: queue order
+
+
+def test_over_cap_lists_the_cheapest_to_give_up():
+    running = [(1, "a", 50), (2, "a", 10), (3, "a", 30), (4, "b", 5), (5, "c", 1), (6, "c", 2)]
+    assert over_cap(running, 1) == [2, 3, 5]                  # a (3 running) first, then evenly; least progress
+    assert over_cap(running, 2) == [2]
+    assert over_cap(running, 3) == []
+
+
+def test_rows_per_client():
+    ready = [(1, "a"), (2, "a"), (3, "b"), (4, "a")]
+    assert rows_per_client(ready, 1) == [1, 3]
+    assert rows_per_client(ready, 2) == [1, 2, 3]
+    assert rows_per_client([(1, "a"), (2, "a")], 1) == [1, 2]          # alone: never capped
+
+
+@pytest.mark.parametrize("remaining,budget,want", [([100, 100], 64, [32, 32]), ([10, 100, 100], 64, [10, 27, 27]),
+                                                   ([5, 6], 64, [5, 6]), ([9, 9, 9], 2, [1, 1, 0]),
+                                                   ([3, 50, 7], 21, [3, 11, 7]), ([], 8, [])])
+def test_chunk_sizes_water_fill(remaining, budget, want):
+    got = chunk_sizes(remaining, budget)
+    assert got == want and sum(got) <= budget and all(0 <= g <= r for g, r in zip(got, remaining))
+
+
+def test_chunk_sizes_bad_input():
+    with pytest.raises(ValueError, match="must be >= 0"):
+        chunk_sizes([3], -1)
+
+
+def test_cold_forced_counts_what_only_one_needs():
+    ready = cands([{0, 5}, {1}], [{0, 6}, {2}], [{0, 5}, {3}], None)
+    resident = [f({0}), f({3})]
+    assert cold_forced(ready, resident) == {1: 1, 2: 2, 3: 0}      # s1: {1}; s2: {6, 2}; s3: 5 shared, 3 resident
+    assert cold_forced(cands(None), [f()]) == {}
 
 
 # ---- construction and errors ---------------------------------------------------------------------------------
