@@ -29,7 +29,8 @@ import torch
 from ..errors import MoeEngineError
 from .kv_cache import SeqKV, StepKV
 from .logits_process import LogitsState, TokenLogprob, logprob_entry
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, warp_logits
+from .speculative import verify_greedy, verify_sampled
 from .stopping import StopChecker
 
 
@@ -190,9 +191,65 @@ class GenerationCore:
             seq.constraint.accept(token)
         if seq.stopper.update(0, token):
             seq.finish_reason = seq.stopper.reason(0)
+        elif seq.constraint is not None and seq.constraint.finished:   # the grammar is complete: only eos could follow
+            seq.finish_reason = "stop"
         elif len(seq.tokens) - seq.prompt_len >= seq.max_new or len(seq.tokens) >= self.max_context:
             seq.finish_reason = "length"
         return seq.done
+
+
+    # ---- speculative decoding ------------------------------------------------------------------------
+    @staticmethod
+    def can_speculate(seq: Sequence) -> bool:
+        """Drafts are verified for sequences without per-token processors or logprobs (a grammar is fine: its masks
+        follow the draft, runtime/grammar.py allowed_along)."""
+        return seq.processor is None and seq.logprobs is None and seq.error is None and seq.max_new > 0
+
+    def room(self, seq: Sequence) -> int:
+        """Draft tokens the sequence's KV cache and token limit leave room to verify."""
+        left = min(seq.kv.capacity, self.max_context) - seq.kv.length - 1
+        return max(0, min(left, seq.max_new - len(seq.generated) - 1))
+
+    @torch.inference_mode()
+    def speculate(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[list[int | None]]:
+        """One verify step: each sequence feeds its pending token and its draft (can_speculate, at most room()) in
+        one forward; returns the tokens each emits: the draft's kept prefix and one more (greedy: exactly what
+        greedy decoding would emit; sampled: speculative rejection sampling, the same law as sampling alone). A
+        sequence with an empty draft picks its token as sample() would ([None]: see sample). The KV cache keeps the
+        fed tokens up to the last kept draft token; the caller accepts the returned tokens one by one (a stop
+        in the middle discards the rest)."""
+        bases = [len(s.tokens) for s in seqs]
+        for s, d in zip(seqs, drafts):
+            if d and (not self.can_speculate(s) or len(d) > self.room(s)):
+                raise ValueError(f"sequence {s.seq_id} cannot verify a draft of {len(d)} tokens "
+                                 f"(room {self.room(s)}, can_speculate {self.can_speculate(s)})")
+            s.tokens.extend(d)                                   # fed with the pending token, taken back below
+        try:
+            rows = self.step(seqs, all_logits=True)              # [1 + k_i, V] each
+        finally:
+            for s, base in zip(seqs, bases):
+                del s.tokens[base:]
+        out = []
+        for s, d, r in zip(seqs, drafts, rows):
+            if not d:
+                out.append([_pick(s, r[-1:])])
+                continue
+            kept = _verify(s, r, d)
+            s.kv.length -= len(d) - (len(kept) - 1)              # forget the rejected drafts' keys and values
+            out.append(kept)
+        return out
+
+
+def _verify(s: Sequence, rows: torch.Tensor, draft: list[int]) -> list[int]:
+    """rows [k+1, V] raw logits along the draft -> the tokens to emit (grammar masks applied along the draft)."""
+    scores = rows.float()
+    if s.constraint is not None:
+        scores = scores.masked_fill(~s.constraint.allowed_along(draft).to(scores.device), float("-inf"))
+    params = s.sampler.params
+    if params.greedy:
+        return verify_greedy(scores, draft)
+    probs = warp_logits(scores, params).softmax(-1)             # [k+1, V]
+    return verify_sampled(probs, draft, None, s.sampler.generator(0))
 
 
 def _plain_greedy(s: Sequence) -> bool:

@@ -310,6 +310,10 @@ class Sampler:
             generator.manual_seed((self.params.seed + row) % _SEED_MOD)
         return generator
 
+    def generator(self, row: int) -> torch.Generator:
+        """Row's own generator (speculative verification draws with it too)."""
+        return self._generators[row]
+
     def __call__(self, logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """[R, V] logits -> LongTensor [R]. rows names the batch row of each logits row (default: all)."""
         rows = self._check_rows(logits, rows)
