@@ -141,3 +141,22 @@ def test_sampled_speculation_keeps_the_model_distribution(small):
         counts[x2] += 1
     from scipy.stats import chisquare
     assert chisquare(counts.numpy(), (marginal * counts.sum()).numpy()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("method", ["ngram", "resident"])
+def test_generate_with_speculation_equals_greedy(method):
+    """The bundled model with a quarter of its experts' budget (resident drafts route among the cached ones):
+    greedy text with speculation equals greedy text without, and stats report the drafts."""
+    eng = moe_engine.load(None, dtype="float32", progress=False, gpu_mem="25M")
+    try:
+        prompts = ["def add(a, b):\n    return a + b\n\ndef add(", "import os\nimport sys\nimport"]
+        want = eng.generate(prompts, max_new_tokens=24)
+        got = eng.generate(prompts, max_new_tokens=24, speculative_config={"method": method,
+                                                                           "num_speculative_tokens": 3})
+        assert got == want
+        spec = eng.stats()["speculation"]
+        assert spec["method"] == method and spec["drafted"] > 0 and 0 <= spec["accepted"] <= spec["drafted"]
+        with pytest.raises(ConfigError, match="max_batch"):
+            eng.generate(prompts, max_new_tokens=4, max_batch=1, speculative_config={"method": "ngram"})
+    finally:
+        eng.close()

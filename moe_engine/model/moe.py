@@ -57,6 +57,7 @@ class MoeBlock(nn.Module):
         self.experts = _unbound                    # (layer, x, weights, ids) -> [N, D]: bound once by the build
         self.observers = Observers()               # the decoder's (Decoder.__init__ shares one object)
         self.linear: LinearKernel | None = None   # the routed experts' matmul (Decoder.set_linear_kernel); F.linear if None
+        self.restrict: torch.Tensor | None = None # bool [E]: route only among these (speculative drafting); None: all
 
     @property
     def bound(self) -> bool:
@@ -69,7 +70,10 @@ class MoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] (real tokens only) -> [N, D]."""
-        weights, ids = self.select(self._logits(x), self.correction_bias)   # [N, K] each
+        logits = self._logits(x)                                             # [N, E]
+        if self.restrict is not None:          # a cache-restricted draft: the others are out (weights renormalize)
+            logits = logits.masked_fill(~self.restrict.to(logits.device), float("-inf"))
+        weights, ids = self.select(logits, self.correction_bias)             # [N, K] each
         self.observers.observe(self.layer, x, ids, weights)
         scale = self.spec.routed_scaling_factor
         out = self.experts(self.layer, x, weights if scale == 1.0 else weights * scale, ids)

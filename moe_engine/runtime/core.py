@@ -231,7 +231,7 @@ class GenerationCore:
                 del s.tokens[base:]
         out = []
         for s, d, r in zip(seqs, drafts, rows):
-            if not d:
+            if not d or s.error is not None:                     # no draft, or its logits failed (NaN/inf)
                 out.append([_pick(s, r[-1:])])
                 continue
             kept = _verify(s, r, d)

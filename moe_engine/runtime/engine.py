@@ -17,9 +17,11 @@ import torch
 from ..config import check_choice, check_int
 from ..errors import ConfigError, MoeEngineError, PromptTooLongError
 from .core import GenerationCore, Sequence
+from .drafting import Drafter, speculative_lockstep
 from .generation import Timings, lockstep, scheduled
 from .prompts import TextCodec, prompt_rows, tensor_output
 from .sampling import resolve_sampling
+from .speculative import SpeculativeConfig
 from .stats import build_stats
 from .stopping import normalize_eos
 from .textstream import TextStream
@@ -51,6 +53,7 @@ class Engine:
         self.generation_config = dict(checkpoint.generation_config)
         self.timings = Timings()              # the last generate / stream call's (stats "latency")
         self.quant = quant                    # how experts are quantized (stats "quant"), None when they are not
+        self.speculation: dict | None = None  # the last speculative generate call's drafts and acceptance
 
     @property
     def max_context(self) -> int:
@@ -76,13 +79,17 @@ class Engine:
                  scheduler: str = "expert", min_p: float | None = None, repetition_penalty: float | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
                  logit_bias: dict | None = None, allowed_token_ids: list[int] | None = None,
-                 min_new_tokens: int | None = None):
+                 min_new_tokens: int | None = None, speculative_config=None):
         """str -> str; list[str] -> list[str] (continuations); LongTensor [B, T] -> prompt + new ids.
 
         Sampling controls (transformers' names where it has them): temperature, top_k, top_p, min_p,
         repetition_penalty (prompt and generated ids), min_new_tokens (eos and stop strings ignored before), and
         OpenAI's presence_penalty / frequency_penalty (generated ids), logit_bias ({token id: bias}) and
         allowed_token_ids; see runtime/logits_process.py for their order.
+
+        speculative_config: vLLM's --speculative-config as a dict or JSON ({"method": "ngram" | "resident",
+        "num_speculative_tokens": K, ...}; runtime/speculative.py): drafts verified K + 1 tokens per step. Greedy
+        tokens are exactly those without it; sampled tokens follow the same law (not the same draws for a seed).
 
         The rows prefill together and decode together, one token each per step. max_batch: at most this many
         rows per decode step instead, the scheduler ("expert": rows whose experts overlap share steps; "fifo")
@@ -102,7 +109,21 @@ class Engine:
             check_choice(scheduler, "scheduler", ("expert", "fifo"))
         seqs = self._sequences(rows, max_new_tokens, eos_token_id, stop, kw, alone=max_batch is not None)
         timings = Timings()
-        if max_batch is not None:
+        spec = SpeculativeConfig.parse(speculative_config)
+        if spec is not None and max_batch is not None:
+            raise ConfigError("speculative_config works with the lockstep schedule: drop max_batch (the server "
+                              "verifies drafts per sequence in its own loop)")
+        if spec is not None:
+            drafter = Drafter(self.core, self.experts, spec)
+            if streamer is not None:
+                streamer.put(torch.tensor([rows[0]]))
+            for step in speculative_lockstep(self.core, drafter, seqs, timings):
+                if streamer is not None and step[0]:
+                    streamer.put(torch.tensor(step[0]))
+            if streamer is not None:
+                streamer.end()
+            self.speculation = drafter.stats()
+        elif max_batch is not None:
             scheduled(self.core, self.experts, seqs, max_batch, scheduler, self.plan and self.plan.kv_tokens, timings)
         else:
             if streamer is not None:
@@ -217,6 +238,8 @@ class Engine:
             device_peak = weights + kv + self.experts.nbytes()
         out = build_stats(self.timings, self.experts.stats(), self.gpu_mem, device_peak, self.cpu_mem)
         out["quant"] = self.quant or {"name": "none"}
+        if self.speculation is not None:
+            out["speculation"] = dict(self.speculation)
         return out
 
     def close(self) -> None:
