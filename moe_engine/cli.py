@@ -152,6 +152,15 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "--max-num-seqs); the scheduler picks which when more are ready")
     p.add_argument("--scheduler", choices=("expert", "fifo"), default="expert", help="which ready sequences "
                    "share a step: expert (fewer distinct experts and misses, bounded waiting) or fifo")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="ids fed per step, decode rows plus "
+                   "prompt chunks (vLLM's flag): decode rows first, long prompts prefilled in chunks over several "
+                   "steps (default: 512, or 2 x --max-batch if more)")
+    p.add_argument("--max-seqs-per-client", type=int, default=None, help="while other clients want seats or "
+                   "rows, one client (its API key, else its connection) runs at most N sequences, N rows per step; "
+                   "its sequences beyond N yield their seats (recomputed later) (default: --max-num-seqs / 4)")
+    p.add_argument("--max-cold-experts", type=int, default=None, help="while others are ready, a sequence that "
+                   "would force more than N non-resident experts no other needs waits (up to the scheduler's wait "
+                   "bound); only under an expert budget (default: top-k x MoE layers / 2)")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per request "
                    "(default: the model's context)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics "
@@ -344,6 +353,8 @@ def cmd_serve(args) -> int:
                      api_key=_api_key(args, os.environ),
                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                      chat_template=_read_chat_template(args.chat_template), scheduler=args.scheduler,
+                     max_num_batched_tokens=args.max_num_batched_tokens, max_seqs_per_client=args.max_seqs_per_client,
+                     max_cold_experts=args.max_cold_experts,
                      max_batch=args.max_batch, drain_timeout=args.drain_timeout, read_timeout=args.read_timeout,
                      metrics_prefix=args.metrics_prefix, metrics_without_key=args.allow_metrics_without_key)
     run_server(app, args.host, args.port)

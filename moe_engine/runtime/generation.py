@@ -3,13 +3,15 @@
     lockstep(core, seqs)    every sequence prefilled in one step, then one decode step over all that are still
                             running, until none is; yields each step's tokens (stream() shows them as they come)
     scheduled(core, ...)    the Batcher (batching.py) with the server's schedule: at most max_batch sequences
-                            per decode step, admission within the KV reserve, rows whose experts overlap grouped
+                            per decode step, admission within the KV reserve, prompts fed in chunks within the
+                            token budget, rows whose experts overlap grouped
 
 Both return what they measured in a Timings (Engine.stats reports the last call's); the sequences hold
 the tokens. Knows nothing of text.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -67,21 +69,24 @@ def lockstep(core: GenerationCore, seqs: list[Sequence], timings: Timings) -> It
 
 def scheduled(core: GenerationCore, cache, seqs: list[Sequence], max_batch: int, scheduler: str,
               kv_tokens: int | None, timings: Timings) -> None:
-    """Every sequence to its end through the server's Batcher (admission and schedule), on this thread."""
+    """Every sequence to its end through the server's Batcher (admission, token budget and schedule), on this thread.
+
+    No prefill time share here (vLLM's plain budget: each step's decode rows, then prompt chunks in what is left),
+    so the schedule depends on token counts only and a rerun takes the same steps."""
     batcher = Batcher(core, cache, max_num_seqs=len(seqs), max_batch=max_batch, scheduler=scheduler,
                       kv_tokens=kv_tokens)
     for s in seqs:
         if s.max_new > 0:
             batcher.enqueue(s)
     t0 = time.perf_counter()
-    with core.observing(batcher.recorder):
+    observing = core.observing(batcher.observer) if batcher.observer is not None else contextlib.nullcontext()
+    with observing:
         while batcher.waiting or batcher.running:
-            admitted = batcher.admit()
-            if admitted:
-                _release_done(batcher, batcher.prefill(admitted))
-            decoding = batcher.decoding()
-            if decoding:
-                _release_done(batcher, batcher.decode(batcher.pick(decoding)))
+            plan = batcher.plan()
+            if plan.chunks:
+                _release_done(batcher, batcher.prefill(plan.chunks))
+            if plan.decode:
+                _release_done(batcher, batcher.decode(plan.decode))
     timings.prompt_tokens += batcher.prompt_tokens
     timings.decode_tokens += batcher.decode_tokens
     timings.steps += batcher.steps

@@ -1,7 +1,8 @@
 """The serving loop: one thread that owns the engine and drives the Batcher (batching.py) for the server.
 
-    loop thread:  cancels -> admit + prefill (one group per iteration while others decode) -> one decode step
-                  -> each sequence's tokens through its TextStream -> Event callbacks
+    loop thread:  cancels -> Batcher.plan (admission, decode rows, prompt chunks within the token budget)
+                  -> one prefill forward of the chunks -> one decode step -> each sequence's tokens through its
+                  TextStream -> Event callbacks
     callers:      submit(Request) / cancel(id) / drain() / abort_all() / shutdown() / counters()
     metrics:      Event times (queue, first token, per-token gaps, end); on_step(prompt, generated) per iteration
 
@@ -41,6 +42,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     eos_token_ids: set[int] | None = None            # None: the model's
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    client: object = None                            # who sent it (fairness: --max-seqs-per-client); None: anonymous
 
 
 @dataclass
@@ -74,12 +76,15 @@ class _Served:
 
 class EngineLoop:
     def __init__(self, engine, max_num_seqs: int = 16, max_batch: int | None = None, scheduler: str = "expert",
-                 max_waiting: int | None = None, kv_tokens: int | None = None, **batching):
+                 max_waiting: int | None = None, kv_tokens: int | None = None, prefill_share: float | None = 0.5,
+                 **batching):
+        """batching: the Batcher's options (max_num_batched_tokens, max_seqs_per_client, max_cold_experts, ...);
+        prefill_share: the time prefill may take while sequences decode (PhaseGate; None: no limit)."""
         self.engine = engine
         self.max_waiting = max_waiting if max_waiting is not None else 8 * max_num_seqs
         plan_kv = engine.plan.kv_tokens if engine.plan is not None else None
         self.batcher = Batcher(engine.core, engine.experts, max_num_seqs, max_batch, scheduler,
-                               kv_tokens or plan_kv, **batching)
+                               kv_tokens or plan_kv, prefill_share=prefill_share, **batching)
         self.kv_tokens = self.batcher.kv_tokens
         self.served: dict[int, _Served] = {}            # seq id -> request, waiting or running
         self._cancel: set[str] = set()
@@ -91,7 +96,8 @@ class EngineLoop:
 
     # ---- callers' side --------------------------------------------------------------------------
     def start(self) -> EngineLoop:
-        self.engine.observers.add(self.batcher.recorder)     # removed again at shutdown; other observers stay
+        if self.batcher.observer is not None:                # removed again at shutdown; other observers stay
+            self.engine.observers.add(self.batcher.observer)
         self._thread.start()
         return self
 
@@ -108,7 +114,7 @@ class EngineLoop:
                                  f"needs more KV cache than the server reserves ({self.kv_tokens} tokens)")
             served = self._serve(req)
             self.served[served.seq.seq_id] = served
-            self.batcher.enqueue(served.seq)
+            self.batcher.enqueue(served.seq, req.client)
             self._cond.notify_all()
 
     def _serve(self, req: Request) -> _Served:
@@ -152,7 +158,8 @@ class EngineLoop:
             self._thread.join(timeout)
         if self._thread.is_alive():
             return False
-        self.engine.observers.remove(self.batcher.recorder)
+        if self.batcher.observer is not None:
+            self.engine.observers.remove(self.batcher.observer)
         return True
 
     # ---- the loop thread ------------------------------------------------------------------------
@@ -164,18 +171,18 @@ class EngineLoop:
                 if self._stop:
                     break
                 cancels, self._cancel = self._cancel, set()
-                admitted = b.admit()
             self._apply_cancels(cancels)
-            admitted = [s for s in admitted if s.seq_id in b.running]     # not cancelled as they were admitted
+            with self._cond:
+                plan = b.plan()
             now = time.perf_counter()
-            for s in admitted:
-                self.served[s.seq_id].t_admit = now
-            if admitted:
-                self._guarded(admitted, lambda: self._send_tokens(b.prefill(admitted), first=True))
-            decoding = b.decoding()
-            if decoding:
-                batch = b.pick(decoding)
-                self._guarded(batch, lambda: self._send_tokens(b.decode(batch)))
+            for s in plan.admitted:                            # a preempted one keeps its first admission time
+                served = self.served[s.seq_id]
+                served.t_admit = served.t_admit or now
+            if plan.chunks:
+                self._guarded([s for s, _ in plan.chunks],
+                              lambda: self._send_tokens(b.prefill(plan.chunks), plan.prefill_tokens))
+            if plan.decode:
+                self._guarded(plan.decode, lambda: self._send_tokens(b.decode(plan.decode)))
             self._report_step()
             with self._cond:
                 self._cond.notify_all()                       # drain() waiters
@@ -213,13 +220,13 @@ class EngineLoop:
                 log.exception("the loop's on_step hook failed")
 
     # ---- events ---------------------------------------------------------------------------------
-    def _send_tokens(self, tokens: list[tuple[Sequence, int]], first: bool = False) -> None:
+    def _send_tokens(self, tokens: list[tuple[Sequence, int]], prompt_tokens: int = 0) -> None:
         now = time.perf_counter()
-        self._step_tokens[0] += sum(seq.prompt_len for seq, _ in tokens) if first else 0
+        self._step_tokens[0] += prompt_tokens
         self._step_tokens[1] += len(tokens)
         for seq, token in tokens:
             s = self.served[seq.seq_id]
-            if first:
+            if s.t_first is None:
                 s.t_first = now
             else:
                 s.gaps.append(now - s.t_last)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import threading
@@ -48,6 +49,9 @@ class ServerConfig:
     scheduler: str = "expert"
     max_batch: int | None = None
     max_waiting: int | None = None
+    max_num_batched_tokens: int | None = None  # ids per step (decode rows + prompt chunks); None: the Batcher's
+    max_seqs_per_client: int | None = None     # None: max(1, max_num_seqs // 4)
+    max_cold_experts: int | None = None        # None: top_k x MoE layers // 2
     max_body_bytes: int = 1 << 20
     drain_timeout: float = 60.0
     read_timeout: float = 30.0                 # seconds a client has to send a request body (run.py: its head)
@@ -55,9 +59,16 @@ class ServerConfig:
     metrics_without_key: bool = False          # /metrics open with --api-key set (vLLM never asks a key there)
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_body_bytes", "max_model_len", "max_batch", "max_waiting"):
+        for name in ("max_num_seqs", "max_body_bytes", "max_model_len", "max_batch", "max_waiting",
+                     "max_num_batched_tokens", "max_seqs_per_client"):
             check_int(getattr(self, name), name, optional=name not in ("max_num_seqs", "max_body_bytes"),
                       flag="--" + name.replace("_", "-"))
+        check_int(self.max_cold_experts, "max_cold_experts", minimum=0, optional=True, flag="--max-cold-experts")
+        rows = self.max_batch or self.max_num_seqs
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= rows:
+            raise ConfigError(f"max_num_batched_tokens={self.max_num_batched_tokens} is invalid: a step's decode rows "
+                              f"(up to {rows}, --max-batch or --max-num-seqs) come first and prompts need room after "
+                              f"them; use more than {rows} (--max-num-batched-tokens)")
         if self.scheduler not in ("expert", "fifo"):
             raise ConfigError(f"scheduler={self.scheduler!r} is invalid: use expert or fifo (--scheduler)")
         for name in ("drain_timeout", "read_timeout"):
@@ -91,7 +102,9 @@ class ServerState:
         if cfg.max_model_len is not None and cfg.max_model_len > ctx:
             raise ConfigError(f"--max-model-len {cfg.max_model_len} is more than the model's context ({ctx}, "
                               f"max_position_embeddings in config.json); use at most {ctx}")
-        loop = EngineLoop(engine, cfg.max_num_seqs, cfg.max_batch, cfg.scheduler, cfg.max_waiting)
+        loop = EngineLoop(engine, cfg.max_num_seqs, cfg.max_batch, cfg.scheduler, cfg.max_waiting,
+                          max_num_batched_tokens=cfg.max_num_batched_tokens,
+                          max_seqs_per_client=cfg.max_seqs_per_client, max_cold_experts=cfg.max_cold_experts)
         self.limit = min(cfg.max_model_len or ctx, ctx, loop.kv_tokens)
         self.model_name = self.model_name or engine.checkpoint.model_dir.name
         self.metrics.attach(engine, loop, self.model_name, self.limit)
@@ -99,8 +112,10 @@ class ServerState:
             self.engine, self.loop = engine, loop.start()
             if self.status == "loading":
                 self.status = "ready"
-        log.info("serving %s: up to %d tokens per request, %d sequences, %s scheduler", self.model_name,
-                 self.limit, cfg.max_num_seqs, cfg.scheduler)
+        b = loop.batcher
+        log.info("serving %s: up to %d tokens per request, %d sequences (at most %d per client while others wait), "
+                 "%d tokens per step, %s scheduler", self.model_name, self.limit, cfg.max_num_seqs, b.client_cap,
+                 b.budget, cfg.scheduler)
 
     def load_in_background(self, factory: Callable[[], object]) -> None:
         def run():
@@ -237,6 +252,16 @@ def _status_message(state: ServerState) -> str:
 
 
 # ---- request steps -----------------------------------------------------------------------------
+def client_id(request: HTTPRequest, state: ServerState) -> str:
+    """Who sent a request, for the fairness limits (--max-seqs-per-client): the API key it sends (a digest of it),
+    unless the server checks one --api-key that every client sends; else its connection (peer address and port)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if state.config.api_key is None and scheme.lower() == "bearer" and token.strip():
+        return "key:" + hashlib.sha256(token.strip().encode()).hexdigest()[:16]
+    peer = request.client
+    return f"peer:{peer.host}:{peer.port}" if peer is not None else "peer:?"
+
+
 def _authorize(request: HTTPRequest, state: ServerState) -> None:
     key = state.config.api_key
     if key is None:
@@ -334,7 +359,8 @@ def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
 async def _generate(request: HTTPRequest, state: ServerState, body, prompts, asked, default, chat: bool):
     what = "messages" if chat else "prompt"
     max_tokens = [serving.max_tokens_for(asked, len(p), state.limit, default, what) for p in prompts]
-    job = serving.submit(state.loop, state.metrics, state.engine.generation_config, prompts, max_tokens, body)
+    job = serving.submit(state.loop, state.metrics, state.engine.generation_config, prompts, max_tokens, body,
+                         client=client_id(request, state))
     job.watch(request.receive)
     shape = serving.Shape(chat, state.model_name)
     if body.stream:

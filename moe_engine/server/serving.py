@@ -114,7 +114,7 @@ class Job:
 
 
 def submit(loop, metrics, gen_config: dict, prompts: list[list[int]], max_tokens: list[int], body,
-           eos_token_ids=None) -> Job:
+           eos_token_ids=None, client=None) -> Job:
     """One engine Request per (prompt, j < n); all or none are queued (QueueFull -> 503)."""
     aio = asyncio.get_running_loop()
     job = Job(loop, asyncio.Queue(), sum(len(p) for p in prompts))
@@ -130,7 +130,8 @@ def submit(loop, metrics, gen_config: dict, prompts: list[list[int]], max_tokens
     try:
         for p, ids in enumerate(prompts):
             for j in range(body.n):
-                req = Request(ids, max_tokens[p], sampling_for(gen_config, body, j), on_event, stops, eos_token_ids)
+                req = Request(ids, max_tokens[p], sampling_for(gen_config, body, j), on_event, stops, eos_token_ids,
+                              client=client)
                 job.ids.append(req.request_id)
                 loop.submit(req)
     except QueueFull as e:
