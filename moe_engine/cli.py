@@ -10,8 +10,10 @@ from .errors import MoeEngineError
 
 def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
-                   help="Hugging Face checkpoint directory (config.json + *.safetensors); "
-                   "default: the bundled tiny-moe model")
+                   help="Hugging Face checkpoint directory (config.json + *.safetensors) or hub id (org/name: "
+                   "downloaded into the Hugging Face cache, or taken from it offline); default: the bundled tiny-moe "
+                   "model")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub id MODEL_DIR (default: main)")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), float32, float16 or bfloat16")
     p.add_argument("--gpu-mem", default=None, help="budget of the compute tier, e.g. 8G, or auto: what this process "
@@ -39,7 +41,8 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
                    "(default: the bundled model's held-out calibration text)")
     p.add_argument("--quant-cache", default=None, help="directory of quantized experts (default: $MOE_ENGINE_CACHE "
                    "or ~/.cache/moe-engine)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars while loading")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars while loading (the placement "
+                   "plan still prints)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -52,9 +55,15 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-engine", description="Run Mixture-of-Experts models whose experts "
                                      "do not fit in fast memory.")
+    parser.add_argument("--version", action="version", version=f"moe-engine {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
     _add_load_flags(gen)
@@ -110,12 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_simulate_parser(sub) -> None:
     from .profiling.hardware import PRESETS
-    from .profiling.shapes import SHAPES
+    from .profiling.shapes import PRESETS as SHAPES
     sm = sub.add_parser("simulate", help="predict loads, hit rate, stalls and tokens/s of a routing trace on "
                         "modelled hardware, through the engine's own cache policy and predictor code")
-    sm.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR", help="checkpoint directory whose "
-                    "config.json gives the expert and layer sizes (weights not needed)")
-    sm.add_argument("--trace", required=True, help="routing trace (.npz, `moe-engine trace` format)")
+    sm.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR", help="checkpoint directory or hub id "
+                    "(org/name: its config.json alone is downloaded) whose config.json gives the expert and layer "
+                    "sizes (weights not needed); default: the bundled tiny-moe model")
+    sm.add_argument("--revision", default=None, help="branch, tag or commit of a hub id MODEL_DIR")
+    sm.add_argument("--trace", default=None, help="routing trace (.npz, `moe-engine trace` format); one of another "
+                    "model is folded onto this one's shape, with a warning. Default: the bundled model's own trace, or "
+                    "synthetic routing for other models (not real routing; a warning says so)")
     sm.add_argument("--model-shape", default=None, help=f"named model shape instead of MODEL_DIR: "
                     f"{', '.join(SHAPES)}")
     sm.add_argument("--expert-bytes", type=int, default=None, help="bytes of one expert instead of MODEL_DIR "
@@ -125,8 +138,10 @@ def _add_simulate_parser(sub) -> None:
     sm.add_argument("--cache-experts", default=None, help="experts cached per layer: 8, 4,8,16, 4-32 or 4-32:4 "
                     "(default: k, 2k, ... E and the moe-lrc suggestion)")
     sm.add_argument("--gpu-mem", default=None, help="compute-tier budget (e.g. 8G) instead of --cache-experts: "
-                    "experts per layer = what fits after the non-expert weights and --max-kv-tokens of KV cache")
-    sm.add_argument("--max-kv-tokens", type=int, default=4096, help="KV reserve counted in --gpu-mem (default 4096)")
+                    "experts per layer as the engine's placement plan gives them (after the non-expert weights, "
+                    "--max-kv-tokens of KV cache, IO buffers and workspace)")
+    sm.add_argument("--max-kv-tokens", type=int, default=None, help="KV reserve counted in --gpu-mem (default: as "
+                    "the engine's, min(context, 4096) tokens)")
     sm.add_argument("--policy", default="default", help="eviction policy: default, lru, lfu")
     sm.add_argument("--predictor", default="none", help="none, oracle (the trace itself), or one that works "
                     "from routing alone (path, path:FILE)")
@@ -184,12 +199,12 @@ def _engine_config(args):
     """The loading flags -> one checked EngineConfig (runtime/config.py), built once per command."""
     from .runtime.config import EngineConfig
     from .runtime.load import model_dir_or_default
-    return EngineConfig.from_args(model_dir_or_default(args.model_dir), args)
+    return EngineConfig.from_args(model_dir_or_default(args.model_dir, args.revision, not args.no_progress), args)
 
 
 def _load(args):
     from .runtime.load import build_engine
-    return build_engine(_engine_config(args))
+    return build_engine(_engine_config(args), show_plan=True)
 
 
 def cmd_generate(args) -> int:
@@ -343,13 +358,14 @@ def cmd_serve(args) -> int:
     from pathlib import Path
 
     from .errors import ConfigError
+    from .checkpoint.hub import is_hub_id
     from .runtime.load import build_engine
     from .server import create_app, run_server
-    if args.model_dir is not None and not Path(args.model_dir).is_dir():
+    if args.model_dir is not None and not is_hub_id(args.model_dir) and not Path(args.model_dir).is_dir():
         raise ConfigError(f"MODEL_DIR {args.model_dir} is not a directory; give a Hugging Face checkpoint directory")
 
     config = _engine_config(args)                 # every loading flag checked before the server starts
-    app = create_app(engine_factory=lambda: build_engine(config), served_model_name=args.served_model_name,
+    app = create_app(engine_factory=lambda: build_engine(config, show_plan=True), served_model_name=args.served_model_name,
                      api_key=_api_key(args, os.environ),
                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                      chat_template=_read_chat_template(args.chat_template), scheduler=args.scheduler,
@@ -367,34 +383,32 @@ def cmd_simulate(args) -> int:
 
     from .errors import ConfigError
     from .profiling.lrc import lrc_metrics
-    from .profiling.sim_report import parse_cache_sizes, pick_hardware, pick_shape, render
+    from .profiling.sim_report import (parse_cache_sizes, pick_hardware, pick_shape, pick_trace, plan_sizes,
+                                       read_trace, render)
     from .profiling.simulate import simulate
-    from .profiling.trace import TraceError, load_trace
-    try:
-        trace = load_trace(args.trace)
-    except TraceError as e:
-        raise ConfigError(f"--trace {args.trace}: {e}") from None
-    if args.sequences is not None:
-        if args.sequences < 1:
-            raise ConfigError(f"--sequences {args.sequences}: must be >= 1")
-        trace = trace.sequences(0, min(args.sequences, trace.num_sequences))
-    shape = pick_shape(trace, args.model_dir, args.model_shape, args.expert_bytes, args.quant)
-    hw = pick_hardware(args.hardware, args.bandwidth, args.compute, args.load_latency, args.no_overlap,
-                       args.host_compute)
-    trace.num_experts = max(int(trace.num_experts), shape.num_experts)
-    lrc = lrc_metrics(trace)
     if args.gpu_mem is not None and args.cache_experts is not None:
         raise ConfigError("give --gpu-mem or --cache-experts, not both (--gpu-mem decides the experts per layer)")
+    if args.sequences is not None and args.sequences < 1:
+        raise ConfigError(f"--sequences {args.sequences}: must be >= 1")
+    hw = pick_hardware(args.hardware, args.bandwidth, args.compute, args.load_latency, args.no_overlap,
+                       args.host_compute)
+    given = read_trace(args.trace) if args.trace is not None else None
+    shape, model_dir = pick_shape(given, args.model_dir, args.model_shape, args.expert_bytes, args.quant,
+                                  args.revision)
+    bundled = args.model_dir is None and args.model_shape is None and args.expert_bytes is None
+    trace, source = pick_trace(given, args.trace, shape, bundled)
+    trace.num_experts = max(int(trace.num_experts), shape.num_experts)
+    if args.sequences is not None:
+        trace = trace.sequences(0, min(args.sequences, trace.num_sequences))
+    lrc = lrc_metrics(trace)
     if args.gpu_mem is not None:
-        from .config import parse_size
-        if args.gpu_mem.strip().lower() == "auto":
-            raise ConfigError("--gpu-mem auto measures this machine, but simulate models --hardware; give the "
-                              "modelled card's budget as a size, e.g. --gpu-mem 7.5G")
-        sizes = [shape.experts_per_layer(parse_size(args.gpu_mem, "--gpu-mem"), args.max_kv_tokens)]
+        sizes = plan_sizes(shape, args.gpu_mem, args.max_kv_tokens, hw.device)
     else:
         sizes = parse_cache_sizes(args.cache_experts, trace.top_k, shape.num_experts, lrc["suggested_cache_experts"])
-    report = simulate(trace, shape, hw, sizes, args.policy, args.predictor, not args.no_reset, args.model_dir)
+    print(f"[moe-engine] {source}", file=sys.stderr)            # every value checked: say where the routing is from
+    report = simulate(trace, shape, hw, sizes, args.policy, args.predictor, not args.no_reset, model_dir)
     report["lrc"] = lrc
+    report["trace_source"] = source
     render(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
@@ -410,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except MoeEngineError as e:
-        print(f"moe-engine: error: {e}", file=sys.stderr)
+        from .config import cli_words
+        from .runtime.load import FLAG_KEYWORDS
+        print(f"moe-engine: error: {cli_words(str(e), FLAG_KEYWORDS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -32,7 +32,7 @@ def minimum_budget(model_dir=None, dtype=torch.float32) -> int:
     with pytest.raises(ConfigError) as err:
         moe_engine.load(model_dir, dtype="float32", gpu_mem=1, progress=False)
     text = str(err.value)
-    assert "raise --gpu-mem to at least" in text
+    assert "raise gpu_mem to at least" in text                # load()'s keyword, not the CLI flag
     return int(text.split("(")[-1].split(" bytes")[0])
 
 

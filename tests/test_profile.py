@@ -218,4 +218,4 @@ def test_cli_bad_input(capsys, tmp_path):
 def test_plot_without_matplotlib_names_the_fix(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
     err = _cli_error(capsys, "--plot", str(tmp_path / "p.png"))
-    assert "pip install moe-engine[bench]" in err and not (tmp_path / "p.png").exists()
+    assert "pip install -e \".[bench]\"" in err and not (tmp_path / "p.png").exists()

@@ -278,7 +278,7 @@ def test_bad_quant_input_fails_before_any_work(tmp_path, model_dir):
     ro.mkdir()
     ro.chmod(0o500)
     if not os.access(ro, os.W_OK):                                             # root ignores permissions
-        with pytest.raises(ConfigError, match="--quant-cache"):
+        with pytest.raises(ConfigError, match="quant_cache"):
             moe_engine.load(model_dir, quant="int4", quant_group=32, quant_cache=ro / "x", progress=False)
     assert not list((tmp_path).glob("quant/*"))                                # nothing was written
 

@@ -179,9 +179,9 @@ def test_dense_width_of_each_setting():
 
 
 def test_bad_scope_values_name_the_flag(cache, capsys):
-    with pytest.raises(ConfigError, match=r"--quant-scope all .*add --quant int4 \(or int8\)"):
+    with pytest.raises(ConfigError, match=r"quant_scope all .*add quant int4 \(or int8\)"):
         moe_engine.load(quant_scope="all", progress=False)
-    with pytest.raises(ConfigError, match=r"--quant-scope 'dense' is not recognized; use experts .* or all"):
+    with pytest.raises(ConfigError, match=r"quant_scope='dense' is not recognized; use experts .* or all"):
         moe_engine.load(quant="int4", quant_scope="dense", progress=False)
     from moe_engine.cli import main
     args = ["generate", "--no-progress", "--device", "cpu", "--prompt", "x", "--max-new-tokens", "2"]
@@ -193,5 +193,5 @@ def test_bad_scope_values_name_the_flag(cache, capsys):
 def test_group_must_divide_every_dense_matrix(tmp_path, cache):
     path = write_checkpoint(tmp_path / "m", "qwen2_moe", overrides=dict(moe_intermediate_size=32))
     moe_engine.load(path, quant="int4", quant_group=32, quant_cache=cache, progress=False).close()   # experts only
-    with pytest.raises(ConfigError, match=r"--quant-scope all --quant-group 32: .*shared.down has 40 input columns"):
+    with pytest.raises(ConfigError, match=r"quant_scope all quant_group=32: .*shared.down has 40 input columns"):
         moe_engine.load(path, quant="int4", quant_group=32, quant_scope="all", quant_cache=cache, progress=False)

@@ -1,4 +1,6 @@
-"""Offloading simulator: timeline cases by hand, agreement with replay.py and Belady, prefetching, CLI contract."""
+"""Offloading simulator: timeline cases by hand, agreement with replay.py and Belady, prefetching, the engine's
+placement plan for --gpu-mem, where the routing comes from (the bundled model's trace, synthetic, folded), CLI
+contract and tables."""
 import json
 import shutil
 from pathlib import Path
@@ -6,28 +8,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import moe_engine
 from moe_engine.cli import main
+from moe_engine.config import parse_rate
 from moe_engine.errors import ConfigError
 from moe_engine.experts.policies import make_policy
-from moe_engine.config import parse_rate
 from moe_engine.profiling.hardware import Hardware
+from moe_engine.profiling.profile import builtin_prompts
 from moe_engine.profiling.replay import replay
-from moe_engine.profiling.shapes import SHAPES, expert_bytes_shape, shape_from_config
+from moe_engine.profiling.shapes import PRESETS, expert_bytes_shape, shape_from_config, shape_preset
 from moe_engine.profiling.simulate import Job, Link, Simulator, compute_bound_tokens_per_s, simulate
-from moe_engine.profiling.trace import Trace, save_trace
+from moe_engine.profiling.synthetic import BUNDLED_TRACE, fold_trace, synthetic_trace
+from moe_engine.profiling.trace import Trace, load_trace, save_trace
+from moe_engine.runtime.load import DEFAULT_MODEL_DIR
 
-DEV = Path("/work/shared/data/routing/gptoss20b_dev.npz")
 CONTRACT = ("loads", "hit_rate", "belady_loads", "belady_hit_rate", "stall_seconds", "tokens_per_s")
 MIB = 1 << 20
+SHAPES = {name: shape_preset(name) for name in PRESETS}
 
 
 @pytest.fixture(scope="module")
 def small_trace() -> Trace:
-    """The first 2 sequences of the GPT-OSS-20B dev trace, cut to 96 tokens each (24 layers, top-4 of 32)."""
-    z = np.load(DEV)
-    off = z["seq_offsets"]
-    rows = np.concatenate([np.arange(off[i], off[i] + 96) for i in range(2)])
-    return Trace(z["experts"][rows], z["probs"][rows], np.array([0, 96, 192]), num_experts=32)
+    """GPT-OSS-20B-shaped routing (24 layers, top-4 of 32), 2 sequences of 96 tokens: synthetic (seeded, skewed
+    popularity per sequence), so that the suite needs no data from outside the repository."""
+    return synthetic_trace(24, 32, 4, sequences=2, tokens=96, seed=1)
 
 
 def _hw(link=1e9, compute=1e10, overlap=True, latency=0.0) -> Hardware:
@@ -120,18 +124,31 @@ def test_presets_sizes():
     assert parse_rate("2.2G", "--bandwidth") == 2.2e9 and parse_rate("25GB/s", "--bandwidth") == 25e9
 
 
-def test_gpu_mem_decides_experts_per_layer():
+def test_gpu_mem_is_the_engines_placement_plan(tmp_path):
+    """--gpu-mem gives the experts per layer that the engine itself places in that budget (loader buffers and
+    workspace included): the bundled model in 16 MiB gets 3-4 per layer, not the 8 a weights-and-KV-only rule says."""
+    eng = moe_engine.load(device="cpu", gpu_mem="16M", progress=False)
+    try:
+        placed = [eng.plan.quotas[layer] for layer in eng.spec.moe_layers]
+    finally:
+        eng.close()
+    assert shape_from_config(DEFAULT_MODEL_DIR).engine_quotas(16 * MIB, device="cpu") == placed
+    assert 3 <= min(placed) < max(placed) <= 4
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--gpu-mem", "16M", "--hardware", "this-cpu-disk", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert len(res) == 1 and res[0]["quotas"] == placed and res[0]["cache_experts"] == round(sum(placed) / 6, 2)
+
+
+def test_gpu_mem_on_a_preset_grows_with_the_budget_and_names_the_minimum():
     shape = SHAPES["gpt-oss-20b"]
-    fixed = shape.resident_dense_bytes + 4096 * shape.kv_bytes_per_token
-    per_slot = shape.expert_bytes * shape.num_layers                     # one more expert in every layer
-    assert shape.experts_per_layer(fixed + 7 * per_slot) == 7
-    assert shape.experts_per_layer(fixed + 7 * per_slot - 1) == 6
-    assert shape.experts_per_layer(fixed + 7 * per_slot, kv_tokens=8192) < 7
-    assert shape.experts_per_layer(fixed + 100 * per_slot) == shape.num_experts
-    with pytest.raises(ConfigError, match="top_k=4 need at least"):
-        shape.experts_per_layer(fixed + 3 * per_slot)
-    with pytest.raises(ConfigError, match="--gpu-mem"):                  # Mixtral in bf16 on an 8 GB card
-        SHAPES["mixtral-8x7b"].experts_per_layer(int(7.5 * 2**30))
+    small, large = shape.engine_quotas(int(6 * 2**30)), shape.engine_quotas(int(7.5 * 2**30))
+    assert len(small) == 24 and sum(small) < sum(large) and shape.experts_per_layer(int(7.5 * 2**30)) == min(large)
+    assert shape.engine_quotas(int(7.5 * 2**30), kv_tokens=16384) < large
+    with pytest.raises(ConfigError, match=r"--gpu-mem .* too small .* raise --gpu-mem to at least"):
+        SHAPES["mixtral-8x7b"].experts_per_layer(int(7.5 * 2**30))        # Mixtral in bf16 on an 8 GB card
+    with pytest.raises(ConfigError, match="--cache-experts"):
+        expert_bytes_shape(4096, 2, 4, 8).engine_quotas(2**30)
 
 
 def test_cli_gpu_mem(small_trace, tmp_path):
@@ -140,7 +157,7 @@ def test_cli_gpu_mem(small_trace, tmp_path):
     assert main(["simulate", "--trace", str(path), "--model-shape", "gpt-oss-20b", "--gpu-mem", "7.5G",
                  "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
-    assert [r["cache_experts"] for r in rep["results"]] == [SHAPES["gpt-oss-20b"].experts_per_layer(int(7.5 * 2**30))]
+    assert [r["quotas"] for r in rep["results"]] == [SHAPES["gpt-oss-20b"].engine_quotas(int(7.5 * 2**30))]
     assert main(["simulate", "--trace", str(path), "--model-shape", "gpt-oss-20b", "--gpu-mem", "8G",
                  "--cache-experts", "8"]) == 2
 
@@ -179,8 +196,7 @@ def test_cli_host_compute_runs_misses_on_the_host(small_trace, tmp_path):
     (["--model-shape", "gpt-oss-20b", "--cache-experts", "64"], ["--cache-experts", "64", "32"]),
     (["--model-shape", "gpt-oss-20b", "--hardware", "rtx9999"], ["--hardware", "rtx9999", "pcie4-x16"]),
     (["--model-shape", "nope"], ["--model-shape", "mixtral-8x7b"]),
-    ([], ["MODEL_DIR", "--model-shape", "--expert-bytes"]),
-    (["--model-shape", "mixtral-8x7b"], ["top-2", "top-4"]),
+    (["--model-shape", "gpt-oss-20b", "--expert-bytes", "4096"], ["--model-shape", "--expert-bytes"]),
     (["--model-shape", "gpt-oss-20b", "--bandwidth", "fast"], ["--bandwidth", "fast"]),
     (["--model-shape", "gpt-oss-20b", "--predictor", "gate-lookahead"], ["--predictor", "routing trace"]),
 ])
@@ -192,3 +208,78 @@ def test_cli_bad_input_names_the_flag(small_trace, tmp_path, capsys, argv, words
     err = capsys.readouterr().err
     for w in words:
         assert w in err
+
+
+# ---- where the routing comes from -------------------------------------------------------------------------
+
+def test_no_arguments_simulates_the_bundled_model_on_its_own_trace(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--cache-experts", "4,8", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    err = capsys.readouterr().err
+    assert rep["model"]["name"] == "tiny-moe" and "bundled model's own routing" in err
+    tr = load_trace(BUNDLED_TRACE)
+    assert rep["trace"]["tokens"] == tr.num_steps and [r["cache_experts"] for r in rep["results"]] == [4, 8]
+
+
+def test_the_bundled_trace_is_the_bundled_models_routing():
+    tr, shape = load_trace(BUNDLED_TRACE), shape_from_config(DEFAULT_MODEL_DIR)
+    assert (tr.num_layers, tr.top_k) == (shape.num_layers, shape.top_k) and tr.num_experts <= shape.num_experts
+    assert tr.num_sequences == len(builtin_prompts()) and tr.token_ids is not None
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_a_preset_without_a_trace_gets_synthetic_routing_and_says_so(tmp_path, capsys, name):
+    out = tmp_path / "sim.json"
+    shape = SHAPES[name]
+    assert main(["simulate", "--model-shape", name, "--cache-experts", str(shape.top_k), "--sequences", "1",
+                 "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "synthetic routing" in err and "not real routing" in err and err.count("\n") == 1
+    rep = json.loads(out.read_text())
+    assert rep["trace"]["layers"] == shape.num_layers and rep["trace"]["top_k"] == shape.top_k
+    assert "synthetic" in rep["trace_source"]
+
+
+def test_synthetic_trace_is_seeded_distinct_and_skewed():
+    a, b = synthetic_trace(4, 16, 2, sequences=2, tokens=200), synthetic_trace(4, 16, 2, sequences=2, tokens=200)
+    assert np.array_equal(a.experts, b.experts) and a.experts.shape == (400, 4, 2)
+    assert (a.experts[..., 0] != a.experts[..., 1]).all()
+    np.testing.assert_allclose(a.probs.sum(-1), 1.0, rtol=1e-5)
+    counts = np.bincount(a.experts[:200, 0].ravel(), minlength=16)
+    assert counts.max() > 4 * 400 / 16 / 2                       # popularity skew: far from uniform (25 each)
+
+
+def test_another_models_trace_is_folded_with_a_warning(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--model-shape", "mixtral-8x7b", "--trace", str(BUNDLED_TRACE), "--sequences", "2",
+                 "--cache-experts", "4", "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the trace (6 MoE layers x top-2 of 16 experts) is not mixtral-8x7b's shape" in err
+    rep = json.loads(out.read_text())
+    assert rep["trace"]["layers"] == 32 and rep["trace"]["experts"] == 8
+
+
+def test_fold_keeps_k_distinct_ids_and_the_trace_rows():
+    tr = Trace(np.array([[[3, 11, 7, 19]], [[0, 8, 16, 1]]], np.int16), np.full((2, 1, 4), 0.25, np.float32),
+               np.array([0, 2]), num_experts=20)
+    f = fold_trace(tr, 2, 8, 2)
+    assert f.experts.shape == (2, 2, 2)
+    assert f.experts[0, 0].tolist() == [3, 7]                    # 11 -> 3 (taken already), then 7
+    assert f.experts[1, 1].tolist() == [0, 1]                    # 8, 16 -> 0 (taken twice): then 1
+    assert (f.experts[:, 0] == f.experts[:, 1]).all()           # layer 1 takes trace layer 1 mod 1 = 0
+
+
+def test_expert_bytes_needs_a_trace(capsys):
+    assert main(["simulate", "--expert-bytes", "4096"]) == 2
+    assert "--expert-bytes needs --trace" in capsys.readouterr().err
+
+
+def test_tables_are_not_cut_at_80_columns(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["simulate", "--cache-experts", "2,4", "--sequences", "2"]) == 0
+    out = capsys.readouterr().out
+    for header in ("C/layer", "resident", "Belady hit", "loads/tok", "Belady loads", "stall s", "tok/s", "pf P/R",
+                   "segments", "SCH c=16"):
+        assert header in out, header
+    assert "…" not in out

@@ -48,6 +48,7 @@ class Hardware:
     host_compute_bytes_per_s: float | None = None   # hybrid execution: the host CPU computes a miss streaming
                                                     # its weights at this rate when that beats loading it
     memory_bytes: int | None = None         # the compute tier's size, when the preset is a concrete card
+    device: str = "cuda"                    # the compute device the engine's placement plan is made for
     notes: str = ""
 
     def __post_init__(self):
@@ -95,11 +96,11 @@ PRESETS: dict[str, Hardware] = {
                           layer_overhead_s=20e-6, token_overhead_s=200e-6, memory_bytes=32 << 30,
                           notes="RTX 5090-class 32 GB on PCIe 5.0 x16 (50 GB/s effective); GEMV at 70% of 1792 GB/s"),
     "this-cpu-disk": Hardware("this-cpu-disk", 1.92 * GB, 19 * GB, load_latency_s=100e-6,
-                              expert_overhead_s=50e-6, layer_overhead_s=300e-6,
+                              expert_overhead_s=50e-6, layer_overhead_s=300e-6, device="cpu",
                               notes="2-core VM of bench/RESULTS.md: direct-IO 1.92 GB/s, torch bf16 GEMV ~19 GB/s "
                                     "(2 threads); overheads are assumptions of the engine's Python per layer"),
     "this-cpu-dram": Hardware("this-cpu-dram", 10 * GB, 19 * GB, load_latency_s=5e-6, expert_overhead_s=50e-6,
-                              layer_overhead_s=300e-6,
+                              layer_overhead_s=300e-6, device="cpu",
                               notes="same CPU, experts in host RAM copied into slots at an assumed 10 GB/s"),
 }
 

@@ -321,26 +321,32 @@ def make_predictor(spec: str | None, trace: Trace, model_dir=None):
     return resolve_predictor(spec, model_dir)
 
 
-def simulate(trace: Trace, shape: ModelShape, hw: Hardware, cache_sizes: list[int], policy: str = "default",
+def simulate(trace: Trace, shape: ModelShape, hw: Hardware, cache_sizes: list, policy: str = "default",
              predictor: str | None = None, reset: bool = True, model_dir=None) -> dict:
-    """JSON-ready results for each per-layer cache size; the top level repeats the first size's contract keys."""
+    """JSON-ready results for each cache size of the sweep: experts per layer (an int, the same in every layer) or
+    a list of experts per MoE layer (the engine's plan for a --gpu-mem); the top level repeats the first size's
+    contract keys."""
     if shape.num_layers != trace.num_layers or shape.top_k != trace.top_k or shape.num_experts < trace.num_experts:
         raise ConfigError(f"the trace has {trace.num_layers} layers x top-{trace.top_k} over {trace.num_experts} "
                           f"experts but the model shape {shape.name!r} has {shape.num_layers} x top-{shape.top_k} "
                           f"over {shape.num_experts}; give the --model-shape / MODEL_DIR the trace was recorded with")
     if isinstance(cache_sizes, int):
         cache_sizes = [cache_sizes]
-    for c in cache_sizes:
-        if not trace.top_k <= c <= shape.num_experts:
+    sweep = [[int(c)] * trace.num_layers if isinstance(c, (int, np.integer)) else [int(q) for q in c]
+             for c in cache_sizes]
+    for c, quotas in zip(cache_sizes, sweep):
+        if len(quotas) != trace.num_layers or not trace.top_k <= min(quotas) <= max(quotas) <= shape.num_experts:
             raise ConfigError(f"--cache-experts {c}: must be between top_k={trace.top_k} and the "
-                              f"{shape.num_experts} experts per layer")
+                              f"{shape.num_experts} experts per layer, for each of the {trace.num_layers} MoE layers")
     trace = Trace(trace.experts, trace.probs, trace.seq_offsets, trace.token_ids, trace.extra, shape.num_experts)
     results = []
-    for c in cache_sizes:
-        sim = Simulator(trace, shape, hw, [int(c)] * trace.num_layers, policy, make_predictor(predictor, trace,
-                                                                                            model_dir), reset)
+    for quotas in sweep:
+        sim = Simulator(trace, shape, hw, quotas, policy, make_predictor(predictor, trace, model_dir), reset)
         res = sim.run().to_dict()
-        res["expert_bytes_resident"] = int(c) * trace.num_layers * shape.expert_bytes
+        uniform = min(quotas) == max(quotas)
+        res["cache_experts"] = quotas[0] if uniform else round(sum(quotas) / len(quotas), 2)
+        res["quotas"] = quotas
+        res["expert_bytes_resident"] = sum(quotas) * shape.expert_bytes
         results.append(res)
     head = {k: results[0][k] for k in ("loads", "hit_rate", "belady_loads", "belady_hit_rate", "stall_seconds",
                                        "tokens_per_s")}

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint
+from ..checkpoint.hub import resolve_model
+from ..config import api_words
 from ..errors import ConfigError, MoeEngineError
 from ..experts.plan import make_plan
 from ..quant.dense import DenseQuant
 from ..quant.prepare import quantized_experts
 from .build import bind_experts, build_cache, build_decoder, non_expert_bytes
-from .config import EngineConfig, resolve_dtype
+from .config import LOAD_KEYWORDS, EngineConfig, resolve_dtype
 from .engine import Engine
 from .plugins import resolve_predictor
 from .resources import apply_threads, auto_budgets
@@ -29,6 +31,7 @@ from .resources import apply_threads, auto_budgets
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny-moe"   # bundled (package data)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 logger = logging.getLogger(__name__)
+FLAG_KEYWORDS = tuple(k for k in LOAD_KEYWORDS if k not in ("progress", "kernels", "prefetch"))   # have a CLI flag
 
 
 def load_tokenizer(model_dir: Path):
@@ -42,18 +45,24 @@ def load_tokenizer(model_dir: Path):
         raise MoeEngineError(f"tokenizer files in {model_dir} could not be loaded ({type(e).__name__}: {e})") from None
 
 
-def model_dir_or_default(model_dir) -> Path:
-    """MODEL_DIR as given, or the bundled tiny-moe when it is None."""
+def model_dir_or_default(model_dir, revision: str | None = None, progress: bool = True,
+                         config_only: bool = False) -> Path:
+    """MODEL_DIR as given, a Hugging Face hub id (`org/name`) as its snapshot in the HF cache (downloaded when
+    missing: checkpoint/hub.py; config_only: config.json alone), or the bundled tiny-moe when it is None."""
     if model_dir is not None:
-        return Path(model_dir)
+        return resolve_model(model_dir, revision, progress, config_only)
+    if revision is not None:
+        raise ConfigError(f"--revision {revision} applies to a Hugging Face hub id given as MODEL_DIR (org/name); "
+                          f"drop it or give the hub id")
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         raise ConfigError(f"no model directory given and the bundled default model is missing from "
                           f"{DEFAULT_MODEL_DIR} (a broken install?); reinstall moe-engine or pass MODEL_DIR")
     return DEFAULT_MODEL_DIR
 
 
-def load(model_dir: str | Path | None = None, **kw) -> Engine:
-    """Load a Hugging Face MoE checkpoint directory (None: the bundled tiny-moe) and return an Engine.
+def load(model_dir: str | Path | None = None, revision: str | None = None, **kw) -> Engine:
+    """Load a Hugging Face MoE checkpoint directory or hub id (`org/name`, downloaded into the HF cache or taken
+    from it; `revision`: its branch, tag or commit), or the bundled tiny-moe (None), and return an Engine.
 
     Keywords (runtime/config.py LOAD_KEYWORDS; the CLI's flags of the same names):
       device ("auto", "cpu", "cuda[:N]"), dtype ("auto": the checkpoint's, float32, float16, bfloat16), seed;
@@ -71,24 +80,40 @@ def load(model_dir: str | Path | None = None, **kw) -> Engine:
       (default: from the environment);
       threads: compute threads (None: the cores this process may use, unless OMP_NUM_THREADS or an earlier
       torch.set_num_threads chose); progress: progress bars and the placement plan on stderr.
+    Errors name these keywords (the CLI's name its flags).
     """
-    return build_engine(EngineConfig.from_kwargs(model_dir_or_default(model_dir), **kw))
+    try:
+        path = model_dir_or_default(model_dir, revision, kw.get("progress", True) is not False)
+        return build_engine(EngineConfig.from_kwargs(path, **kw))
+    except MoeEngineError as e:
+        raise _reworded(e, api_words(str(e), (*FLAG_KEYWORDS, "revision"))) from None
 
 
-def build_engine(config: EngineConfig) -> Engine:
-    """The engine `config` describes (checked already): every piece built once, in order."""
+def _reworded(e: MoeEngineError, message: str) -> MoeEngineError:
+    """`e` with another message (same class), or `e` itself when its class takes other arguments."""
+    if message == str(e):
+        return e
+    try:
+        return type(e)(message)
+    except TypeError:
+        return e
+
+
+def build_engine(config: EngineConfig, show_plan: bool | None = None) -> Engine:
+    """The engine `config` describes (checked already): every piece built once, in order. show_plan: print the
+    placement plan on stderr (default: when config.progress; the CLI always prints it)."""
     predictor = resolve_predictor(config.offload.predictor, config.model_dir)   # a bad name fails before any read
     if config.seed is not None:
         torch.manual_seed(config.seed)
     ckpt = Checkpoint(config.model_dir)
     try:
-        return _build(config, ckpt, predictor)
+        return _build(config, ckpt, predictor, config.progress if show_plan is None else show_plan)
     except BaseException:
         ckpt.close()
         raise
 
 
-def _build(config: EngineConfig, ckpt: Checkpoint, predictor) -> Engine:
+def _build(config: EngineConfig, ckpt: Checkpoint, predictor, show_plan: bool) -> Engine:
     dev, dt = config.device, resolve_dtype(config.dtype, None) or ckpt.dtype
     offload, qs, progress = config.offload, config.quant, config.progress
     threads = apply_threads(config.threads)         # torch's compute threads: the cores this process may use
@@ -116,9 +141,9 @@ def _build(config: EngineConfig, ckpt: Checkpoint, predictor) -> Engine:
                          host_auto=budgets.host_auto and budgets.host_auto.describe(), notes=(*budgets.notes, threads),
                          expert_bytes=experts.max_expert_bytes if qs is not None else None,
                          expert_lines=quant_lines, runtime_bytes=budgets.runtime_rss)
-        if progress:
+        if show_plan:
             print(plan.describe(), file=sys.stderr)
-    elif qs is not None and progress:
+    elif qs is not None and show_plan:
         print("\n".join(quant_lines), file=sys.stderr)
     decoder = build_decoder(ckpt, dt, dev, progress, config.kernels, qs)
     cache = build_cache(experts, decoder, plan, expert_dt, dev, offload, predictor, progress)
