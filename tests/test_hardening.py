@@ -240,7 +240,7 @@ def test_quant_cache_on_a_full_disk_is_one_line_naming_folder_and_flag(qmixtral,
     monkeypatch.setattr(store, "open", lambda p, mode="r", **kw: _FullDisk(open(p, mode, **kw), 10_000),
                         raising=False)
     one_line(ConfigError, lambda: load(qmixtral, **QUANT, quant_cache=cache), str(cache / "quant"),
-             "No space left on device", "--quant-cache", "free space")
+             "No space left on device", "quant_cache=DIR", "free space")   # load()'s keyword
     assert not any((cache / "quant").iterdir())              # no temporary folder left behind
 
 
@@ -248,7 +248,7 @@ def test_quant_cache_with_too_little_free_space_fails_before_writing(qmixtral, t
     cache = tmp_path / "cache"
     monkeypatch.setattr(store.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1000))
     one_line(ConfigError, lambda: load(qmixtral, **QUANT, quant_cache=cache), str(cache / "quant"),
-             "the entry needs", "--quant-cache")
+             "the entry needs", "quant_cache=DIR")
 
 
 def test_read_only_quant_cache_folder_is_one_line(qmixtral, tmp_path, monkeypatch):
@@ -261,7 +261,7 @@ def test_read_only_quant_cache_folder_is_one_line(qmixtral, tmp_path, monkeypatc
     else:
         os.chmod(cache / "quant", 0o555)
     one_line(ConfigError, lambda: load(qmixtral, **QUANT, quant_cache=cache), str(cache / "quant"),
-             "Permission denied", "--quant-cache DIR (or set MOE_ENGINE_CACHE) to a writable folder")
+             "Permission denied", "quant_cache=DIR (or set MOE_ENGINE_CACHE) to a writable folder")
 
 
 def test_abandoned_temporary_entries_are_removed_at_start(qmixtral, tmp_path):
