@@ -17,6 +17,7 @@ nothing but errors.py, so every package may use it.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -147,6 +148,16 @@ def _drop_repeated_mention(message: str, name: str) -> str:
 _VALUE = r"(?:[A-Z][A-Z_]*\b|[0-9'\"][^\s;,)]*)"   # a flag's value as errors write it: DIR, 600M, 'x'
 
 
+def _outside_code(reword):
+    """Apply `reword` to the parts of a message outside `backticks` (a command quoted there stays as it is)."""
+    @functools.wraps(reword)
+    def apply(message: str, keywords) -> str:
+        parts = message.split("`")
+        return "`".join(reword(p, keywords) if i % 2 == 0 else p for i, p in enumerate(parts))
+    return apply
+
+
+@_outside_code
 def api_words(message: str, keywords) -> str:
     """An error written with CLI flags, for a caller of the Python API: each flag of `keywords` (load()'s keyword
     names) becomes its keyword, `=` before a value ('--gpu-mem / gpu_mem: ...' -> 'gpu_mem: ...', '--gpu-mem 600M'
@@ -160,6 +171,7 @@ def api_words(message: str, keywords) -> str:
     return message
 
 
+@_outside_code
 def cli_words(message: str, keywords) -> str:
     """An error written with load() keywords, for a user of the CLI: 'max_kv_tokens=0' -> '--max-kv-tokens 0',
     '--gpu-mem / gpu_mem' -> '--gpu-mem'."""

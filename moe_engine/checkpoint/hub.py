@@ -46,7 +46,8 @@ def hub_offline() -> bool:
 
 def download_command(repo_id: str, revision: str | None, config_only: bool = False) -> str:
     rev = f" --revision {revision}" if revision else ""
-    files = " config.json" if config_only else " --include '*.json' '*.safetensors' 'tokenizer.model' '*.jinja'"
+    files = " config.json" if config_only else (" --include '*.json' '*.safetensors' 'tokenizer.model' '*.jinja' "
+                                                  "'*.txt' --exclude '*/*'")
     return f"hf download {repo_id}{files}{rev}"
 
 

@@ -5,5 +5,7 @@
     profile.py, report.py, plot.py `moe-engine profile`: run + collect, rich tables, the figure
     simulate.py, hardware.py, shapes.py, sim_report.py   `moe-engine simulate`: the engine's CacheController over
                                    a modelled link and timeline
+    synthetic.py   routing for simulate without a trace of the model: synthetic, another model's folded, the
+                                   bundled model's own (tiny-moe-trace.npz)
     train.py       `moe-engine train-predictor`: fit the learned / path predictor on a trace
 """
