@@ -156,6 +156,9 @@ def _add_simulate_parser(sub) -> None:
     sm.add_argument("--sequences", type=int, default=None, help="simulate only the first N sequences")
     sm.add_argument("--no-reset", action="store_true", help="keep the cache across sequences (default: each "
                     "sequence starts empty)")
+    sm.add_argument("--speculative", default=None, metavar="ngram:K", help="also replay the decode with prompt-lookup "
+                    "speculative decoding, with and without: drafts of up to K tokens (ngram:K:adaptive: the engine's "
+                    "length per step); needs a trace that carries its tokens")
     sm.add_argument("--json", default=None, help="write the results to this JSON file")
 
 
@@ -386,6 +389,7 @@ def cmd_simulate(args) -> int:
     from .profiling.sim_report import (parse_cache_sizes, pick_hardware, pick_shape, pick_trace, plan_sizes,
                                        read_trace, render)
     from .profiling.simulate import simulate
+    from .profiling.speculation import render_speculative, simulate_speculative, speculative_inputs
     if args.gpu_mem is not None and args.cache_experts is not None:
         raise ConfigError("give --gpu-mem or --cache-experts, not both (--gpu-mem decides the experts per layer)")
     if args.sequences is not None and args.sequences < 1:
@@ -405,11 +409,17 @@ def cmd_simulate(args) -> int:
         sizes = plan_sizes(shape, args.gpu_mem, args.max_kv_tokens, hw.device)
     else:
         sizes = parse_cache_sizes(args.cache_experts, trace.top_k, shape.num_experts, lrc["suggested_cache_experts"])
+    spec = None if args.speculative is None else speculative_inputs(args.speculative, args.trace, bundled,
+                                                                     args.predictor, trace)
     print(f"[moe-engine] {source}", file=sys.stderr)            # every value checked: say where the routing is from
     report = simulate(trace, shape, hw, sizes, args.policy, args.predictor, not args.no_reset, model_dir)
     report["lrc"] = lrc
     report["trace_source"] = source
     render(report)
+    if spec is not None:
+        report["speculative"] = simulate_speculative(trace, spec[1], shape, hw, sizes, spec[0], args.policy,
+                                                     not args.no_reset)
+        render_speculative(report["speculative"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
