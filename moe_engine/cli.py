@@ -196,6 +196,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "(default: the tokenizer's)")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds from SIGTERM to exit: running "
                    "requests finish until then, the rest end with finish_reason abort")
+    p.add_argument("--allow-unknown-fields", action="store_true", help="drop (and log) request fields this server "
+                   "does not know instead of answering 400 (fields it knows but does not implement are still refused)")
 
 
 def _engine_config(args):
@@ -375,7 +377,8 @@ def cmd_serve(args) -> int:
                      max_num_batched_tokens=args.max_num_batched_tokens, max_seqs_per_client=args.max_seqs_per_client,
                      max_cold_experts=args.max_cold_experts,
                      max_batch=args.max_batch, drain_timeout=args.drain_timeout, read_timeout=args.read_timeout,
-                     metrics_prefix=args.metrics_prefix, metrics_without_key=args.allow_metrics_without_key)
+                     metrics_prefix=args.metrics_prefix, metrics_without_key=args.allow_metrics_without_key,
+                     allow_unknown_fields=args.allow_unknown_fields)
     run_server(app, args.host, args.port)
     return 0
 

@@ -14,6 +14,7 @@ is registered with the engine while the loop runs and removed at shutdown; other
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -43,6 +44,9 @@ class Request:
     eos_token_ids: set[int] | None = None            # None: the model's
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     client: object = None                            # who sent it (fairness: --max-seqs-per-client); None: anonymous
+    constraint: object | None = None                 # a grammar's TokenConstraint (runtime/grammar.py)
+    keep_stop: bool = False                          # the text keeps the stop string that ended it
+    skip_special_tokens: bool = True                 # special tokens left out of the text
 
 
 @dataclass
@@ -58,6 +62,9 @@ class Event:
     e2e_s: float | None = None
     queue_s: float | None = None                     # on the last event: submit -> admission (None: never admitted)
     itl_s: list[float] = field(default_factory=list)  # seconds between consecutive tokens, one per token after the first
+    logprobs: list | None = None                     # per token of token_ids (core.TokenLogprob), when asked
+    prompt_logprobs: list | None = None              # on the first event, when asked (the first entry is None)
+    stop_reason: int | str | None = None             # on the last event: the eos / stop id or stop string that ended it
 
 
 @dataclass(eq=False)
@@ -72,6 +79,8 @@ class _Served:
     t_first: float | None = None
     t_last: float | None = None                          # when its latest token came
     gaps: list[float] = field(default_factory=list)      # inter-token gaps not yet sent in an event
+    logprobs_sent: int = 0                               # entries of seq.logprobs already sent
+    prompt_logprobs_sent: bool = False
 
 
 class EngineLoop:
@@ -121,7 +130,10 @@ class EngineLoop:
         eng = self.engine
         eos = req.eos_token_ids if req.eos_token_ids is not None else eng.eos_ids(None)
         decode = eng.text.decoder
-        seq = eng.core.sequence(req.prompt_ids, req.max_tokens, req.sampling, eos, req.stop, decode)
+        if decode is not None and not req.skip_special_tokens:
+            decode = functools.partial(eng.text.decode, skip_special=False)
+        seq = eng.core.sequence(req.prompt_ids, req.max_tokens, req.sampling, eos, req.stop, decode,
+                                constraint=req.constraint, isolate=True, keep_stop=req.keep_stop)
         return _Served(req, seq, TextStream(decode, seq.stopper) if decode is not None else None)
 
     def cancel(self, request_id: str) -> None:
@@ -231,6 +243,9 @@ class EngineLoop:
             else:
                 s.gaps.append(now - s.t_last)
             s.t_last = now
+            if token is None:                                  # ended without a token (error, or max_tokens 0)
+                self._finish(s, "error" if seq.finish_reason == "error" else "length", error=seq.error)
+                continue
             s.pending.append(token)
             delta = s.text.push(token, seq.done) if s.text is not None else ""
             if seq.done:
@@ -253,6 +268,14 @@ class EngineLoop:
         s.pending, s.gaps = [], []
 
     def _send(self, s: _Served, event: Event) -> None:
+        seq = s.seq
+        if seq.logprobs is not None:
+            event.logprobs, s.logprobs_sent = seq.logprobs[s.logprobs_sent:], len(seq.logprobs)
+        if (seq.prompt_logprobs is not None and not s.prompt_logprobs_sent
+                and len(seq.prompt_logprobs) == seq.prompt_len):
+            event.prompt_logprobs, s.prompt_logprobs_sent = seq.prompt_logprobs, True
+        if event.finish_reason is not None and seq.finish_reason in ("eos", "stop"):
+            event.stop_reason = seq.stopper.stop_reason(0)
         try:
             s.req.on_event(event)
         except Exception:   # noqa: BLE001 -- a broken consumer must not stop the loop

@@ -38,8 +38,8 @@ class TextCodec:
             return tok(text, add_special_tokens=False)["input_ids"]
         return tok(text)["input_ids"]
 
-    def decode(self, ids: list[int]) -> str:
-        return self.require("text output").decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.require("text output").decode(ids, skip_special_tokens=skip_special)
 
     @property
     def decoder(self):

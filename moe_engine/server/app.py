@@ -7,8 +7,8 @@
               deadline ServerState.abort() ends the rest (streams: finish_reason "abort" and [DONE])
     shutdown: EngineLoop.shutdown(); the engine is closed when the app loaded it
 
-Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics. Every error is
-vLLM's envelope `{"error": {"message", "type", "param", "code"}}`.
+Routes: /v1/completions, /v1/chat/completions, /v1/models, /v1/models/{id}, /tokenize, /detokenize,
+/version, /health, /metrics. Every error is vLLM's envelope `{"error": {"message", "type", "param", "code"}}`.
 """
 from __future__ import annotations
 
@@ -30,10 +30,15 @@ from starlette.requests import Request as HTTPRequest
 
 from ..config import check_int
 from ..errors import ConfigError
+from .. import __version__
 from ..runtime.loop import EngineLoop
 from . import serving
+from .logprobs import TokenText
 from .metrics import PREFIXES, ServerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, parse_body
+from .prompting import Prompter
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
+                       TokenizeRequest, error_body, parse_body, parse_json)
+from .responses import Shape
 
 log = logging.getLogger("moe_engine.server")
 DRAIN_BODY_FACTOR = 16           # an oversized body is read (and dropped) up to this many times the cap
@@ -54,6 +59,7 @@ class ServerConfig:
     max_cold_experts: int | None = None        # None: top_k x MoE layers // 2
     max_body_bytes: int = 1 << 20
     drain_timeout: float = 60.0
+    allow_unknown_fields: bool = False         # drop (and log) request fields no schema knows instead of a 400
     read_timeout: float = 30.0                 # seconds a client has to send a request body (run.py: its head)
     metrics_prefix: str = "moe_engine"         # or "vllm": vLLM's exact metric names
     metrics_without_key: bool = False          # /metrics open with --api-key set (vLLM never asks a key there)
@@ -108,6 +114,7 @@ class ServerState:
         self.limit = min(cfg.max_model_len or ctx, ctx, loop.kv_tokens)
         self.model_name = self.model_name or engine.checkpoint.model_dir.name
         self.metrics.attach(engine, loop, self.model_name, self.limit)
+        self.prompter = Prompter(engine, self.limit, self.chat_template)
         with self._lock:
             self.engine, self.loop = engine, loop.start()
             if self.status == "loading":
@@ -225,22 +232,72 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def models(request: HTTPRequest):
         _authorize(request, state)
         state.require_ready()
-        card = {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "moe-engine",
-                "root": state.model_name, "max_model_len": state.limit}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: HTTPRequest):
+        _authorize(request, state)
+        state.require_ready()
+        if model_id != state.model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist; this server serves `{state.model_name}`",
+                           "model")
+        return _model_card(state)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest):
+        _authorize(request, state)
+        state.require_ready()
+        raw = await _read_body(request, state.config.max_body_bytes, state.config.read_timeout)
+        data = parse_json(raw)
+        cls = TokenizeChatRequest if isinstance(data, dict) and "messages" in data else TokenizeRequest
+        body = _check_model(state, parse_body(raw, cls))
+        return await asyncio.to_thread(_tokenize, state, body)
+
+    @app.post("/detokenize")
+    async def detokenize(request: HTTPRequest):
+        body = await _checked_body(request, state, DetokenizeRequest)
+        if body.tokens and not all(0 <= t < state.engine.spec.vocab_size for t in body.tokens):
+            raise APIError(400, f"tokens holds ids outside the vocabulary 0..{state.engine.spec.vocab_size - 1}",
+                           "tokens")
+        return {"prompt": await asyncio.to_thread(state.prompter.decode, body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         body = await _checked_body(request, state, CompletionRequest)
-        prompts = await asyncio.to_thread(_completion_prompts, state, body)
-        return await _generate(request, state, body, prompts, body.max_tokens,
-                               serving.COMPLETION_DEFAULT_MAX_TOKENS, chat=False)
+        _, constraints = await asyncio.to_thread(state.prompter.structure, body, False)
+        prompts, texts = await asyncio.to_thread(state.prompter.completion, body)
+        return await _generate(request, state, body, prompts, texts, body.max_tokens,
+                               serving.COMPLETION_DEFAULT_MAX_TOKENS, chat=False, constraints=constraints)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
         body = await _checked_body(request, state, ChatCompletionRequest)
-        prompt = await asyncio.to_thread(_chat_prompt, state, body)
-        return await _generate(request, state, body, [prompt], body.token_limit, None, chat=True)
+        plan, constraints = await asyncio.to_thread(state.prompter.structure, body, True)
+        prompt, echo = await asyncio.to_thread(state.prompter.chat, body, plan)
+        return await _generate(request, state, body, [prompt], [echo], body.token_limit, None, chat=True,
+                               plan=plan, constraints=constraints)
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "moe-engine",
+            "root": state.model_name, "parent": None, "max_model_len": state.limit}
+
+
+def _tokenize(state: ServerState, body) -> dict:
+    p = state.prompter
+    if isinstance(body, TokenizeChatRequest):
+        ids, _ = p.chat(body)
+    else:
+        p.check_length(body.prompt, "prompt")
+        ids = p.need_tokenizer("a text prompt")(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+    out = {"count": len(ids), "max_model_len": state.limit, "tokens": ids}
+    if body.return_token_strs:
+        out["token_strs"] = p.tok.convert_ids_to_tokens(ids)
+    return out
 
 
 def _status_message(state: ServerState) -> str:
@@ -298,7 +355,11 @@ async def _read_body(request: HTTPRequest, cap: int, timeout: float) -> bytes:
 async def _checked_body(request: HTTPRequest, state: ServerState, model_cls):
     _authorize(request, state)
     state.require_ready()
-    body = parse_body(await _read_body(request, state.config.max_body_bytes, state.config.read_timeout), model_cls)
+    raw = await _read_body(request, state.config.max_body_bytes, state.config.read_timeout)
+    return _check_model(state, parse_body(raw, model_cls, state.config.allow_unknown_fields))
+
+
+def _check_model(state: ServerState, body):
     if body.model is not None and body.model != state.model_name:
         raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{state.model_name}` "
                        f"(see /v1/models)", "model")
@@ -317,52 +378,18 @@ def _abandoned_body(request: HTTPRequest, size: int, declared: str, timeout: flo
     return APIError(400, "the client closed the connection before the request body ended")
 
 
-def _need_tokenizer(state: ServerState, what: str):
-    tok = state.engine.tokenizer
-    if tok is None:
-        raise APIError(400, f"{what} needs a tokenizer, but the model has none; send token ids as the prompt")
-    return tok
-
-
-def _completion_prompts(state: ServerState, body: CompletionRequest) -> list[list[int]]:
-    p = body.prompt
-    if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
-        _need_tokenizer(state, "a text prompt")
-        texts = [p] if isinstance(p, str) else p
-        rows = [state.engine.encode(t) for t in texts]
-    else:
-        rows = [p] if not p or isinstance(p[0], int) else p
-    if not rows:
-        raise APIError(400, "prompt is an empty list: give at least one prompt", "prompt")
-    vocab = state.engine.spec.vocab_size
-    for i, ids in enumerate(rows):
-        serving.check_prompt(ids, state.limit, vocab, "prompt" if len(rows) == 1 else f"prompt[{i}]")
-    return rows
-
-
-def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
-    tok = _need_tokenizer(state, "chat")
-    template = state.chat_template or getattr(tok, "chat_template", None)
-    if not template:
-        raise APIError(400, "this model has no chat template (tokenizer_config.json 'chat_template'); start the "
-                       "server with --chat-template FILE or use /v1/completions")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
-    try:
-        text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
-    except Exception as e:   # noqa: BLE001 -- a template may raise on any message it rejects
-        raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    serving.check_prompt(ids, state.limit, state.engine.spec.vocab_size, "messages")
-    return ids
-
-
-async def _generate(request: HTTPRequest, state: ServerState, body, prompts, asked, default, chat: bool):
+async def _generate(request: HTTPRequest, state: ServerState, body, prompts, texts, asked, default, chat: bool,
+                    plan=None, constraints=None):
     what = "messages" if chat else "prompt"
+    out = serving.output_for(body, chat)
+    serving.check_token_ids(body, state.engine.spec.vocab_size)
     max_tokens = [serving.max_tokens_for(asked, len(p), state.limit, default, what) for p in prompts]
-    job = serving.submit(state.loop, state.metrics, state.engine.generation_config, prompts, max_tokens, body,
-                         client=client_id(request, state))
+    eos = set(serving.normalize_eos(state.engine.eos_ids(None)))
+    job = serving.submit(state.loop, state.metrics, state.engine.generation_config, prompts, max_tokens, body, out,
+                         eos, texts, constraints, client=client_id(request, state))
     job.watch(request.receive)
-    shape = serving.Shape(chat, state.model_name)
+    shape = Shape(out, state.model_name, TokenText(state.engine.tokenizer, body.return_tokens_as_token_ids),
+                  body.request_id, plan if plan is not None and plan.mode != "none" else None)
     if body.stream:
         return StreamingResponse(serving.stream(job, shape, body.include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

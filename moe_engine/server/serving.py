@@ -1,41 +1,35 @@
 """From a checked OpenAI request to engine requests and back to OpenAI responses.
 
-    prompts (token ids) x n --submit--> EngineLoop: one Request per choice; its events -> one asyncio.Queue
-    Job.events() --collect()--> one JSON body      (choices in index order, usage)
+    prompts (token ids) x (best_of or n) --submit--> EngineLoop: one Request per choice; its events -> one
+                                                     asyncio.Queue
+    Job.events() --collect()--> one JSON body      (choices in index order; best_of: the n best by mean logprob)
                  --stream()---> SSE chunks ... [usage chunk] data: [DONE]
     client gone (http.disconnect) -> EngineLoop.cancel for every unfinished choice
 
-Choice index = prompt index * n + j; with a seed, choice j samples with seed + j. The event
-callback runs on the loop thread and only hands the event to the asyncio loop (never blocks).
+Choice index = prompt index * n + j; with a seed, choice j samples with seed + j. The event callback runs on
+the loop thread and only hands the event to the asyncio loop (never blocks). The response objects are built
+by responses.py, logprobs by logprobs.py.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import time
-import uuid
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..runtime.loop import QueueFull, Request
 from ..runtime.sampling import resolve_sampling
+from ..runtime.stopping import normalize_eos
 from .protocol import APIError, error_body
+from .responses import Choice, Output, Shape, usage
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16           # OpenAI's default for /v1/completions
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "logit_bias", "allowed_token_ids", "min_tokens", "logprobs",
+                    "prompt_logprobs", "seed")
 
 
 # ---- building engine requests ------------------------------------------------------------------
-def check_prompt(ids: list[int], limit: int, vocab: int, what: str) -> None:
-    if not ids:
-        raise APIError(400, f"{what} is empty: give at least one token", what)
-    if min(ids) < 0 or max(ids) >= vocab:
-        raise APIError(400, f"{what} has token id {min(ids) if min(ids) < 0 else max(ids)} outside the "
-                       f"vocabulary 0..{vocab - 1}", what)
-    if len(ids) >= limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} has "
-                       f"{len(ids)} tokens; shorten it", what)
-
-
 def max_tokens_for(asked: int | None, prompt_len: int, limit: int, default: int | None, what: str) -> int:
     """max_tokens of one prompt: the asked value (checked against the context), else the default capped by it."""
     room = limit - prompt_len
@@ -48,13 +42,51 @@ def max_tokens_for(asked: int | None, prompt_len: int, limit: int, default: int 
     return asked
 
 
-def sampling_for(gen_config: dict, body, j: int):
-    top_k = 0 if body.top_k == -1 else body.top_k
-    seed = None if body.seed is None else body.seed + j
+def output_for(body, chat: bool) -> Output:
+    """What the response shows besides text, and checks of the fields that only make sense together."""
+    opts = body.stream_options
+    if opts is not None and not body.stream:
+        raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
+    if chat and body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if body.best_of is not None:
+        if body.best_of < body.n:
+            raise APIError(400, f"best_of={body.best_of} must be >= n={body.n}", "best_of")
+        if body.stream and body.best_of > body.n:
+            raise APIError(400, "best_of > n cannot be streamed (the best are known only at the end)", "best_of")
+    return Output(chat, echo=body.echo, logprobs=body.top_logprobs_k, prompt_logprobs=body.prompt_logprobs,
+                  token_ids=body.return_token_ids, stop_token_ids=frozenset(body.stop_token_ids or ()),
+                  continuous_usage=bool(opts and opts.continuous_usage_stats))
+
+
+def check_token_ids(body, vocab: int) -> None:
+    """Token ids named by the request must exist in the vocabulary (400 naming the field)."""
+    named = {"logit_bias": [k for k in (body.logit_bias or {})], "allowed_token_ids": body.allowed_token_ids or [],
+             "stop_token_ids": body.stop_token_ids or []}
+    for name, ids in named.items():
+        for i in ids:
+            value = int(i) if isinstance(i, str) and i.isdigit() else i
+            if not isinstance(value, int) or not 0 <= value < vocab:
+                raise APIError(400, f"{name} names token id {i!r}; token ids are integers in 0..{vocab - 1}", name)
+    if body.allowed_token_ids is not None and not body.allowed_token_ids:
+        raise APIError(400, "allowed_token_ids is empty: list at least one token id", "allowed_token_ids")
+
+
+def sampling_for(gen_config: dict, body, j: int, out: Output):
+    """Choice j's SamplingParams. best_of > n ranks candidates by logprob, so they are computed then."""
+    values = {name: getattr(body, name, None) for name in _SAMPLING_FIELDS}
+    values["top_k"] = 0 if body.top_k == -1 else body.top_k
+    values["seed"] = None if body.seed is None else body.seed + j
+    values["logprobs"] = out.logprobs if out.logprobs is not None else (0 if (body.best_of or 1) > body.n else None)
+    prompt_k = [k for k in (out.prompt_logprobs, out.logprobs if out.echo_logprobs else None) if k is not None]
+    values["prompt_logprobs"] = max(prompt_k) if prompt_k else None
+    values["min_tokens"] = body.min_tokens or None
     try:
-        return resolve_sampling(gen_config, temperature=body.temperature, top_p=body.top_p, top_k=top_k, seed=seed)
+        return resolve_sampling(gen_config, **values)
     except ConfigError as e:
-        raise APIError(400, str(e)) from None
+        message = str(e)
+        param = next((f for f in _SAMPLING_FIELDS if message.startswith(f)), None)
+        raise APIError(400, message, param) from None
 
 
 @dataclass
@@ -64,9 +96,11 @@ class Job:
     loop: object                                   # EngineLoop
     queue: asyncio.Queue
     prompt_tokens: int
-    ids: list[str] = field(default_factory=list)   # engine request id per choice index
+    out: Output
+    n_per_prompt: int = 1                          # choices returned per prompt (n)
+    ids: list[str] = field(default_factory=list)   # engine request id per candidate index
+    choices: list[Choice] = field(default_factory=list)   # one per candidate (best_of of them per prompt)
     finished: set[int] = field(default_factory=set)
-    completion_tokens: dict[int, int] = field(default_factory=dict)
     disconnected: bool = False
     watcher: asyncio.Task | None = None
 
@@ -75,9 +109,18 @@ class Job:
         return len(self.ids)
 
     def usage(self) -> dict:
-        done = sum(self.completion_tokens.values())
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
-                "total_tokens": self.prompt_tokens + done}
+        return usage(self.prompt_tokens, sum(c.completion_tokens for c in self.choices))
+
+    def best(self) -> list[Choice]:
+        """The n choices per prompt to return: all of them, or with best_of the n with the highest mean logprob."""
+        per_prompt = self.n // max(1, len({c.prompt for c in self.choices}))
+        if per_prompt == self.n_per_prompt:
+            return self.choices
+        out = []
+        for start in range(0, self.n, per_prompt):
+            group = self.choices[start:start + per_prompt]
+            out += sorted(group, key=lambda c: -c.mean_logprob)[:self.n_per_prompt]
+        return out
 
     async def events(self):
         """(choice index, Event) in arrival order until every choice has finished."""
@@ -87,7 +130,8 @@ class Job:
             i = index[ev.request_id]
             if ev.finish_reason is not None:
                 self.finished.add(i)
-                self.completion_tokens[i] = ev.completion_tokens
+            if ev.finish_reason not in ("error", "abort"):
+                self.choices[i].add(ev, self.out)
             yield i, ev
 
     def cancel_unfinished(self) -> None:
@@ -113,11 +157,19 @@ class Job:
         self.watcher = asyncio.get_running_loop().create_task(run())
 
 
-def submit(loop, metrics, gen_config: dict, prompts: list[list[int]], max_tokens: list[int], body,
-           eos_token_ids=None, client=None) -> Job:
-    """One engine Request per (prompt, j < n); all or none are queued (QueueFull -> 503)."""
+def submit(loop, metrics, gen_config: dict, prompts: list[list[int]], max_tokens: list[int], body, out: Output,
+           eos_token_ids: set[int], prompt_texts: list[str] | None = None, constraints=None, client=None) -> Job:
+    """One engine Request per (prompt, j < best_of or n); all or none are queued (QueueFull -> 503).
+    eos_token_ids: the model's (ignore_eos drops them; stop_token_ids are added). prompt_texts: echoed before
+    each choice's text when the request asks for echo. constraints(): a new grammar TokenConstraint per choice."""
     aio = asyncio.get_running_loop()
-    job = Job(loop, asyncio.Queue(), sum(len(p) for p in prompts))
+    job = Job(loop, asyncio.Queue(), sum(len(p) for p in prompts), out, body.n)
+    eos = (set() if body.ignore_eos else set(eos_token_ids)) | set(body.stop_token_ids or ())
+    if body.allowed_token_ids and body.min_tokens and set(body.allowed_token_ids) <= eos:
+        raise APIError(400, f"allowed_token_ids holds only end ids ({sorted(set(body.allowed_token_ids))}), which "
+                       f"min_tokens={body.min_tokens} forbids at first: no token could be generated",
+                       "allowed_token_ids")
+    candidates = body.best_of or body.n
 
     def on_event(ev) -> None:                      # on the loop thread
         metrics.observe(ev)
@@ -129,10 +181,13 @@ def submit(loop, metrics, gen_config: dict, prompts: list[list[int]], max_tokens
     stops = body.stop_list()
     try:
         for p, ids in enumerate(prompts):
-            for j in range(body.n):
-                req = Request(ids, max_tokens[p], sampling_for(gen_config, body, j), on_event, stops, eos_token_ids,
-                              client=client)
+            for j in range(candidates):
+                req = Request(ids, max_tokens[p], sampling_for(gen_config, body, j, out), on_event, stops, eos,
+                              constraint=constraints() if constraints is not None else None,
+                              keep_stop=body.include_stop_str_in_output,
+                              skip_special_tokens=body.skip_special_tokens, client=client)
                 job.ids.append(req.request_id)
+                job.choices.append(Choice(p, ids, prompt_texts[p] if prompt_texts and out.echo else ""))
                 loop.submit(req)
     except QueueFull as e:
         job.close()
@@ -147,39 +202,6 @@ def submit(loop, metrics, gen_config: dict, prompts: list[list[int]], max_tokens
 
 
 # ---- responses ---------------------------------------------------------------------------------
-class Shape:
-    """OpenAI's response objects for /v1/completions (chat=False) or /v1/chat/completions (chat=True)."""
-
-    def __init__(self, chat: bool, model: str):
-        self.chat, self.model = chat, model
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-
-    def _obj(self, kind: str, choices: list[dict], **extra) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": choices, **extra}
-
-    def full(self, texts: list[str], reasons: list[str], usage: dict) -> dict:
-        if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
-            return self._obj("chat.completion", choices, usage=usage)
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        return self._obj("text_completion", choices, usage=usage)
-
-    def chunk(self, index: int, text: str | None, reason: str | None, **extra) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-            return self._obj("chat.completion.chunk", [choice], **extra)
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
-        return self._obj("text_completion", [choice], **extra)
-
-    def usage_chunk(self, usage: dict) -> dict:
-        return self._obj("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage)
-
-
 def _failure(job: Job, ev) -> APIError:
     if ev.finish_reason == "error":
         return APIError(500, f"generation failed: {ev.error}")
@@ -188,19 +210,15 @@ def _failure(job: Job, ev) -> APIError:
 
 async def collect(job: Job, shape: Shape) -> dict | None:
     """Wait for every choice; the response body, or None when the client has gone."""
-    texts: list[list[str]] = [[] for _ in range(job.n)]
-    reasons: list[str | None] = [None] * job.n
     try:
-        async for i, ev in job.events():
+        async for _, ev in job.events():
             if ev.finish_reason in ("error", "abort"):
                 if job.disconnected:
                     return None
                 raise _failure(job, ev)
-            texts[i].append(ev.text)
-            reasons[i] = ev.finish_reason
     finally:
         job.close()
-    return shape.full(["".join(t) for t in texts], reasons, job.usage())
+    return shape.full(job.best(), job.usage())
 
 
 def sse(obj) -> str:
@@ -208,12 +226,21 @@ def sse(obj) -> str:
 
 
 async def stream(job: Job, shape: Shape, include_usage: bool):
-    """Server-sent events: a chunk per piece of text, the finish of each choice, [usage], [DONE]."""
-    extra = {"usage": None} if include_usage else {}
+    """Server-sent events: a chunk per piece of text, the finish of each choice, [usage], [DONE]. With
+    continuous_usage_stats every chunk carries the usage so far; else with include_usage chunks carry
+    "usage": null and a last chunk has the totals."""
+    def send(chunk: dict) -> str:
+        if job.out.continuous_usage:
+            chunk["usage"] = job.usage()
+        elif include_usage:
+            chunk["usage"] = None
+        return sse(chunk)
+
     try:
         if shape.chat:
             for i in range(job.n):
-                yield sse(shape.chunk(i, None, None, **extra))
+                yield send(shape.opening(i, job.choices[i]))
+                job.choices[i].opened = True
         async for i, ev in job.events():
             if ev.finish_reason in ("error", "abort") and job.disconnected:
                 return
@@ -221,8 +248,16 @@ async def stream(job: Job, shape: Shape, include_usage: bool):
                 err = _failure(job, ev)
                 yield sse(error_body(err.status, err.message))
                 break
-            if ev.text or ev.finish_reason:
-                yield sse(shape.chunk(i, ev.text, ev.finish_reason, **extra))
+            choice = job.choices[i]
+            if ev.finish_reason == "abort":
+                choice.finish_reason = "abort"
+            if not choice.opened:
+                choice.opened = True
+                if (opening := shape.opening(i, choice)) is not None:
+                    yield send(opening)
+            if ev.text or ev.finish_reason or ev.logprobs or (job.out.token_ids and ev.token_ids):
+                for chunk in shape.chunks(i, choice, ev):
+                    yield send(chunk)
         else:
             if include_usage:
                 yield sse(shape.usage_chunk(job.usage()))
@@ -231,4 +266,4 @@ async def stream(job: Job, shape: Shape, include_usage: bool):
         job.close()
 
 
-__all__ = ["Job", "Shape", "check_prompt", "collect", "max_tokens_for", "stream", "submit"]
+__all__ = ["Job", "check_token_ids", "collect", "max_tokens_for", "normalize_eos", "output_for", "stream", "submit"]
