@@ -15,11 +15,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 import tempfile
 import time
 import zlib
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results import add_record_flag, record, wants_record  # noqa: E402
 
 
 def best(fn, repeats: int = 5) -> float:
@@ -32,13 +36,14 @@ def best(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=256, help="bytes to hash, MiB")
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--expert-mib", type=int, default=16)
-    args = ap.parse_args()
+    add_record_flag(ap)
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "blob")
         data = os.urandom(args.mib << 20)
@@ -60,10 +65,13 @@ def main() -> None:
             ("sha256", f"{gb / sha:.2f} GB/s ({sha / gb:.2f} s per GB)"),
             ("crc32", f"{gb / crc:.2f} GB/s ({crc / gb:.2f} s per GB)"),
             (f"logits check, {args.batch} x {args.vocab} float32", f"{check * 1e6:.1f} us per step")]
-    width = max(len(r[0]) for r in rows)
+    table = "| check | cost |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print(table)
+    if wants_record(args):
+        record("issue 21: what the integrity checks cost", table,
+               comparison=f"stat per read / expert read: {stat / read:.1e}",
+               notes="Each check next to what it guards (README, What is detected and what is not).")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
     Drafter.update(seq, drafted, kept)   acceptance per sequence (an exponential average)
     draft length: k maximizing expected emitted tokens (1 - a^(k+1)) / (1 - a) per unit of expected step cost
                   (1 + k * extra_cost), a = the sequence's acceptance, extra_cost = what one more verified token
-                  adds to a step relative to a plain decode step (measured from the verify steps' own times)
+                  adds to a step relative to a plain decode step (measured from the verify steps' own times);
+                  after PROBE_EVERY steps at length 0 one token is drafted to re-measure the acceptance
 
 The verify step itself is core.speculate(); the drivers (generation.py, batching.py) call propose, speculate and
 update. Knows nothing of text or of the server.
@@ -26,12 +27,14 @@ from .speculative import SpeculativeConfig, propose_ngram
 
 ACCEPT_PRIOR = 0.5        # acceptance assumed before a sequence has verified anything
 ACCEPT_DECAY = 0.8        # weight of the past in the acceptance average
+PROBE_EVERY = 8           # steps without a draft after which one 1-token draft re-measures acceptance
 
 
 class Drafter:
     def __init__(self, core, cache, config: SpeculativeConfig):
         self.core, self.cache, self.config = core, cache, config
         self.accept: dict[int, float] = {}        # seq id -> acceptance (fraction of drafted tokens kept)
+        self.idle: dict[int, int] = {}            # seq id -> steps since its last draft
         self.extra_cost = 0.1                     # one more verified token's share of a decode step's time
         self.drafted = self.kept = self.steps = 0
 
@@ -55,7 +58,12 @@ class Drafter:
             return top
         a = min(self.accept.get(seq.seq_id, ACCEPT_PRIOR), 0.99)
         rate = [(1 - a ** (k + 1)) / (1 - a) / (1 + k * self.extra_cost) for k in range(top + 1)]
-        return max(range(top + 1), key=rate.__getitem__)
+        k = max(range(top + 1), key=rate.__getitem__)
+        idle = self.idle.get(seq.seq_id, 0)
+        if k == 0 and idle >= PROBE_EVERY:      # keep measuring: a sequence that stopped drafting would never learn
+            k = 1                               # that its acceptance went up again
+        self.idle[seq.seq_id] = 0 if k else idle + 1
+        return k
 
     def _resident(self, seqs, lengths: list[int]) -> list[list[int]]:
         masks = self._resident_masks()
@@ -110,6 +118,7 @@ class Drafter:
 
     def forget(self, seq) -> None:
         self.accept.pop(seq.seq_id, None)
+        self.idle.pop(seq.seq_id, None)
 
     def stats(self) -> dict:
         return {"method": self.config.method, "drafted": self.drafted, "accepted": self.kept,
