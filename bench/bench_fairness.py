@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import free_port  # noqa: E402
+from bench_server import free_port, stream_completion  # noqa: E402
 from results import add_record_flag, record, wants_record  # noqa: E402
 
 SCENARIOS = ("alone", "benign", "flood", "diverse", "n64")
@@ -44,23 +44,7 @@ SCENARIOS = ("alone", "benign", "flood", "diverse", "n64")
 
 def completion(base: str, key: str, body: dict, stop: threading.Event | None = None) -> dict:
     """One streaming /v1/completions -> {"ttft", "latency", "tokens"}; ends early (closing the stream) on `stop`."""
-    t0 = time.perf_counter()
-    first, tokens = None, 0
-    body = {"model": "tiny-moe", "stream": True, "stream_options": {"include_usage": True}, **body}
-    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600,
-                      headers={"Authorization": f"Bearer {key}"}) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if stop is not None and stop.is_set():
-                break
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and first is None:
-                first = time.perf_counter() - t0
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return {"ttft": first or 0.0, "latency": time.perf_counter() - t0, "tokens": tokens}
+    return stream_completion(base, body, key, stop)
 
 
 def scrape(base: str) -> dict[str, float]:

@@ -36,13 +36,21 @@ def free_port() -> int:
 
 
 def stream_one(base: str, prompt: str, max_tokens: int) -> dict:
+    return stream_completion(base, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+
+
+def stream_completion(base: str, body: dict, key: str | None = None, stop: threading.Event | None = None) -> dict:
+    """One streaming /v1/completions of `body` -> {"ttft", "latency", "tokens"} as the client sees them; ends early
+    (closing the stream) once `stop` is set."""
     t0 = time.perf_counter()
     first, tokens = None, 0
-    body = {"model": "tiny-moe", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
+    body = {"model": "tiny-moe", "stream": True, "stream_options": {"include_usage": True}, **body}
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600, headers=headers) as r:
         r.raise_for_status()
         for line in r.iter_lines():
+            if stop is not None and stop.is_set():
+                break
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])

@@ -113,26 +113,21 @@ class Engine:
         if spec is not None and max_batch is not None:
             raise ConfigError("speculative_config works with the lockstep schedule: drop max_batch (the server "
                               "verifies drafts per sequence in its own loop)")
-        if spec is not None:
-            drafter = Drafter(self.core, self.experts, spec)
+        if max_batch is not None:
+            scheduled(self.core, self.experts, seqs, max_batch, scheduler, self.plan and self.plan.kv_tokens, timings)
+        else:
+            drafter = Drafter(self.core, self.experts, spec) if spec is not None else None
+            steps = speculative_lockstep(self.core, drafter, seqs, timings) if drafter is not None else \
+                ([[] if t is None else [t] for t in step] for step in lockstep(self.core, seqs, timings))
             if streamer is not None:
                 streamer.put(torch.tensor([rows[0]]))
-            for step in speculative_lockstep(self.core, drafter, seqs, timings):
+            for step in steps:                          # each sequence's new tokens of the step
                 if streamer is not None and step[0]:
                     streamer.put(torch.tensor(step[0]))
             if streamer is not None:
                 streamer.end()
-            self.speculation = drafter.stats()
-        elif max_batch is not None:
-            scheduled(self.core, self.experts, seqs, max_batch, scheduler, self.plan and self.plan.kv_tokens, timings)
-        else:
-            if streamer is not None:
-                streamer.put(torch.tensor([rows[0]]))
-            for step in lockstep(self.core, seqs, timings):
-                if streamer is not None and step[0] is not None:
-                    streamer.put(torch.tensor([step[0]]))
-            if streamer is not None:
-                streamer.end()
+            if drafter is not None:
+                self.speculation = drafter.stats()
         self.timings = timings
         if kind == "tensor":
             return tensor_output(prompt, [s.generated for s in seqs], self._pad_id(eos_token_id))

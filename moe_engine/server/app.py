@@ -382,9 +382,9 @@ async def _generate(request: HTTPRequest, state: ServerState, body, prompts, tex
                     plan=None, constraints=None):
     what = "messages" if chat else "prompt"
     out = serving.output_for(body, chat)
-    serving.check_token_ids(body, state.engine.spec.vocab_size)
+    serving.check_token_ids(body, state.engine.spec.vocab_size, state.engine.generation_config, out)
     max_tokens = [serving.max_tokens_for(asked, len(p), state.limit, default, what) for p in prompts]
-    eos = set(serving.normalize_eos(state.engine.eos_ids(None)))
+    eos = set(state.prompter.engine_eos())
     job = serving.submit(state.loop, state.metrics, state.engine.generation_config, prompts, max_tokens, body, out,
                          eos, texts, constraints, client=client_id(request, state))
     job.watch(request.receive)

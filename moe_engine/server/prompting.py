@@ -14,6 +14,7 @@ import dataclasses
 import threading
 
 from ..runtime.grammar import GrammarCompiler
+from ..runtime.stopping import normalize_eos
 from . import tools as tooling
 from .protocol import APIError
 
@@ -150,8 +151,8 @@ class Prompter:
             return self._compiler
 
     def engine_eos(self) -> list[int]:
-        eos = self.engine.eos_ids(None)
-        return [eos] if isinstance(eos, int) else list(eos or [])
+        """The model's end-of-sequence ids (generation_config.json's, else config.json's)."""
+        return sorted(normalize_eos(self.engine.eos_ids(None)))
 
     def renders_tools(self) -> bool:
         if self._renders_tools is None:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 from ..runtime.loop import QueueFull, Request
 from ..runtime.sampling import resolve_sampling
-from ..runtime.stopping import normalize_eos
 from .protocol import APIError, error_body
 from .responses import Choice, Output, Shape, usage
 
@@ -59,17 +58,18 @@ def output_for(body, chat: bool) -> Output:
                   continuous_usage=bool(opts and opts.continuous_usage_stats))
 
 
-def check_token_ids(body, vocab: int) -> None:
-    """Token ids named by the request must exist in the vocabulary (400 naming the field)."""
-    named = {"logit_bias": [k for k in (body.logit_bias or {})], "allowed_token_ids": body.allowed_token_ids or [],
-             "stop_token_ids": body.stop_token_ids or []}
-    for name, ids in named.items():
-        for i in ids:
-            value = int(i) if isinstance(i, str) and i.isdigit() else i
-            if not isinstance(value, int) or not 0 <= value < vocab:
-                raise APIError(400, f"{name} names token id {i!r}; token ids are integers in 0..{vocab - 1}", name)
-    if body.allowed_token_ids is not None and not body.allowed_token_ids:
-        raise APIError(400, "allowed_token_ids is empty: list at least one token id", "allowed_token_ids")
+def check_token_ids(body, vocab: int, gen_config: dict, out: Output) -> None:
+    """Token ids named by the request must exist in the vocabulary (400 naming the field): logit_bias and
+    allowed_token_ids through SamplingParams' own checks, stop_token_ids here."""
+    params = sampling_for(gen_config, body, 0, out)
+    try:
+        params.check_vocab(vocab)
+    except ConfigError as e:
+        raise APIError(400, str(e), _param_of(str(e))) from None
+    for i in body.stop_token_ids or []:
+        if not 0 <= i < vocab:
+            raise APIError(400, f"stop_token_ids names token id {i}; token ids are integers in 0..{vocab - 1}",
+                           "stop_token_ids")
 
 
 def sampling_for(gen_config: dict, body, j: int, out: Output):
@@ -84,9 +84,12 @@ def sampling_for(gen_config: dict, body, j: int, out: Output):
     try:
         return resolve_sampling(gen_config, **values)
     except ConfigError as e:
-        message = str(e)
-        param = next((f for f in _SAMPLING_FIELDS if message.startswith(f)), None)
-        raise APIError(400, message, param) from None
+        raise APIError(400, str(e), _param_of(str(e))) from None
+
+
+def _param_of(message: str) -> str | None:
+    """The request field a SamplingParams error names (its messages start with the field)."""
+    return next((f for f in _SAMPLING_FIELDS if message.startswith(f)), None)
 
 
 @dataclass
@@ -266,4 +269,4 @@ async def stream(job: Job, shape: Shape, include_usage: bool):
         job.close()
 
 
-__all__ = ["Job", "check_token_ids", "collect", "max_tokens_for", "normalize_eos", "output_for", "stream", "submit"]
+__all__ = ["Job", "check_token_ids", "collect", "max_tokens_for", "output_for", "stream", "submit"]
