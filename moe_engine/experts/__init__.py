@@ -3,8 +3,9 @@
 Every cache has two faces, both set up once when the engine is built (runtime/build.py):
 
     to the model    ExpertSource (model/experts.py): fetch(layer, experts, counts) -> LayerFetch
-    to the runtime  ExpertCache (below): steer it (hint_upcoming), read it (residents, quotas, stats, nbytes),
-                    its routing observer (the predictor feed, registered first), close()
+    to the runtime  ExpertCache (below): steer it (hint_upcoming, prefetch), read it (residents, quotas, stats,
+                    nbytes; ready and peeking for speculative drafts), its routing observer (the predictor feed,
+                    registered first), close()
 
 resident.py     every expert on the compute device (no budget)
 cache.py        the offloading cache = controller.py (every decision, over ids: lookup, demand or defer,
@@ -39,6 +40,16 @@ class ExpertCache(Protocol):
     def residents(self, layer: int) -> frozenset[int]: ...
 
     def hint_upcoming(self, experts: dict[int, frozenset[int]]) -> None: ...
+
+    def ready(self, layer: int) -> frozenset[int]:
+        """Resident experts readable as they are (no load writing their slot): what a restricted draft may use."""
+
+    def peeking(self):
+        """A context in which fetch() reads ready experts without counting a lookup (speculative drafting)."""
+
+    def prefetch(self, experts: dict[int, frozenset[int]], keep: dict[int, frozenset[int]] | None = None) -> int:
+        """Start loads of a coming step's forecast experts {layer: experts}, never evicting `keep`; returns how many
+        started."""
 
     def stats(self) -> dict:
         """The cache / prefetch / io / optimal (/ prediction) sections of Engine.stats()."""

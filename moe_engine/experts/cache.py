@@ -15,15 +15,16 @@ dropped and the request that needed it gets an ExpertReadError.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from ..model.experts import LayerFetch
 from .controller import CacheController
-from .loader import Loader, LoadJob
+from .loader import FAILED, Loader, LoadJob
 from .plan import Placement
 from .storage import SlotStorage
 from .tracker import CacheCounters
@@ -45,9 +46,12 @@ class OffloadedExperts:
                                           self.loader, self.counters, host_compute, max_lookahead, events)
         self.observer = PredictorFeed(forecaster, self.controller, self.counters)   # registered first at build
         self._last_slot: int | None = None                # device slot the last buffer handed to compute
+        self._peeking = False                             # drafting reads ready slots without a lookup (peeking)
 
     # ---- the model's ExpertSource ---------------------------------------------------------------
     def fetch(self, layer: int, experts: Sequence[int], counts: Sequence[int]) -> LayerFetch:
+        if self._peeking:
+            return LayerFetch([(e, False) for e in experts], functools.partial(self._peek, layer))
         self._note_last_use()
         order = self.controller.prepare(layer, experts, counts, self.observer.take())
         return LayerFetch(order, functools.partial(self._get, layer))
@@ -92,6 +96,44 @@ class OffloadedExperts:
     def hint_upcoming(self, experts: dict[int, frozenset[int]]) -> None:
         """The experts the next scheduled step is forecast to use, per layer: evicted last (see the controller)."""
         self.controller.hint_upcoming(experts)
+
+    # ---- speculative drafting (runtime/drafting.py) ---------------------------------------------
+    def ready(self, layer: int) -> frozenset[int]:
+        """Resident experts of `layer` that no load is writing or about to hand over: readable as they are."""
+        ctl = self.controller
+        return frozenset(e for e in ctl.table.resident_experts(layer) if self._readable(layer, e))
+
+    def _readable(self, layer: int, e: int) -> bool:
+        job = self.controller.jobs.get(layer, e)
+        return job is None or (not self.loader.busy(job) and job.state != FAILED)
+
+    @contextlib.contextmanager
+    def peeking(self):
+        """While it is open, fetch() hands out ready experts' slots as they are: no lookup, load, counter or policy
+        update (a cache-restricted draft routes only among ready() experts, so it must not count as use). Asking for
+        an expert that is not ready raises: the caller's mask was stale."""
+        self._peeking = True
+        try:
+            yield self
+        finally:
+            self._peeking = False
+
+    def _peek(self, layer: int, expert: int) -> torch.Tensor:
+        ctl = self.controller
+        slot = ctl.table.slot_of[layer].get(expert)
+        if slot is None or not self._readable(layer, expert):
+            raise RuntimeError(f"a cache-restricted draft read expert {expert} of layer {layer}, which is not ready "
+                               f"in the expert cache (its routing mask is stale)")
+        job = ctl.jobs.get(layer, expert)
+        if job is not None and self.host is not None:       # a finished prefetch: its host -> device copy too
+            self.host.wait_device(job)
+        return self.storage.view(layer, expert, slot)
+
+    def prefetch(self, experts: dict[int, Iterable[int]], keep: dict[int, Iterable[int]] | None = None) -> int:
+        """Start loading experts a coming step is forecast to use ({layer: experts}; a speculative verify step's,
+        forecast from its drafted tokens), never evicting `keep`; returns the loads started (see
+        CacheController.prefetch_forecast)."""
+        return self.controller.prefetch_forecast(experts, keep)
 
     def nbytes(self) -> int:
         return self.storage.nbytes()

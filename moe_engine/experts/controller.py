@@ -22,7 +22,7 @@ counters' decision side; it never touches bytes, threads or files.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -62,6 +62,29 @@ class CacheController:
         Replaces the previous hint; an empty dict clears it. Changes which expert is evicted, never what is computed.
         """
         self._upcoming = dict(experts)
+
+    def prefetch_forecast(self, experts: dict[int, Iterable[int]], keep: dict[int, Iterable[int]] | None = None) -> int:
+        """Between steps: start loads of the experts the next step is forecast to use ({layer: experts}, e.g. a
+        speculative verify step's from its drafted tokens), nearest layer first, each into a free slot or in place
+        of a resident the forecast does not name (the policy's victim; never a load in flight nor `keep`'s
+        {layer: experts}, e.g. what a draft still computes with). Returns the loads
+        started. They count as prefetches (distance: the layer's rank in the forecast) and are cancelled, if not
+        begun, when their layer's step does not use them."""
+        started = 0
+        for distance, layer in enumerate(sorted(experts), start=1):
+            want = set(experts[layer])
+            if not self.table.quotas[layer]:
+                continue
+            for e in sorted(want):
+                if self.table.contains(layer, e):
+                    continue
+                protected = self.jobs.inflight(layer) | want | set((keep or {}).get(layer, ()))
+                placed = self.table.place(layer, e, self.step, protected=protected)
+                if placed is None:
+                    break
+                self._issue_prefetch(layer, e, placed, distance)
+                started += 1
+        return started
 
     def lookahead(self) -> int:
         """How many layers ahead to prefetch so loads finish just before they are needed.

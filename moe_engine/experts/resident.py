@@ -7,6 +7,8 @@ ExpertSource (`fetch`) and the runtime's view (hints, residency, stats), with no
 """
 from __future__ import annotations
 
+import contextlib
+
 import functools
 from collections.abc import Sequence
 
@@ -65,6 +67,17 @@ class ResidentExperts:
 
     def hint_upcoming(self, experts: dict[int, frozenset[int]]) -> None:
         """Nothing is evicted, so a forecast of the next step changes nothing."""
+
+    def ready(self, layer: int) -> frozenset[int]:
+        return self.residents(layer)
+
+    def peeking(self):
+        """Reads are never counted here: drafting needs no special mode."""
+        return contextlib.nullcontext(self)
+
+    def prefetch(self, experts, keep=None) -> int:
+        """Everything is resident: nothing to load."""
+        return 0
 
     def nbytes(self) -> int:
         return sum(w.numel() * w.element_size() for ws in self.weights.values()

@@ -20,6 +20,7 @@ strategy (expert_compute.py) is the one caller of `fetch`; a strategy backed by 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -201,6 +202,16 @@ class Observers:
 
     def __bool__(self) -> bool:
         return bool(self._items)
+
+    @contextlib.contextmanager
+    def muted(self):
+        """No observer hears of the steps run inside (a speculative draft's restricted routing is not the model's);
+        observers added meanwhile are kept."""
+        items, self._items = self._items, []
+        try:
+            yield
+        finally:
+            self._items = items + self._items
 
     def __len__(self) -> int:
         return len(self._items)

@@ -58,6 +58,7 @@ class MoeBlock(nn.Module):
         self.observers = Observers()               # the decoder's (Decoder.__init__ shares one object)
         self.linear: LinearKernel | None = None   # the routed experts' matmul (Decoder.set_linear_kernel); F.linear if None
         self.restrict: torch.Tensor | None = None # bool [E]: route only among these (speculative drafting); None: all
+        self.unrestricted: list | None = None     # while restricted: each pass's (exact top-k, restricted ids) [N, K]
 
     @property
     def bound(self) -> bool:
@@ -71,9 +72,15 @@ class MoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] (real tokens only) -> [N, D]."""
         logits = self._logits(x)                                             # [N, E]
+        exact = None
         if self.restrict is not None:          # a cache-restricted draft: the others are out (weights renormalize)
+            if self.unrestricted is not None:  # what the exact router would pick: the verify step's forecast
+                biased = logits if self.correction_bias is None else logits.float() + self.correction_bias
+                exact = torch.topk(biased, self.spec.top_k, dim=-1).indices
             logits = logits.masked_fill(~self.restrict.to(logits.device), float("-inf"))
         weights, ids = self.select(logits, self.correction_bias)             # [N, K] each
+        if exact is not None:
+            self.unrestricted.append((exact.cpu(), ids.cpu()))
         self.observers.observe(self.layer, x, ids, weights)
         scale = self.spec.routed_scaling_factor
         out = self.experts(self.layer, x, weights if scale == 1.0 else weights * scale, ids)

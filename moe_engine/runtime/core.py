@@ -86,6 +86,7 @@ class GenerationCore:
         self.max_context = self.spec.max_position_embeddings
         self._seq_ids = itertools.count()      # unique for this engine: predictors tell sequences apart by them
         self.check_finite = True               # refuse NaN/inf logits (see the module docstring)
+        self.tokenizer = None                  # the engine's, if any (a speculative draft model must share it)
 
     @contextlib.contextmanager
     def observing(self, observer):

@@ -47,6 +47,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.text = TextCodec(tokenizer, checkpoint.model_dir)
         self.core = GenerationCore(decoder, device, dtype)
+        self.core.tokenizer = tokenizer
         self.device, self.dtype = device, dtype
         self.gpu_mem, self.cpu_mem = gpu_mem, cpu_mem
         self.plan = plan                      # experts.plan.Placement when a budget is set, else None

@@ -1,0 +1,184 @@
+"""Speculative decoding's expert awareness (runtime/drafting.py): restricted drafts read the cache without counting
+as use and unseen by routing observers, the verify step's forecast experts are prefetched before it runs, drafts are
+cut by their forecast loads, and the draft_model method; outputs stay plain greedy's."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_engine
+from conftest import write_checkpoint
+from moe_engine.errors import ConfigError
+from moe_engine.runtime.drafting import Drafter, restricted, vocab_mismatch
+from moe_engine.runtime.sampling import SamplingParams
+from moe_engine.runtime.speculative import SpeculativeConfig
+
+CODE = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a"
+
+
+@pytest.fixture(scope="module")
+def offloaded():
+    eng = moe_engine.load(None, dtype="float32", progress=False, gpu_mem="25M")    # a quarter of the experts
+    yield eng
+    eng.close()
+
+
+def _prefilled(eng, text: str, max_new: int = 16):
+    core = eng.core
+    s = core.sequence(eng.encode(text), max_new, SamplingParams())
+    core.start(s)
+    core.accept(s, core.sample([s], core.step([s]))[0])
+    return s
+
+
+class _Counting:
+    def __init__(self):
+        self.calls = 0
+
+    def begin_step(self, token_ids, seq_ids):
+        self.calls += 1
+
+    def observe(self, layer, router_input, experts, weights):
+        self.calls += 1
+
+
+def test_resident_drafts_count_no_lookup_and_forecast_the_exact_routing(offloaded):
+    eng = offloaded
+    cache, core = eng.experts, eng.core
+    s = _prefilled(eng, CODE)
+    drafter = Drafter(core, cache, SpeculativeConfig("resident", num_speculative_tokens=3, adaptive=False))
+    table = cache.controller.table
+    before = (list(table.hits), list(table.misses), cache.counters.loads)
+    with core.observing(_Counting()) as seen:
+        routes: dict = {}
+        tokens, kv = list(s.tokens), s.kv.length
+        draft = drafter._resident([s], [3], routes)[0]
+    assert len(draft) == 3 and s.tokens == tokens and s.kv.length == kv    # the sequence is as it was
+    assert (list(table.hits), list(table.misses)) == before[:2]            # no lookup counted, no policy update
+    assert seen.calls == 0                                                  # observers never hear of a draft
+    fed = routes[s.seq_id]
+    assert len(fed) == 3 and all(len(layer) == eng.spec.moe.top_k for pos in fed for layer in pos)
+    # the first fed token's forecast at the first MoE layer is exactly what the verify step routes there (later
+    # layers see hidden states the restricted experts made: a forecast, not the truth)
+    with core.observing(_Recorder()) as rec:
+        core.step([s], all_logits=True)
+    s.kv.length = kv
+    assert frozenset(rec.routes[0]) == fed[0][0]
+
+
+class _Recorder:
+    def __init__(self):
+        self.routes = []
+
+    def begin_step(self, token_ids, seq_ids):
+        self.routes = []
+
+    def observe(self, layer, router_input, experts, weights):
+        self.routes.append(experts[-1].tolist())
+
+
+def test_restricted_routing_reads_only_ready_experts_and_catches_a_stale_mask(offloaded):
+    eng = offloaded
+    s = _prefilled(eng, CODE)
+    n, kv = eng.spec.moe.num_experts, s.kv.length
+
+    def masks(pick):
+        out = {}
+        for m in eng.spec.moe_layers:
+            out[m] = torch.zeros(n, dtype=torch.bool)
+            out[m][pick(m)] = True
+        return out
+    ready = masks(lambda m: sorted(eng.experts.ready(m)))
+    with eng.experts.peeking(), restricted(eng.core.decoder, ready) as routing:
+        eng.core.step([s])
+    s.kv.length = kv
+    assert set(routing.exact) == set(eng.spec.moe_layers)
+    assert all(set(routing.used[m][0]) <= eng.experts.ready(m) for m in eng.spec.moe_layers)
+    stale = masks(lambda m: sorted(set(range(n)) - eng.experts.ready(m))[:2])
+    with pytest.raises(RuntimeError, match="not ready"):
+        with eng.experts.peeking(), restricted(eng.core.decoder, stale):
+            eng.core.step([s])
+    s.kv.length = kv
+
+
+def test_prefetch_forecast_loads_between_steps_and_keeps_the_wanted(offloaded):
+    cache = offloaded.experts
+    layer = offloaded.spec.moe_layers[1]
+    quota = cache.quotas[layer]
+    absent = sorted(set(range(offloaded.spec.moe.num_experts)) - cache.residents(layer))
+    want = frozenset(absent[:quota])
+    issued = cache.counters.prefetch_issued
+    assert cache.prefetch({layer: want}) == len(want)
+    assert cache.residents(layer) == want and cache.counters.prefetch_issued == issued + len(want)
+    assert cache.prefetch({layer: want}) == 0                   # already there: nothing to do
+    more = frozenset(absent[quota:quota + 2])
+    started = cache.prefetch({layer: want | more})              # more than fit: none of the wanted evicts another
+    assert started <= quota and cache.residents(layer) <= want | more
+
+
+@pytest.mark.parametrize("method", ["ngram", "resident"])
+def test_offloaded_speculation_prefetches_its_forecast_and_keeps_greedy(offloaded, method):
+    eng = offloaded
+    prompts = [CODE, "import os\nimport sys\nimport os\nimport"]
+    want = eng.generate(prompts, max_new_tokens=20)
+    got = eng.generate(prompts, max_new_tokens=20,
+                       speculative_config={"method": method, "num_speculative_tokens": 3})
+    assert got == want
+    spec = eng.stats()["speculation"]
+    assert spec["drafted"] > 0 and spec["forecast_prefetches"] > 0
+
+
+def test_drafts_are_cut_where_forecast_loads_cost_more_than_they_earn(offloaded):
+    eng = offloaded
+    s = _prefilled(eng, CODE)
+    drafter = Drafter(eng.core, eng.experts, SpeculativeConfig("ngram", num_speculative_tokens=4))
+    layers = eng.spec.moe_layers
+    none = [frozenset()] * len(layers)
+    heavy = [frozenset(range(eng.spec.moe.num_experts))] * len(layers)
+    covered = [set() for _ in layers]
+    drafter.accept[s.seq_id], drafter.load_ratio, drafter.extra_cost = 0.9, 0.0, 0.05
+    assert drafter._cut(s, [7, 8, 9], [none, none, none, none], covered) == [7, 8, 9]
+    drafter.load_ratio = 1.0                                  # each load costs a whole decode step
+    assert drafter._cut(s, [7, 8, 9], [none, none, heavy, heavy], covered) == [7]
+    assert drafter.truncated == 2
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("draft")
+    target = write_checkpoint(root / "target", "mixtral", overrides={"vocab_size": 12})
+    other = write_checkpoint(root / "other", "mixtral", seed=3, overrides={"vocab_size": 12})
+    eng = moe_engine.load(target, dtype="float32", progress=False)
+    yield eng, target, other
+    eng.close()
+
+
+def test_draft_model_greedy_equals_plain_and_the_same_model_is_always_accepted(pair):
+    eng, target, other = pair
+    prompts = torch.tensor([[1, 2, 3, 4, 1, 2], [5, 6, 7, 8, 9, 10]])
+    want = eng.generate(prompts, max_new_tokens=12)
+    same = eng.generate(prompts, max_new_tokens=12, speculative_config={
+        "method": "draft_model", "model": str(target), "num_speculative_tokens": 3, "adaptive": False})
+    assert torch.equal(same, want)
+    spec = eng.stats()["speculation"]
+    assert spec["drafted"] > 0 and spec["accepted"] == spec["drafted"]     # the model drafting for itself
+    got = eng.generate(prompts, max_new_tokens=12, speculative_config={
+        "method": "draft_model", "model": str(other), "num_speculative_tokens": 3})
+    assert torch.equal(got, want)
+
+
+def test_draft_model_errors_name_the_field(pair, tmp_path):
+    eng = pair[0]
+    with pytest.raises(ConfigError, match="draft_model .* could not be loaded"):
+        eng.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2,
+                     speculative_config={"method": "draft_model", "model": str(tmp_path / "nowhere")})
+
+    class Tok:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+    assert vocab_mismatch(Tok({"a": 0, "b": 1}), Tok({"a": 0, "b": 1, "c": 2})) is None
+    assert "'b' is id 2" in vocab_mismatch(Tok({"a": 0, "b": 2}), Tok({"a": 0, "b": 1}))
+    assert vocab_mismatch(None, Tok({"a": 0})) is None
