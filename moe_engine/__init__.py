@@ -7,7 +7,7 @@
 from .errors import (CheckpointError, ConfigError, MoeEngineError, PromptTooLongError, TokenizerError,
                      UnsupportedArchitectureError)
 from .runtime.engine import Engine
-from .runtime.load import load
+from .distributed import load
 
 __version__ = "0.1.0"
 __all__ = ["load", "Engine", "MoeEngineError", "CheckpointError", "ConfigError", "TokenizerError",

@@ -43,6 +43,11 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
                    "or ~/.cache/moe-engine)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars while loading (the placement "
                    "plan still prints)")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="N", help="split the routed experts over N "
+                   "processes, each with its own --gpu-mem / --cpu-mem (under torchrun: N = WORLD_SIZE; else N-1 "
+                   "local workers are started)")
+    p.add_argument("--expert-placement", default=None, metavar="TRACE.npz", help="with --expert-parallel: spread "
+                   "the experts by their load in this routing trace (default: contiguous shares)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -208,7 +213,7 @@ def _engine_config(args):
 
 
 def _load(args):
-    from .runtime.load import build_engine
+    from .distributed import build_engine
     return build_engine(_engine_config(args), show_plan=True)
 
 
@@ -364,12 +369,15 @@ def cmd_serve(args) -> int:
 
     from .errors import ConfigError
     from .checkpoint.hub import is_hub_id
-    from .runtime.load import build_engine
+    from .distributed import build_engine, run_if_worker
     from .server import create_app, run_server
     if args.model_dir is not None and not is_hub_id(args.model_dir) and not Path(args.model_dir).is_dir():
         raise ConfigError(f"MODEL_DIR {args.model_dir} is not a directory; give a Hugging Face checkpoint directory")
 
     config = _engine_config(args)                 # every loading flag checked before the server starts
+    code = run_if_worker(config)                  # torchrun's ranks other than 0 serve rank 0's experts steps
+    if code is not None:
+        return code
     app = create_app(engine_factory=lambda: build_engine(config, show_plan=True), served_model_name=args.served_model_name,
                      api_key=_api_key(args, os.environ),
                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,

@@ -119,6 +119,8 @@ class EngineConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig.from_env)
     threads: int | None = None               # --threads: compute threads (None: the cores this process may use,
                                              # unless OMP_NUM_THREADS or torch.set_num_threads chose; resources.py)
+    expert_parallel: int = 1                 # --expert-parallel: ranks sharing the routed experts (distributed/)
+    expert_placement: Path | None = None     # --expert-placement: a routing trace .npz to spread hot experts by
 
     def __post_init__(self):
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -126,6 +128,12 @@ class EngineConfig:
         object.__setattr__(self, "device", resolve_device(self.device))
         resolve_dtype(self.dtype, None)
         check_int(self.seed, "seed", minimum=None, optional=True)
+        check_int(self.expert_parallel, "expert_parallel", 1, 4096, flag="--expert-parallel")
+        if self.expert_placement is not None:
+            if self.expert_parallel == 1:
+                raise ConfigError("expert_placement (--expert-placement) places experts on the ranks of "
+                                  "expert_parallel > 1 (--expert-parallel N); drop it or give expert_parallel")
+            object.__setattr__(self, "expert_placement", Path(self.expert_placement))
 
     @classmethod
     def from_kwargs(cls, model_dir, **kw) -> EngineConfig:
@@ -141,7 +149,8 @@ class EngineConfig:
         cache = get("quant_cache")
         return cls(model_dir, get("device"), get("dtype"), get("seed"), get("progress"), offload, quant,
                    None if cache is None else Path(cache), get("kernels") or KernelConfig.from_env(),
-                   get("threads"))
+                   get("threads"), expert_parallel=get("expert_parallel"),
+                   expert_placement=get("expert_placement"))
 
     @classmethod
     def from_args(cls, model_dir, args) -> EngineConfig:
@@ -151,7 +160,9 @@ class EngineConfig:
                                quant_group=args.quant_group, calibration=args.calibration,
                                quant_cache=args.quant_cache, progress=not args.no_progress, policy=args.policy,
                                max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads, threads=args.threads,
-                               quant_scope=args.quant_scope)
+                               quant_scope=args.quant_scope,
+                               expert_parallel=getattr(args, "expert_parallel", 1),
+                               expert_placement=getattr(args, "expert_placement", None))
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -161,4 +172,5 @@ class EngineConfig:
 LOAD_KEYWORDS = {"device": "auto", "dtype": "auto", "gpu_mem": None, "cpu_mem": None,
                  "predictor": DEFAULT_PREDICTOR, "quant": None, "seed": None, "progress": True, "policy": None,
                  "max_kv_tokens": None, "io_threads": 2, "prefetch": True, "quant_group": None, "calibration": None,
-                 "quant_cache": None, "kernels": None, "threads": None, "quant_scope": "experts"}
+                 "quant_cache": None, "kernels": None, "threads": None, "quant_scope": "experts",
+                 "expert_parallel": 1, "expert_placement": None}
