@@ -252,3 +252,50 @@ def test_stats_while_generating(checkpoint_dir):
     finally:
         eng.close()
         ref.close()
+
+
+def test_server_concurrent_requests_then_lost_rank():
+    """Concurrent completions through the ranks give one process's texts; after a rank dies: 503 naming it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from moe_engine.server import create_app
+    prompts = ["The cat", "Once upon a time", "1, 2, 3,", "Hello"]
+    ref = moe_engine.load(None, **F32)
+    want = [ref.generate(p, max_new_tokens=6) for p in prompts]
+    ref.close()
+    eng = moe_engine.load(None, **F32, expert_parallel=2)
+    app = create_app(eng, max_num_seqs=4, max_batch=4)
+    with TestClient(app) as c:
+        def complete(p):
+            r = c.post("/v1/completions", json={"model": "tiny-moe", "prompt": p, "max_tokens": 6, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(complete, prompts)) == want
+        os.kill(eng.experts.cluster.spawned.procs[1].pid, signal.SIGKILL)
+        r = c.post("/v1/completions", json={"model": "tiny-moe", "prompt": "x", "max_tokens": 4})
+        deadline = time.monotonic() + 10
+        while r.status_code != 503 and time.monotonic() < deadline:    # the request in flight ends with an error
+            time.sleep(0.2)
+            r = c.post("/v1/completions", json={"model": "tiny-moe", "prompt": "x", "max_tokens": 4})
+        assert r.status_code == 503 and "rank 1" in r.text, r.text
+    eng.close()
+
+
+def test_speculative_ngram_across_ranks_and_resident_refused():
+    """Verify steps through the ranks keep greedy tokens; their forecast prefetches reach every rank's cache."""
+    prompt = "1, 2, 3, 4, 1, 2, 3, 4, 1, 2"
+    ref = moe_engine.load(None, **F32)
+    want = ref.generate(prompt, max_new_tokens=8)
+    ref.close()
+    eng = moe_engine.load(None, **F32, expert_parallel=2, gpu_mem="23M")
+    try:
+        spec = {"method": "ngram", "num_speculative_tokens": 3}
+        assert eng.generate(prompt, max_new_tokens=8, speculative_config=spec) == want
+        assert eng.stats()["speculation"]["verify_steps"] > 0
+        with pytest.raises(ConfigError, match="speculative method 'resident'.*does not work with expert_parallel"):
+            eng.generate(prompt, max_new_tokens=4, speculative_config={"method": "resident"})
+    finally:
+        eng.close()

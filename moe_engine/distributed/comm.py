@@ -1,8 +1,9 @@
 """The step protocol between rank 0 and the workers: one command at a time, each a fixed sequence of collectives.
 
     every command   header int64 [8] broadcast from rank 0 on the control group (gloo)
-                    [command, layer, N, K, dtype, forecast layers, decoding (-1: unchanged), hint follows]
-    LAYER           (hint: broadcast_object_list of {layer: expert ids} on the control group)
+                    [command, layer, N, K, dtype, forecast layers, decoding (-1: unchanged), notes follow]
+    LAYER           (notes: broadcast_object_list of the scheduler's hint and a verify step's prefetch, {layer:
+                    expert ids} each, on the control group)
                     payload uint8 broadcast from rank 0 on the data group: x [N, D] (model dtype), weights [N, K]
                     float32, ids [N, K] int64, forecast layers [F] int64, forecast scores [F, N, E] float32
                     -> every rank computes its pairs (shard.Shard.compute) -> all_reduce(sum) of float32 [N, D]
@@ -32,6 +33,10 @@ LAYER, STATS, PING, STOP = 1, 2, 3, 4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEADER = 8
 PING_S = 5.0
+
+
+def _ids(experts: dict) -> dict[int, frozenset[int]]:
+    return {int(m): frozenset(int(e) for e in ids) for m, ids in experts.items()}
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -70,13 +75,18 @@ class Link:
         self.bytes_sent = 0               # payload bytes broadcast
         self.last_command = time.monotonic()
         self._decoding: int = -1          # the step's decode flag, sent with its first layer
-        self._hint: dict | None = None
+        self._notes: dict = {}            # hint / prefetch for the workers, sent with the next layer
 
     def begin_step(self, decoding: bool) -> None:
         self._decoding = int(decoding)
 
     def hint(self, experts: dict) -> None:
-        self._hint = {m: frozenset(int(e) for e in ids) for m, ids in experts.items()}
+        """Scheduling hints for every rank's cache, sent with the next layer (the last one given wins)."""
+        self._notes["hint"] = _ids(experts)
+
+    def prefetch(self, experts: dict, keep: dict | None) -> None:
+        """Forecast experts to start loading on every rank, sent with the next layer."""
+        self._notes["prefetch"] = (_ids(experts), None if keep is None else _ids(keep))
 
     def _header(self, *fields: int) -> None:
         head = torch.tensor(list(fields) + [0] * (HEADER - len(fields)), dtype=torch.int64)
@@ -88,11 +98,11 @@ class Link:
         """Send the layer to every rank, add this rank's part (local(forecast) -> float32 [N, D]), all_reduce."""
         n, k = ids.shape
         t0 = time.perf_counter()
-        hint, self._hint = self._hint, None
-        self._header(LAYER, layer, n, k, DTYPES.index(x.dtype), len(forecast), self._decoding, hint is not None)
+        notes, self._notes = self._notes, {}
+        self._header(LAYER, layer, n, k, DTYPES.index(x.dtype), len(forecast), self._decoding, bool(notes))
         self._decoding = -1
-        if hint is not None:
-            dist.broadcast_object_list([hint], 0, group=self.control)
+        if notes:
+            dist.broadcast_object_list([notes], 0, group=self.control)
         buf = pack(x, weights, ids, forecast)
         dist.broadcast(buf, 0, group=self.data)
         t1 = time.perf_counter()
@@ -122,7 +132,7 @@ def serve_commands(shard, control, data, device: torch.device, hidden: int, num_
     head = torch.zeros(HEADER, dtype=torch.int64)
     while True:
         dist.broadcast(head, 0, group=control)
-        cmd, layer, n, k, dt, f, decoding, has_hint = head.tolist()
+        cmd, layer, n, k, dt, f, decoding, has_notes = head.tolist()
         if cmd == STOP:
             return
         if cmd == STATS:
@@ -130,10 +140,13 @@ def serve_commands(shard, control, data, device: torch.device, hidden: int, num_
             continue
         if cmd != LAYER:
             continue
-        if has_hint:
+        if has_notes:
             box = [None]
             dist.broadcast_object_list(box, 0, group=control)
-            shard.hint(box[0])
+            if "hint" in box[0]:
+                shard.hint(box[0]["hint"])
+            if "prefetch" in box[0]:
+                shard.prefetch(*box[0]["prefetch"])
         if decoding >= 0:
             shard.begin(bool(decoding))
         dtype = DTYPES[dt]

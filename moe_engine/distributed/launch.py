@@ -39,7 +39,7 @@ from . import group
 from .comm import PING_S, Link
 from .group import RankError, Spawned, Watch, differences, fingerprint, post
 from .placement import ExpertPlacement, ShardCheckpoint, make_placement
-from .ranks import check_supported, rank_device, rank_plan, settings, share_line, shard_summary
+from .ranks import RESIDENT_DRAFTS, check_supported, rank_device, rank_plan, settings, share_line, shard_summary
 from .stats import merge_sections, rank_figures
 from .worker import run_worker
 from .shard import Shard
@@ -201,6 +201,15 @@ class ParallelCache:
     def hint_upcoming(self, experts: dict[int, frozenset[int]]) -> None:
         self.shard.hint(experts)
         self.cluster.link.hint(experts)
+
+    def prefetch(self, experts: dict, keep: dict | None = None) -> int:
+        """A verify step's forecast experts start loading on every rank (the workers' with the step's first layer);
+        returns the loads rank 0 started."""
+        self.cluster.link.prefetch(experts, keep)
+        return self.shard.prefetch(experts, keep)
+
+    def peeking(self):
+        raise ConfigError(RESIDENT_DRAFTS)
 
     def nbytes(self) -> int:
         return self.shard.cache.nbytes()

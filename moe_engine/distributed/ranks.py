@@ -19,6 +19,13 @@ def check_supported(config: EngineConfig) -> None:
     if config.quant is not None:
         raise ConfigError(f"quant={config.quant.name} (--quant) does not work with expert_parallel="
                           f"{config.expert_parallel} yet (each rank would quantize every expert); drop one of them")
+    spec = getattr(config, "speculative", None)
+    if spec is not None and spec.method == "resident":
+        raise ConfigError(RESIDENT_DRAFTS)
+
+
+RESIDENT_DRAFTS = ("speculative method 'resident' (--speculative-config) drafts from the experts ready in one cache "
+                   "and does not work with expert_parallel > 1 (--expert-parallel); use ngram or draft_model")
 
 
 def rank_device(device: torch.device, local_rank: int) -> torch.device:

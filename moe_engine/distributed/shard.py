@@ -68,12 +68,22 @@ class Shard:
 
     def hint(self, experts: dict[int, frozenset[int]]) -> None:
         """A hint in the model's expert ids -> this rank's cache, in local ids."""
-        local = {}
+        self.cache.hint_upcoming(self._local(experts))
+
+    def prefetch(self, experts: dict, keep: dict | None) -> int:
+        """Start loading the forecast experts this rank owns (model ids), never evicting `keep`'s; loads started."""
+        prefetch = getattr(self.cache, "prefetch", None)          # a resident cache has nothing to load
+        if prefetch is None:
+            return 0
+        return prefetch(self._local(experts), None if keep is None else self._local(keep))
+
+    def _local(self, experts: dict) -> dict[int, frozenset[int]]:
+        out = {}
         for m, ids in experts.items():
             if m in self.placement.owned:
                 own = self.placement.experts_of(self.rank, m)
-                local[m] = frozenset(own.index(e) for e in ids if e in own)
-        self.cache.hint_upcoming(local)
+                out[m] = frozenset(own.index(e) for e in ids if e in own)
+        return out
 
     def residents(self, layer: int) -> frozenset[int]:
         """The model's ids of this rank's resident experts of `layer`."""

@@ -119,6 +119,8 @@ class ServerState:
             self.engine, self.loop = engine, loop.start()
             if self.status == "loading":
                 self.status = "ready"
+        if hasattr(engine, "on_failure"):         # an expert-parallel engine that lost a rank: 503, then exit
+            engine.on_failure(self.fail)
         b = loop.batcher
         log.info("serving %s: up to %d tokens per request, %d sequences (at most %d per client while others wait), "
                  "%d tokens per step, %s scheduler", self.model_name, self.limit, cfg.max_num_seqs, b.client_cap,
@@ -136,6 +138,14 @@ class ServerState:
                 if self.on_fatal is not None:
                     self.on_fatal()
         threading.Thread(target=run, name="moe-engine-load", daemon=True).start()
+
+    def fail(self, error: BaseException) -> None:
+        """The engine cannot continue (distributed.RankError): every request gets 503 and the runner exits."""
+        log.error("%s", error)
+        with self._lock:
+            self.error, self.status = error, "failed"
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def drain(self, timeout: float | None = None) -> bool:
         """Refuse new requests (503) and wait until running and queued ones have finished (default timeout:
@@ -166,7 +176,7 @@ class ServerState:
             return
         messages = {"loading": "the model is still loading; retry when /health returns 200",
                     "draining": "the server is shutting down and accepts no new requests",
-                    "failed": f"loading the model failed: {self.error}"}
+                    "failed": f"loading the model failed: {self.error}" if self.engine is None else str(self.error)}
         raise APIError(503, messages[self.status])
 
 
