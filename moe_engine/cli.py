@@ -60,6 +60,14 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def _add_speculative_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--speculative-config", default=None, metavar="JSON", help="speculative decoding, as vLLM's "
+                   "flag: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' (prompt lookup; also "
+                   "prompt_lookup_max / prompt_lookup_min), '{\"method\": \"resident\"}' (the model routed among "
+                   "its cached experts drafts) or '{\"method\": \"draft_model\", \"model\": DIR}'; greedy "
+                   f"output is unchanged, sampling keeps its law; {what}")
+
+
 def _version() -> str:
     from . import __version__
     return __version__
@@ -75,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     _add_sampling_flags(gen)
+    _add_speculative_flag(gen, "default: off")
 
     tr = sub.add_parser("trace", help="record the routing of prompts into a trace file (npz)")
     _add_load_flags(tr)
@@ -99,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--plot", default=None, metavar="OUT.png", help="draw hit rate per layer vs Belady, time per "
                     "token and hit rate vs cache size into a PNG (needs matplotlib)")
     pf.add_argument("--force", action="store_true", help="overwrite --json / --plot files that exist")
+    _add_speculative_flag(pf, "the prompts run twice, without and with it, and the report compares acceptance, "
+                          "tokens per verify step and expert loads per generated token")
 
     tp = sub.add_parser("train-predictor", help="train the learned or path predictor from a trace")
     tp.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR", help="checkpoint directory "
@@ -119,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, models, health, metrics)")
     _add_load_flags(sv)
     _add_serve_flags(sv)
+    _add_speculative_flag(sv, "drafts are verified per sequence in the continuous batch (default: off)")
     return parser
 
 
@@ -300,7 +312,7 @@ def cmd_profile(args) -> int:
                     "device": str(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
                     "gpu_mem": args.gpu_mem, "cpu_mem": args.cpu_mem, "predictor": args.predictor,
                     "policy": args.policy or DEFAULT_POLICY, "quant": args.quant or "none",
-                    "prompt_file": args.prompts or "built-in"}
+                    "prompt_file": args.prompts or "built-in", "speculative_config": args.speculative_config}
         profile = run_profile(eng, prompts, args.max_new_tokens, not args.no_progress, settings)
     finally:
         eng.close()

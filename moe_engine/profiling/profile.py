@@ -8,6 +8,10 @@
                optimal, prediction, quant)                                 |
                    \\___________________ profile dict (profile_schema.json) _/
 
+With a speculative config (the engine's, from --speculative-config) the prompts run a second time with drafts after
+the profile's own run (which never drafts), and the "speculation" section compares the two runs (speculation()):
+acceptance, tokens per verify step, expert loads per generated token, decode tokens/s.
+
 The `latency` section is rebuilt over all requests (the engine's own covers its last call only), with
 TTFT and time per output token (TPOT) percentiles. Per-layer arrays of the "profile" section run over
 the MoE layers in order (`moe_layers` gives their decoder indices); those of the engine's sections run
@@ -15,6 +19,7 @@ over all decoder layers. This module computes numbers; report.py prints them and
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -67,13 +72,16 @@ def load_schema() -> dict:
 
 def run_profile(engine, prompts: list[str], max_new_tokens: int = 32, progress: bool = True,
                 settings: dict | None = None, segments=SEGMENTS) -> dict:
-    """Generate every prompt alone (greedy), then return engine.stats() plus the "profile" section."""
+    """Generate every prompt alone (greedy, no drafts), then return engine.stats() plus the "profile" section (and
+    its "speculation" comparison when the engine has a speculative config)."""
     if not prompts:
         raise ConfigError("no prompts to profile: give at least one (--prompts FILE)")
     check_int(max_new_tokens, "max_new_tokens", flag="--max-new-tokens")
     t0 = time.perf_counter()
+    loads0 = engine.stats()["io"]["loads"]
     trace, requests = _generate(engine, prompts, max_new_tokens, progress)
     wall = time.perf_counter() - t0
+    plain_loads = engine.stats()["io"]["loads"] - loads0
     if progress:
         print("[moe-engine] analysing the routing: cache-size sweep, Belady, moe-lrc", file=sys.stderr)
     stats = engine.stats()
@@ -93,6 +101,8 @@ def run_profile(engine, prompts: list[str], max_new_tokens: int = 32, progress: 
                                    stats["cache"]["hit_rate"]),
         "lrc": lrc_metrics(trace, segments),
     }
+    if engine.speculative_config is not None:
+        stats["profile"]["speculation"] = speculation(engine, prompts, max_new_tokens, progress, requests, plain_loads)
     return stats
 
 
@@ -103,11 +113,48 @@ def _generate(engine, prompts: list[str], max_new_tokens: int, progress: bool) -
     requests = []
     with engine.observing(recorder):
         for row in tqdm(ids, desc="profiling", unit="prompt", disable=not progress, leave=False):
-            engine.generate(torch.tensor(row), max_new_tokens=max_new_tokens, do_sample=False)
+            engine.generate(torch.tensor(row), max_new_tokens=max_new_tokens, do_sample=False,
+                            speculative_config=False)
             t = engine.timings
             requests.append(RequestTiming(t.prompt_tokens, t.steps, t.ttft_s, t.prefill_s, t.decode_s,
                                           list(t.step_s)))
     return recorder.trace([len(r) for r in ids], engine.spec.moe.num_experts), requests
+
+
+def speculation(engine, prompts: list[str], max_new_tokens: int, progress: bool, plain: list[RequestTiming],
+                plain_loads: int) -> dict:
+    """The prompts again, each alone with the engine's speculative config, after the plain run (whose requests and
+    expert loads are given): {"config", "without", "with"}, each run's generated tokens, decode steps per sequence
+    (verify steps), tokens per step, expert loads (its draft steps included) and loads per generated token, decode
+    tokens/s; "with" adds drafted / accepted tokens and the acceptance rate. The second run starts with the expert
+    cache the first left (one cache across prompts, as in the profile's own run)."""
+    spec = engine.speculative_config
+    loads0 = engine.stats()["io"]["loads"]
+    tokens = steps = drafted = accepted = 0
+    decode_s = decode_tokens = 0.0
+    for p in tqdm(prompts, desc="speculative", unit="prompt", disable=not progress, leave=False):
+        engine.generate(torch.tensor(engine.encode(p)), max_new_tokens=max_new_tokens, do_sample=False,
+                        speculative_config=spec)
+        s, t = engine.speculation, engine.timings
+        tokens += s["decode_tokens"] + 1
+        steps += s["decode_rows"]
+        drafted, accepted = drafted + s["drafted"], accepted + s["accepted"]
+        decode_s, decode_tokens = decode_s + t.decode_s, decode_tokens + t.decode_tokens
+    loads = engine.stats()["io"]["loads"] - loads0
+    plain_tokens = sum(r.new_tokens for r in plain)
+    plain_steps = sum(len(r.step_s) for r in plain)
+    plain_s = sum(sum(r.step_s) for r in plain)
+    return {"config": dataclasses.asdict(spec),
+            "without": _run_numbers(plain_tokens, plain_steps, plain_steps, plain_loads, plain_s),
+            "with": {**_run_numbers(tokens, steps, decode_tokens, loads, decode_s), "drafted": drafted,
+                     "accepted": accepted, "acceptance": accepted / drafted if drafted else None}}
+
+
+def _run_numbers(tokens: int, steps: int, decode_tokens: float, loads: int, decode_s: float) -> dict:
+    return {"generated_tokens": tokens, "decode_steps": steps,
+            "tokens_per_step": decode_tokens / steps if steps else None, "expert_loads": loads,
+            "loads_per_token": loads / tokens if tokens else None,
+            "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None}
 
 
 def summary(values: list[float]) -> dict:

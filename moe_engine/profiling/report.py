@@ -4,7 +4,7 @@ Tables: the run and its settings; a summary (hit rate next to Belady's bound, lo
 tier, stalls, latency percentiles, throughput, where a decode step's time goes); per MoE layer (hits,
 misses, Belady, prefetch precision / recall, predictor recall per lookahead); prefetches per lookahead;
 hit rate vs cache size; local routing consistency per layer with the suggested cache size and a verdict
-on whether the model suits offloading. Prints only what the dict holds; computes ratios, nothing else.
+on whether the model suits offloading; with --speculative-config, the runs without and with drafts side by side. Prints only what the dict holds; computes ratios, nothing else.
 """
 from __future__ import annotations
 
@@ -174,6 +174,29 @@ def verdict(p: dict) -> str:
             f"{live:.1f} per layer.")
 
 
+def speculation_table(p: dict) -> Table | None:
+    """Without vs with speculative decoding (profile.speculation), when the profile ran both."""
+    spec = p["profile"].get("speculation")
+    if spec is None:
+        return None
+    c = spec["config"]
+    t = _table(f"speculative decoding ({c['method']}, up to {c['num_speculative_tokens']} drafted tokens per step)",
+               "metric", "without", "with")
+    off, on = spec["without"], spec["with"]
+
+    def num(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
+    t.add_row("generated tokens", str(off["generated_tokens"]), str(on["generated_tokens"]))
+    t.add_row("decode steps (per sequence)", str(off["decode_steps"]), str(on["decode_steps"]))
+    t.add_row("tokens per verify step", num(off["tokens_per_step"]), num(on["tokens_per_step"]))
+    t.add_row("drafted / accepted tokens", "-", f"{on['drafted']} / {on['accepted']}")
+    t.add_row("acceptance rate", "-", _pct(on["acceptance"]))
+    t.add_row("expert loads", str(off["expert_loads"]), str(on["expert_loads"]))
+    t.add_row("loads per generated token", num(off["loads_per_token"], "{:.3f}"), num(on["loads_per_token"], "{:.3f}"))
+    t.add_row("decode tokens/s", num(off["decode_tokens_per_s"], "{:.1f}"), num(on["decode_tokens_per_s"], "{:.1f}"))
+    return t
+
+
 def print_report(p: dict, console: Console | None = None) -> None:
     """Print every table of the profile `p` (the dict run_profile returns) to `console` (default: stdout)."""
     if console is None:
@@ -181,7 +204,7 @@ def print_report(p: dict, console: Console | None = None) -> None:
         if not console.is_terminal:          # a pipe or file: wide enough for the per-layer table
             console.width = max(console.width, WIDTH)
     tables = [settings_table(p), summary_table(p), layer_table(p), lookahead_table(p), sweep_table(p),
-              *lrc_tables(p)]
+              *lrc_tables(p), speculation_table(p)]
     for t in tables:
         if t is not None:
             console.print(t)

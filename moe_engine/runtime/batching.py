@@ -8,6 +8,11 @@
                        clients taking turns, while prefill has had no more than its share of the time (PhaseGate)
     prefill(chunks) -> first tokens of the prompts fed to their end;  decode(batch) -> next tokens
                        core.sample + core.accept -> (sequence, token) to the driver
+    speculative (a Drafter given): plan() reserves each decode row that can_speculate up to K draft tokens in the
+                       token budget (before the prompt chunks, as vLLM counts its spec tokens); decode() drafts them
+                       (Drafter.propose) and verifies every row in one core.speculate step -> each row's emitted
+                       tokens in order, a stop mid-draft dropping the rest; rows with processors or logprobs, or
+                       without a draft this step, get one token as without speculation
 
 The Batcher has no threads: Engine.generate(max_batch=N) drives it on the caller's thread (generation.py), the
 server's EngineLoop (loop.py) on its own. Each sequence has its own KV cache (sized prompt + max_new at
@@ -32,7 +37,7 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -97,6 +102,7 @@ class StepPlan:
     chunks: list[tuple[Sequence, int]]
     decode: list[Sequence]
     admitted: list[Sequence]                      # admitted by this plan (their chunks may come in later steps)
+    draft_room: list[int] = field(default_factory=list)   # per decode row: draft tokens reserved in the budget
 
     @property
     def prefill_tokens(self) -> int:
@@ -109,8 +115,11 @@ class Batcher:
                  max_prefill: int = 4, miss_weight: float = 2.0, schedule_aware_eviction: bool = True,
                  prefill_wait: int | None = None, max_num_batched_tokens: int | None = None,
                  max_seqs_per_client: int | None = None, max_cold_experts: int | None = None,
-                 prefill_share: float | None = None, clock=time.perf_counter):
+                 prefill_share: float | None = None, clock=time.perf_counter, drafter=None):
         self.core, self.cache, self.spec = core, cache, core.spec
+        self.drafter = drafter                    # a drafting.Drafter: decode steps verify drafts (None: no drafts)
+        self._plain_step: float | None = None     # seconds of a decode step without drafts (the drafter's yardstick)
+        self._room: dict[int, int] = {}           # seq id -> draft tokens the latest plan reserved it
         self.max_num_seqs = max_num_seqs
         self.max_batch = max_batch or max_num_seqs
         self.max_prefill = max_prefill            # prompts chunked together in one forward
@@ -149,6 +158,8 @@ class Batcher:
         self._step_resident = None                # the residents the last pick saw (to measure the step after)
         self._prefill_served: dict[object, int] = {}   # client -> prompt ids fed while it has prompts to feed
         self.steps = self.prefills = self.decode_tokens = self.prompt_tokens = self.preemptions = 0
+        self.decode_rows = 0                      # sequences in decode steps (decode_tokens / decode_rows: per verify)
+        self.spec_drafts = self.spec_draft_tokens = self.spec_accepted = 0   # rows with a draft, its tokens, kept
         self.recorder = PathRecorder(self.spec.moe_layers, self.spec.vocab_size, self.spec.moe.num_experts,
                                      self.spec.moe.top_k) if self.evicts else None
 
@@ -246,6 +257,8 @@ class Batcher:
         self.arrival.pop(seq.seq_id, None)
         self._cold_waits.pop(seq.seq_id, None)
         self._cold_seen.pop(seq.seq_id, None)
+        if self.drafter is not None:
+            self.drafter.forget(seq)
         seq.kv = None
 
     # ---- the plan of a step -----------------------------------------------------------------------
@@ -270,7 +283,22 @@ class Batcher:
         ready = self.decoding()
         batch = self.pick(ready) if ready else []
         self._contended = bool(batch)
-        return StepPlan(self._chunks(self.budget - len(batch), bool(batch)), batch, admitted)
+        room = self._draft_room(batch)
+        self._room = {s.seq_id: n for s, n in zip(batch, room)}
+        return StepPlan(self._chunks(self.budget - len(batch) - sum(room), bool(batch)), batch, admitted, room)
+
+    def _draft_room(self, batch: list[Sequence]) -> list[int]:
+        """Draft tokens each decode row may verify this step: K (the config's num_speculative_tokens) within its
+        room, for rows that can speculate, while the token budget after the decode rows lasts."""
+        if self.drafter is None:
+            return [0] * len(batch)
+        left, out = self.budget - len(batch), []
+        k = self.drafter.config.num_speculative_tokens
+        for s in batch:
+            n = min(k, self.core.room(s), left) if self.core.can_speculate(s) else 0
+            out.append(n)
+            left -= n
+        return out
 
     def _chunks(self, budget: int, decoding: bool) -> list[tuple[Sequence, int]]:
         """Prompts being prefilled take turns by client (the one fed least since it began prefilling first), at most
@@ -355,13 +383,48 @@ class Batcher:
         return self._emit([seqs[i] for i in fed], logits[fed]) if fed else []
 
     def decode(self, batch: list[Sequence]) -> list[tuple[Sequence, int]]:
-        """One decode step over `batch` (pick's choice) -> each one's next token."""
+        """One decode step over `batch` (pick's choice) -> each one's next token; with a drafter, a verify step of
+        the drafts the plan made room for -> each one's emitted tokens, in order."""
+        room = [self._room.get(s.seq_id, 0) for s in batch]
+        drafting = self.drafter is not None and any(room)
+        drafts = [d[:n] for d, n in zip(self.drafter.propose(batch), room)] if drafting else []
+        if not any(drafts):
+            return self._decode_plain(batch)
+        t0 = self.clock()
+        kept = self.core.speculate(batch, drafts)
+        took = self.clock() - t0
+        self.gate.decoded(took)
+        self._measure_cold(batch)
+        self.drafter.timed(sum(len(d) + 1 for d in drafts), len(batch), took, self._plain_step)
+        self.drafter.steps += 1
+        out = []
+        for s, d, toks in zip(batch, drafts, kept):
+            if d:
+                self.drafter.update(s, len(d), len(toks) - 1)
+                self.spec_drafts, self.spec_draft_tokens = self.spec_drafts + 1, self.spec_draft_tokens + len(d)
+                self.spec_accepted += len(toks) - 1
+            for tok in toks:
+                out.append((s, tok))
+                if self.core.accept(s, tok):             # ended (stop, eos, length): the rest is dropped
+                    break
+            self._stamp(s)
+        self.steps += 1
+        self.decode_rows += len(batch)
+        self.decode_tokens += len(out)
+        return out
+
+    def _decode_plain(self, batch: list[Sequence]) -> list[tuple[Sequence, int]]:
         t0 = self.clock()
         logits = self.core.step(batch)
-        self.gate.decoded(self.clock() - t0)
+        took = self.clock() - t0
+        self.gate.decoded(took)
         self._measure_cold(batch)
         self.steps += 1
+        self.decode_rows += len(batch)
         self.decode_tokens += len(batch)
+        if self.drafter is not None:
+            self.drafter.steps += 1
+            self._plain_step = took if self._plain_step is None else 0.8 * self._plain_step + 0.2 * took
         return self._emit(batch, logits)
 
     def _measure_cold(self, batch: list[Sequence]) -> None:
@@ -383,4 +446,6 @@ class Batcher:
     def counters(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting), "kv_reserved": self.kv_reserved,
                 "steps": self.steps, "prefills": self.prefills, "decode_tokens": self.decode_tokens,
-                "prompt_tokens": self.prompt_tokens, "preemptions": self.preemptions}
+                "prompt_tokens": self.prompt_tokens, "preemptions": self.preemptions,
+                **({"spec_drafts": self.spec_drafts, "spec_draft_tokens": self.spec_draft_tokens,
+                    "spec_accepted_tokens": self.spec_accepted} if self.drafter is not None else {})}

@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..experts.policies import DEFAULT_POLICY, make_policy
 from ..quant.settings import QuantSettings, parse_quant
 from .plugins import DEFAULT_PREDICTOR
+from .speculative import SpeculativeConfig, choose
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -119,6 +120,8 @@ class EngineConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig.from_env)
     threads: int | None = None               # --threads: compute threads (None: the cores this process may use,
                                              # unless OMP_NUM_THREADS or torch.set_num_threads chose; resources.py)
+    speculative: SpeculativeConfig | None = None   # --speculative-config: generate()/stream()'s and the server's
+                                                   # default (None: no speculative decoding)
     expert_parallel: int = 1                 # --expert-parallel: ranks sharing the routed experts (distributed/)
     expert_placement: Path | None = None     # --expert-placement: a routing trace .npz to spread hot experts by
 
@@ -149,8 +152,8 @@ class EngineConfig:
         cache = get("quant_cache")
         return cls(model_dir, get("device"), get("dtype"), get("seed"), get("progress"), offload, quant,
                    None if cache is None else Path(cache), get("kernels") or KernelConfig.from_env(),
-                   get("threads"), expert_parallel=get("expert_parallel"),
-                   expert_placement=get("expert_placement"))
+                   get("threads"), choose(get("speculative_config"), None),
+                   expert_parallel=get("expert_parallel"), expert_placement=get("expert_placement"))
 
     @classmethod
     def from_args(cls, model_dir, args) -> EngineConfig:
@@ -161,6 +164,7 @@ class EngineConfig:
                                quant_cache=args.quant_cache, progress=not args.no_progress, policy=args.policy,
                                max_kv_tokens=args.max_kv_tokens, io_threads=args.io_threads, threads=args.threads,
                                quant_scope=args.quant_scope,
+                               speculative_config=getattr(args, "speculative_config", None),
                                expert_parallel=getattr(args, "expert_parallel", 1),
                                expert_placement=getattr(args, "expert_placement", None))
 
@@ -173,4 +177,4 @@ LOAD_KEYWORDS = {"device": "auto", "dtype": "auto", "gpu_mem": None, "cpu_mem": 
                  "predictor": DEFAULT_PREDICTOR, "quant": None, "seed": None, "progress": True, "policy": None,
                  "max_kv_tokens": None, "io_threads": 2, "prefetch": True, "quant_group": None, "calibration": None,
                  "quant_cache": None, "kernels": None, "threads": None, "quant_scope": "experts",
-                 "expert_parallel": 1, "expert_placement": None}
+                 "speculative_config": None, "expert_parallel": 1, "expert_placement": None}

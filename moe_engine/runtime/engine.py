@@ -21,8 +21,8 @@ from .drafting import Drafter, speculative_lockstep
 from .generation import Timings, lockstep, scheduled
 from .prompts import TextCodec, prompt_rows, tensor_output
 from .sampling import resolve_sampling
-from .speculative import SpeculativeConfig
-from .stats import build_stats
+from .speculative import SpeculativeConfig, choose
+from .stats import SpeculationCount, build_stats
 from .stopping import normalize_eos
 from .textstream import TextStream
 
@@ -40,7 +40,8 @@ class Engine:
     """
 
     def __init__(self, checkpoint, decoder, experts, tokenizer, device: torch.device, dtype: torch.dtype,
-                 gpu_mem: int | None = None, cpu_mem: int | None = None, plan=None, quant: dict | None = None):
+                 gpu_mem: int | None = None, cpu_mem: int | None = None, plan=None, quant: dict | None = None,
+                 speculative: SpeculativeConfig | None = None):
         self.checkpoint, self.decoder, self.spec = checkpoint, decoder, decoder.spec
         self.experts = experts
         self.observers = decoder.observers
@@ -54,7 +55,8 @@ class Engine:
         self.generation_config = dict(checkpoint.generation_config)
         self.timings = Timings()              # the last generate / stream call's (stats "latency")
         self.quant = quant                    # how experts are quantized (stats "quant"), None when they are not
-        self.speculation: dict | None = None  # the last speculative generate call's drafts and acceptance
+        self.speculative_config = speculative  # load(speculative_config=...): generate/stream's and the server's
+        self.speculation: dict | None = None  # the last speculative call's drafts and acceptance (or the server's)
 
     @property
     def max_context(self) -> int:
@@ -91,6 +93,8 @@ class Engine:
         speculative_config: vLLM's --speculative-config as a dict or JSON ({"method": "ngram" | "resident",
         "num_speculative_tokens": K, ...}; runtime/speculative.py): drafts verified K + 1 tokens per step. Greedy
         tokens are exactly those without it; sampled tokens follow the same law (not the same draws for a seed).
+        None (default): load()'s speculative_config; False: none for this call. Rows with per-token processors
+        (penalties, logit_bias, allowed_token_ids, min_new_tokens) are decoded without drafts.
 
         The rows prefill together and decode together, one token each per step. max_batch: at most this many
         rows per decode step instead, the scheduler ("expert": rows whose experts overlap share steps; "fifo")
@@ -110,26 +114,26 @@ class Engine:
             check_choice(scheduler, "scheduler", ("expert", "fifo"))
         seqs = self._sequences(rows, max_new_tokens, eos_token_id, stop, kw, alone=max_batch is not None)
         timings = Timings()
-        spec = SpeculativeConfig.parse(speculative_config)
-        if spec is not None and max_batch is not None:
-            raise ConfigError("speculative_config works with the lockstep schedule: drop max_batch (the server "
-                              "verifies drafts per sequence in its own loop)")
+        spec = choose(speculative_config, self.speculative_config)
+        drafter = Drafter(self.core, self.experts, spec) if spec is not None else None
+        count = SpeculationCount(self.experts, drafter)
         if max_batch is not None:
-            scheduled(self.core, self.experts, seqs, max_batch, scheduler, self.plan and self.plan.kv_tokens, timings)
+            batcher = scheduled(self.core, self.experts, seqs, max_batch, scheduler,
+                                self.plan and self.plan.kv_tokens, timings, drafter)
+            count.rows, count.tokens = batcher.decode_rows, batcher.decode_tokens
         else:
-            drafter = Drafter(self.core, self.experts, spec) if spec is not None else None
             steps = speculative_lockstep(self.core, drafter, seqs, timings) if drafter is not None else \
                 ([[] if t is None else [t] for t in step] for step in lockstep(self.core, seqs, timings))
             if streamer is not None:
                 streamer.put(torch.tensor([rows[0]]))
-            for step in steps:                          # each sequence's new tokens of the step
+            for step in count.steps(steps):             # each sequence's new tokens of the step
                 if streamer is not None and step[0]:
                     streamer.put(torch.tensor(step[0]))
             if streamer is not None:
                 streamer.end()
-            if drafter is not None:
-                self.speculation = drafter.stats()
         self.timings = timings
+        if drafter is not None:
+            self.speculation = count.report(sum(len(s.generated) for s in seqs))
         if kind == "tensor":
             return tensor_output(prompt, [s.generated for s in seqs], self._pad_id(eos_token_id))
         texts = [s.stopper.trim(0, self.decode(s.generated)) for s in seqs]
@@ -143,17 +147,26 @@ class Engine:
         rows = [self.encode(prompt, kw.pop("chat", False))]
         gen_kw = {k: kw.pop(k) for k in SAMPLING_KEYS if k in kw}
         max_new, eos, stop = kw.pop("max_new_tokens", None), kw.pop("eos_token_id", None), kw.pop("stop", None)
+        spec = choose(kw.pop("speculative_config", None), self.speculative_config)
         if kw:
             raise ConfigError(f"stream() got unknown arguments: {', '.join(sorted(kw))}")
         seq = self._sequences(rows, max_new, eos, stop, gen_kw)[0]
         text, timings = TextStream(self.decode, seq.stopper), Timings()
+        drafter = Drafter(self.core, self.experts, spec) if spec is not None else None
+        count = SpeculationCount(self.experts, drafter)
+        steps = speculative_lockstep(self.core, drafter, [seq], timings) if drafter is not None else \
+            ([[] if t is None else [t] for t in step] for step in lockstep(self.core, [seq], timings))
         try:
-            for step in lockstep(self.core, [seq], timings):
-                piece = text.push(step[0], seq.done)
-                if piece:
-                    yield piece
+            for step in count.steps(steps):
+                new = step[0]
+                for i, token in enumerate(new):
+                    piece = text.push(token, seq.done and i == len(new) - 1)
+                    if piece:
+                        yield piece
         finally:
             self.timings = timings
+            if drafter is not None:
+                self.speculation = count.report(len(seq.generated))
 
     def _sequences(self, rows: list[list[int]], max_new_tokens, eos_token_id, stop, kw: dict,
                    alone: bool = False) -> list[Sequence]:

@@ -68,13 +68,14 @@ def lockstep(core: GenerationCore, seqs: list[Sequence], timings: Timings) -> It
 
 
 def scheduled(core: GenerationCore, cache, seqs: list[Sequence], max_batch: int, scheduler: str,
-              kv_tokens: int | None, timings: Timings) -> None:
-    """Every sequence to its end through the server's Batcher (admission, token budget and schedule), on this thread.
+              kv_tokens: int | None, timings: Timings, drafter=None) -> Batcher:
+    """Every sequence to its end through the server's Batcher (admission, token budget and schedule), on this thread;
+    with a drafter (drafting.py) each decode step verifies drafts. Returns the Batcher (its counters).
 
     No prefill time share here (vLLM's plain budget: each step's decode rows, then prompt chunks in what is left),
     so the schedule depends on token counts only and a rerun takes the same steps."""
     batcher = Batcher(core, cache, max_num_seqs=len(seqs), max_batch=max_batch, scheduler=scheduler,
-                      kv_tokens=kv_tokens)
+                      kv_tokens=kv_tokens, drafter=drafter)
     for s in seqs:
         if s.max_new > 0:
             batcher.enqueue(s)
@@ -91,6 +92,7 @@ def scheduled(core: GenerationCore, cache, seqs: list[Sequence], max_batch: int,
     timings.decode_tokens += batcher.decode_tokens
     timings.steps += batcher.steps
     timings.decode_s += time.perf_counter() - t0
+    return batcher
 
 
 def _release_done(batcher: Batcher, tokens: list[tuple[Sequence, int]]) -> None:

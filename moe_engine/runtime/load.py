@@ -79,7 +79,10 @@ def load(model_dir: str | Path | None = None, revision: str | None = None, **kw)
       attention, shared experts, dense MLPs, lm_head, at quant's width; quant/dense.py); kernels: a KernelConfig
       (default: from the environment);
       threads: compute threads (None: the cores this process may use, unless OMP_NUM_THREADS or an earlier
-      torch.set_num_threads chose); progress: progress bars and the placement plan on stderr.
+      torch.set_num_threads chose); progress: progress bars and the placement plan on stderr;
+      speculative_config: vLLM's --speculative-config (a dict or its JSON: {"method": "ngram" | "resident", ...}),
+      the default of generate() / stream() (a call's speculative_config overrides it; False turns it off) and of
+      a server over this engine (None: no speculative decoding).
     Errors name these keywords (the CLI's name its flags).
     """
     try:
@@ -149,4 +152,5 @@ def _build(config: EngineConfig, ckpt: Checkpoint, predictor, show_plan: bool) -
     cache = build_cache(experts, decoder, plan, expert_dt, dev, offload, predictor, progress)
     bind_experts(decoder, cache, experts.layouts if qs is not None else None, config.kernels.quant)
     summary = {**experts.summary(), "scope": qs.scope, **(dense.summary() if dense else {})} if qs is not None else None
-    return Engine(ckpt, decoder, cache, tokenizer, dev, dt, offload.gpu_mem, offload.cpu_mem, plan, quant=summary)
+    return Engine(ckpt, decoder, cache, tokenizer, dev, dt, offload.gpu_mem, offload.cpu_mem, plan, quant=summary,
+                  speculative=config.speculative)

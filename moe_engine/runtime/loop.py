@@ -14,6 +14,7 @@ is registered with the engine while the loop runs and removed at shutdown; other
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import threading
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 from .batching import Batcher
 from .core import Sequence
+from .drafting import Drafter
 from .sampling import SamplingParams
 from .textstream import TextStream
 
@@ -88,12 +90,15 @@ class EngineLoop:
                  max_waiting: int | None = None, kv_tokens: int | None = None, prefill_share: float | None = 0.5,
                  **batching):
         """batching: the Batcher's options (max_num_batched_tokens, max_seqs_per_client, max_cold_experts, ...);
-        prefill_share: the time prefill may take while sequences decode (PhaseGate; None: no limit)."""
+        prefill_share: the time prefill may take while sequences decode (PhaseGate; None: no limit). Speculative
+        decoding is on when the engine was loaded with a speculative_config (--speculative-config), else off."""
         self.engine = engine
         self.max_waiting = max_waiting if max_waiting is not None else 8 * max_num_seqs
         plan_kv = engine.plan.kv_tokens if engine.plan is not None else None
+        spec = engine.speculative_config
+        self.drafter = Drafter(engine.core, engine.experts, spec) if spec is not None else None
         self.batcher = Batcher(engine.core, engine.experts, max_num_seqs, max_batch, scheduler,
-                               kv_tokens or plan_kv, prefill_share=prefill_share, **batching)
+                               kv_tokens or plan_kv, prefill_share=prefill_share, drafter=self.drafter, **batching)
         self.kv_tokens = self.batcher.kv_tokens
         self.served: dict[int, _Served] = {}            # seq id -> request, waiting or running
         self._cancel: set[str] = set()
@@ -233,11 +238,16 @@ class EngineLoop:
 
     # ---- events ---------------------------------------------------------------------------------
     def _send_tokens(self, tokens: list[tuple[Sequence, int]], prompt_tokens: int = 0) -> None:
+        """A step's tokens in order (a verify step gives a sequence several; only its last may end it)."""
         now = time.perf_counter()
         self._step_tokens[0] += prompt_tokens
         self._step_tokens[1] += len(tokens)
-        for seq, token in tokens:
+        last = {seq.seq_id: i for i, (seq, _) in enumerate(tokens)}
+        later = collections.Counter(seq.seq_id for seq, _ in tokens)     # a sequence's tokens still to send
+        for i, (seq, token) in enumerate(tokens):
             s = self.served[seq.seq_id]
+            ended = seq.done and i == last[seq.seq_id]
+            later[seq.seq_id] -= 1
             if s.t_first is None:
                 s.t_first = now
             else:
@@ -247,13 +257,13 @@ class EngineLoop:
                 self._finish(s, "error" if seq.finish_reason == "error" else "length", error=seq.error)
                 continue
             s.pending.append(token)
-            delta = s.text.push(token, seq.done) if s.text is not None else ""
-            if seq.done:
+            delta = s.text.push(token, ended) if s.text is not None else ""
+            if ended:
                 self._finish(s, "stop" if seq.finish_reason in ("eos", "stop") else "length", text=delta)
                 continue
             if delta or s.text is None:
-                self._send(s, Event(s.req.request_id, delta, s.pending, None, seq.prompt_len, len(seq.generated),
-                                    itl_s=s.gaps))
+                self._send(s, Event(s.req.request_id, delta, s.pending, None, seq.prompt_len,
+                                    len(seq.generated) - later[seq.seq_id], itl_s=s.gaps))
                 s.pending, s.gaps = [], []
 
     def _finish(self, s: _Served, reason: str, text: str = "", error: str | None = None) -> None:

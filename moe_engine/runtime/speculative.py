@@ -2,6 +2,7 @@
 
     SpeculativeConfig.parse(json | dict)   vLLM's --speculative-config: {"method": "ngram" | "resident" |
                                            "draft_model", "num_speculative_tokens": K, ...}, checked once
+    choose(call's value, engine's)         None: the engine's default (load's speculative_config); False: off
     propose_ngram(tokens, k, n_max, n_min) prompt lookup: the longest suffix n-gram (n_max down to n_min) seen
                                            before in the sequence -> the (up to) k tokens that followed it
     verify_greedy(logits [k+1, V], draft)  -> accepted draft prefix + the target's own next token
@@ -68,13 +69,23 @@ class SpeculativeConfig:
                 raise ConfigError(f"--speculative-config is not valid JSON ({e}); e.g. "
                                   f"'{{\"method\": \"ngram\", \"num_speculative_tokens\": 4}}'") from None
         if not isinstance(value, dict) or "method" not in value:
-            raise ConfigError("speculative config must be an object with a \"method\" (ngram, resident or "
-                              "draft_model)")
+            raise ConfigError(f"--speculative-config must be a JSON object with a \"method\" (ngram, resident or "
+                              f"draft_model), got {value!r:.80}")
         unknown = sorted(set(value) - set(cls.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"speculative config has unknown key {unknown[0]!r}; known: "
                               f"{', '.join(cls.__dataclass_fields__)}")
         return cls(**value)
+
+
+def choose(value, default: SpeculativeConfig | None) -> SpeculativeConfig | None:
+    """A call's speculative_config against the engine's (load(speculative_config=...)): None -> the engine's;
+    False -> no speculation for this call; a config, dict or JSON -> that one (checked by parse)."""
+    if value is None:
+        return default
+    if value is False:
+        return None
+    return SpeculativeConfig.parse(value)
 
 
 def propose_ngram(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:
@@ -131,4 +142,4 @@ def verify_sampled(probs: torch.Tensor, draft: list[int], draft_probs: torch.Ten
     return out
 
 
-__all__ = ["METHODS", "SpeculativeConfig", "propose_ngram", "verify_greedy", "verify_sampled"]
+__all__ = ["METHODS", "SpeculativeConfig", "choose", "propose_ngram", "verify_greedy", "verify_sampled"]

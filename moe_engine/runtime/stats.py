@@ -39,3 +39,35 @@ def build_stats(timings: Timings, sections: dict, device_budget: int | None, dev
         "optimal": sections["optimal"],
         "prediction": sections.get("prediction") or {"predictor": None},
     }
+
+
+class SpeculationCount:
+    """Engine.stats()'s "speculation" section of one call: the drafter's counts, plus what the drafts earned.
+
+    steps(it) passes a driver's steps through (each: every sequence's new tokens; the first step is the prefill's
+    first tokens) and counts decode rows (a sequence in a verify step) and the tokens they emitted; report() adds
+    tokens_per_step (emitted tokens per sequence per verify step: 1.0 is plain decoding) and loads_per_token
+    (expert loads of the whole call, drafts' steps included, per generated token)."""
+
+    def __init__(self, experts, drafter):
+        self.experts, self.drafter = experts, drafter
+        self.loads_before = experts.stats()["io"]["loads"] if drafter is not None else 0
+        self.rows = self.tokens = 0
+
+    def steps(self, steps):
+        for i, step in enumerate(steps):
+            if i > 0:
+                self.rows += sum(1 for new in step if new)
+                self.tokens += sum(len(new) for new in step)
+            yield step
+
+    def report(self, generated: int) -> dict | None:
+        """generated: the call's generated tokens (first tokens included). None without a drafter."""
+        if self.drafter is None:
+            return None
+        out = self.drafter.stats()
+        loads = self.experts.stats()["io"]["loads"] - self.loads_before
+        out.update(decode_rows=self.rows, decode_tokens=self.tokens,
+                   tokens_per_step=self.tokens / self.rows if self.rows else None,
+                   expert_loads=loads, loads_per_token=loads / generated if generated else None)
+        return out

@@ -8,7 +8,9 @@
 The vLLM metrics (VLLM_METRICS) carry vLLM's names and labels (model_name = the served name, engine = "0")
 under `prefix` (`moe_engine` by default; `vllm` gives exactly vLLM's names, so its Grafana dashboards read
 them unchanged). Each is measured: what this server does not do (swapping, preemption, prefix caching, a
-CPU KV cache, speculative decoding, LoRA) is left out rather than reported as zero. The engine's own
+CPU KV cache, LoRA) is left out rather than reported as zero. Speculative decoding's counters (SPEC_METRICS:
+drafts, drafted tokens, accepted tokens, read from the loop's counters at each scrape) are there only when the
+server runs with --speculative-config. The engine's own
 metrics (expert cache, IO, prefetch) and the KV reserve in tokens are always under `moe_engine:`. Each app
 has its own registry, so several servers in one process (tests) do not share counters.
 """
@@ -42,6 +44,10 @@ VLLM_METRICS = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_
                 "request_time_per_output_token_seconds", "e2e_request_latency_seconds",
                 "request_queue_time_seconds", "request_inference_time_seconds", "request_prefill_time_seconds",
                 "request_decode_time_seconds", "request_prompt_tokens", "request_generation_tokens")
+# vLLM's speculative decoding counters (sample names add _total), with the loop's counter each reads
+SPEC_METRICS = {"spec_decode_num_drafts": ("spec_drafts", "Sequences' verify steps that checked a draft."),
+                "spec_decode_num_draft_tokens": ("spec_draft_tokens", "Drafted tokens verified."),
+                "spec_decode_num_accepted_tokens": ("spec_accepted_tokens", "Drafted tokens kept.")}
 
 
 def token_buckets(limit: int) -> list[int]:
@@ -125,6 +131,8 @@ class ServerMetrics:
         self.kv_capacity.set(loop.kv_tokens)
         self.engine_collector.attach(engine)
         self._counters = loop.counters
+        if "spec_drafts" in loop.counters():                  # --speculative-config: the loop verifies drafts
+            self.registry.register(SpecCollector(self.prefix, self._labels, loop.counters))
         loop.on_step = self.observe_step
 
     def _labelled(self) -> list:
@@ -180,6 +188,23 @@ class ServerMetrics:
             self._m(self.gpu_kv_usage).set(usage)
             self.kv_reserved.set(c["kv_reserved"])
         return generate_latest(self.registry)
+
+
+class SpecCollector:
+    """The serving loop's speculative decoding counters under vLLM's names (SPEC_METRICS)."""
+
+    def __init__(self, prefix: str, labels: tuple[str, str], counters: Callable[[], dict]):
+        self.prefix, self.labels, self.counters = prefix, labels, counters
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        c = self.counters()
+        for name, (key, doc) in SPEC_METRICS.items():
+            family = CounterMetricFamily(self.prefix + name, doc, labels=list(LABELS))
+            family.add_metric(list(self.labels), c[key])
+            yield family
 
 
 class EngineCollector:
@@ -251,4 +276,4 @@ def _io_families(io: dict, prefetch: dict) -> list:
     return [loads, moved, stall, issued, used]
 
 
-__all__ = ["PREFIXES", "VLLM_METRICS", "ServerMetrics"]
+__all__ = ["PREFIXES", "SPEC_METRICS", "VLLM_METRICS", "ServerMetrics"]
