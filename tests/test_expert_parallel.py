@@ -274,6 +274,11 @@ def test_server_concurrent_requests_then_lost_rank():
             return r.json()["choices"][0]["text"]
         with ThreadPoolExecutor(4) as pool:
             assert list(pool.map(complete, prompts)) == want
+        metrics = c.get("/metrics").text
+        for r in ("0", "1"):
+            assert f'moe_engine:rank_expert_cache_hits_total{{rank="{r}"}}' in metrics
+        assert "moe_engine:expert_parallel_comm_seconds_total" in metrics
+        assert "moe_engine:expert_parallel_ranks 2.0" in metrics
         os.kill(eng.experts.cluster.spawned.procs[1].pid, signal.SIGKILL)
         r = c.post("/v1/completions", json={"model": "tiny-moe", "prompt": "x", "max_tokens": 4})
         deadline = time.monotonic() + 10

@@ -344,7 +344,7 @@ def _assemble(config, ckpt, placement, built, shards, store, watch, spawned, sho
         print("\n".join(lines), file=sys.stderr)
     plan = built["plan"]
     return ParallelEngine(ckpt, decoder, cache, built["tokenizer"], dev, dt, plan and plan.device_budget,
-                          plan and plan.host_budget, plan)
+                          plan and plan.host_budget, plan, speculative=config.speculative)
 
 
 __all__ = ["build_engine", "load", "ParallelEngine", "RankError"]

@@ -197,6 +197,22 @@ def speculation_table(p: dict) -> Table | None:
     return t
 
 
+def ranks_table(p: dict) -> Table | None:
+    """Each rank's cache and IO, and the time in collectives, for an expert-parallel engine (--expert-parallel)."""
+    ep = p.get("expert_parallel")
+    if ep is None:
+        return None
+    per_step = ep["comm_seconds_per_step"]
+    t = _table(f"expert parallelism ({ep['world_size']} ranks, experts {ep['placement']}; collectives "
+               f"{_ms(per_step)} per forward step, {ep['comm_seconds']:.2f} s in all)",
+               "rank", "device", "hits", "misses", "hit rate", "loads", "disk read", "stall s")
+    for r in ep["ranks"]:
+        c, io = r["cache"], r["io"]
+        t.add_row(str(r["rank"]), r["device"], str(c["hits"]), str(c["misses"]), _pct(c["hit_rate"]),
+                  str(io["loads"]), _mib(io["bytes_disk_read"]), f"{io['stall_seconds']:.3f}")
+    return t
+
+
 def print_report(p: dict, console: Console | None = None) -> None:
     """Print every table of the profile `p` (the dict run_profile returns) to `console` (default: stdout)."""
     if console is None:
@@ -204,7 +220,7 @@ def print_report(p: dict, console: Console | None = None) -> None:
         if not console.is_terminal:          # a pipe or file: wide enough for the per-layer table
             console.width = max(console.width, WIDTH)
     tables = [settings_table(p), summary_table(p), layer_table(p), lookahead_table(p), sweep_table(p),
-              *lrc_tables(p), speculation_table(p)]
+              *lrc_tables(p), speculation_table(p), ranks_table(p)]
     for t in tables:
         if t is not None:
             console.print(t)

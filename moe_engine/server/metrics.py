@@ -242,6 +242,8 @@ class EngineCollector:
             return
         yield from _cache_families(stats["cache"])
         yield from _io_families(stats["io"], stats["prefetch"])
+        if "expert_parallel" in stats:
+            yield from _rank_families(stats["expert_parallel"])
 
 
 def _cache_families(cache: dict) -> list:
@@ -274,6 +276,33 @@ def _io_families(io: dict, prefetch: dict) -> list:
     used = CounterMetricFamily(P + "expert_prefetch_used", "Prefetched experts used before eviction.",
                                value=prefetch["used"])
     return [loads, moved, stall, issued, used]
+
+
+def _rank_families(ep: dict) -> list:
+    """An expert-parallel engine (--expert-parallel): each rank's cache and IO, labelled rank, and the time in
+    collectives (the families above sum the ranks)."""
+    rank_families = [
+        (CounterMetricFamily, "rank_expert_cache_hits", "Expert lookups that hit, per rank.", "cache", "hits"),
+        (CounterMetricFamily, "rank_expert_cache_misses", "Expert lookups that missed, per rank.", "cache", "misses"),
+        (CounterMetricFamily, "rank_expert_loads", "Experts loaded into a rank's compute tier.", "io", "loads"),
+        (CounterMetricFamily, "rank_expert_bytes_disk_read", "Expert bytes a rank read from disk.", "io",
+         "bytes_disk_read"),
+        (CounterMetricFamily, "rank_expert_stall_seconds", "Seconds a rank's compute waited for experts.", "io",
+         "stall_seconds"),
+    ]
+    out = []
+    for kind, name, doc, section, key in rank_families:
+        family = kind(P + name, doc, labels=["rank"])
+        for r in ep["ranks"]:
+            family.add_metric([str(r["rank"])], r[section][key] or 0)
+        out.append(family)
+    out.append(GaugeMetricFamily(P + "expert_parallel_ranks", "Ranks sharing the routed experts.",
+                                 value=ep["world_size"]))
+    out.append(CounterMetricFamily(P + "expert_parallel_comm_seconds", "Seconds rank 0 spent in collectives with "
+                                   "the other ranks (broadcast and all_reduce of MoE layers).", value=ep["comm_seconds"]))
+    out.append(GaugeMetricFamily(P + "expert_parallel_comm_seconds_per_step", "Collective seconds per forward "
+                                 "step, over the engine's life.", value=ep["comm_seconds_per_step"]))
+    return out
 
 
 __all__ = ["PREFIXES", "SPEC_METRICS", "VLLM_METRICS", "ServerMetrics"]
