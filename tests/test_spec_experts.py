@@ -14,6 +14,39 @@ from moe_engine.runtime.sampling import SamplingParams
 from moe_engine.runtime.speculative import SpeculativeConfig
 
 CODE = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a"
+PROACTOR = (   # the head of asyncio/proactor_events.py (a file the bundled model never trained on)
+    '"""Event loop using a proactor and related classes.\n'
+    '\n'
+    'A proactor is a "notify-on-completion" multiplexer.  Currently a\n'
+    'proactor is only implemented on Windows with IOCP.\n'
+    '"""\n'
+    '\n'
+    "__all__ = 'BaseProactorEventLoop',\n"
+    '\n'
+    'import io\n'
+    'import os\n'
+    'import socket\n'
+    'import warnings\n'
+    'import signal\n'
+    'import threading\n'
+    'import collections\n'
+    '\n'
+    'from . import base_events\n'
+    'from . import constants\n'
+    'from . import futures\n'
+    'from . import exceptions\n'
+    'from . import protocols\n'
+    'from . import sslproto\n'
+    'from . import transports\n'
+    'from . import trsock\n'
+    'from .log import logger\n'
+    '\n'
+    '\n'
+    'def _set_socket_extra(transport, sock):\n'
+    "    transport._extra['socket'] = trsock.TransportSocket(sock)\n"
+    '\n'
+    '    try:\n'
+    '        transport._extra')
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +215,28 @@ def test_draft_model_errors_name_the_field(pair, tmp_path):
     assert vocab_mismatch(Tok({"a": 0, "b": 1}), Tok({"a": 0, "b": 1, "c": 2})) is None
     assert "'b' is id 2" in vocab_mismatch(Tok({"a": 0, "b": 2}), Tok({"a": 0, "b": 1}))
     assert vocab_mismatch(None, Tok({"a": 0})) is None
+
+
+@pytest.mark.parametrize("method", ["ngram", "resident"])
+def test_bf16_speculation_differs_from_plain_greedy_only_at_near_ties(method):
+    """In bfloat16 a verify step computes k+1 tokens in one batch, whose matmuls may round differently from one
+    token at a time: greedy tokens may then part ways, but only where plain greedy's two best logits (scored by a
+    full forward over the tokens so far) are within bfloat16 rounding of each other."""
+    eng = moe_engine.load(None, dtype="bfloat16", progress=False, gpu_mem="25M")
+    try:
+        parted = 0
+        for text in (CODE, PROACTOR):               # the second parts ways at its 4th new token on this model
+            ids = eng.encode(text)
+            plain = eng.generate(torch.tensor([ids]), max_new_tokens=24, eos_token_id=[])[0].tolist()
+            spec = eng.generate(torch.tensor([ids]), max_new_tokens=24, eos_token_id=[],
+                                speculative_config={"method": method, "num_speculative_tokens": 3})[0].tolist()
+            if spec == plain:
+                continue
+            parted += 1
+            i = next(j for j, (a, b) in enumerate(zip(plain, spec)) if a != b)
+            scores = eng.logits(torch.tensor([plain[:i]]))[0, -1]     # a third rounding: the full forward's
+            gap = float(scores[plain[i]] - scores[spec[i]])
+            assert abs(gap) <= 4 * 2 ** -7 * float(scores.abs().max()), (i, gap)   # a few bf16 steps at that scale
+        assert parted <= 1
+    finally:
+        eng.close()
