@@ -304,3 +304,13 @@ def test_speculative_ngram_across_ranks_and_resident_refused():
             eng.generate(prompt, max_new_tokens=4, speculative_config={"method": "resident"})
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("value,match", [("0", "--expert-parallel 0 is invalid"),
+                                         ("3", "--expert-parallel 3 must divide the model's 4 experts")])
+def test_cli_flag_errors_are_one_line(checkpoint_dir, capsys, value, match):
+    from moe_engine.cli import main
+    rc = main(["generate", str(checkpoint_dir("mixtral")), "--prompt", "x", "--device", "cpu",
+               "--expert-parallel", value])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and match in err and "\n" not in err, err

@@ -260,11 +260,16 @@ def _build_rank0(config: EngineConfig, show_plan: bool, spawn: bool) -> Engine:
         placement = make_placement(ckpt.spec, world, config.expert_placement)
         dt = resolve_dtype(config.dtype, None) or ckpt.dtype
         port = group.free_port() if spawn else None
-        if spawn:
-            spawned = Spawned(world, _worker_config(config), port)
-        store = group.connect_store(0, world, port)
-        watch = Watch(store, world, spawned)
-        watch.wait_all("joined/", "joining", group.JOIN_TIMEOUT)
+        config_file = _worker_config(config) if spawn else None
+        try:
+            if spawn:
+                spawned = Spawned(world, config_file, port)
+            store = group.connect_store(0, world, port)
+            watch = Watch(store, world, spawned)
+            watch.wait_all("joined/", "joining", group.JOIN_TIMEOUT)
+        finally:
+            if config_file is not None:
+                config_file.unlink(missing_ok=True)       # read by the workers before they join
         _agree(store, watch, fingerprint(ckpt.model_dir, settings(config, dt, placement)))
         try:
             built = _build_share(config, ckpt, placement, dt, predictor)
