@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from ..errors import MoeEngineError
@@ -76,8 +77,11 @@ def connect_store(rank: int, world: int, port: int | None = None) -> dist.Store:
     return dist.PrefixStore("moe_engine/", store)
 
 
-def init_groups(store, rank: int, world: int, cuda: bool):
-    """The process group (gloo, or NCCL for CUDA tensors) and a gloo group for commands."""
+def init_groups(store, rank: int, world: int, device):
+    """The process group (gloo, or NCCL for CUDA tensors on `device`) and a gloo group for commands."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)             # NCCL binds its communicator to the current device
     dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore("pg/", store), rank=rank,
                             world_size=world, timeout=COLLECTIVE_TIMEOUT)
     control = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT) if cuda else dist.group.WORLD

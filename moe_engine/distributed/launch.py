@@ -327,7 +327,7 @@ def _build_share(config: EngineConfig, ckpt: Checkpoint, placement: ExpertPlacem
 
 def _assemble(config, ckpt, placement, built, shards, store, watch, spawned, show_plan) -> Engine:
     dev, dt, shard, decoder = built["device"], built["dtype"], built["shard"], built["decoder"]
-    control, data = group.init_groups(store, 0, placement.world_size, dev.type == "cuda")
+    control, data = group.init_groups(store, 0, placement.world_size, dev)
     spec = ckpt.spec
     link = Link(control, data, dev, spec.hidden_size, spec.moe.num_experts)
     cluster = Cluster(link, watch, spawned)

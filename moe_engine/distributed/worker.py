@@ -70,7 +70,7 @@ def _serve(config, store, rank: int, world: int, local: int) -> int:
         return 1
     if _wait(store, "go") is not None:
         return 1
-    control, data = group.init_groups(store, rank, world, dev.type == "cuda")
+    control, data = group.init_groups(store, rank, world, dev)
     spec = ckpt.spec
     try:
         serve_commands(shard, control, data, dev, spec.hidden_size, spec.moe.num_experts,
