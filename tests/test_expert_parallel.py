@@ -301,3 +301,15 @@ def test_cli_flag_errors_are_one_line(checkpoint_dir, capsys, value, match):
                "--expert-parallel", value])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and match in err and "\n" not in err, err
+
+
+def test_rank_that_cannot_start_is_named(checkpoint_dir, monkeypatch):
+    """A worker whose budget cannot hold its share stops the start with its own error, naming the rank."""
+    path = checkpoint_dir("mixtral")
+    env = _torchrun_env(monkeypatch, 2, free_port())
+    worker = _rank(env, 1, path, expert_parallel=2, gpu_mem="1M")
+    with pytest.raises(RankError, match=r"rank 1 failed to build its share: ConfigError: gpu_mem=1.00 MiB is too "
+                                        r"small") as err:
+        moe_engine.load(path, **F32, expert_parallel=2)
+    assert "\n" not in str(err.value)
+    assert worker.wait(20) != 0
