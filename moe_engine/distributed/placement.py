@@ -97,7 +97,7 @@ def load_from_trace(spec: ModelSpec, path: Path) -> np.ndarray:
     n_moe = len(spec.moe_layers)
     if trace.num_layers != n_moe:
         raise ConfigError(f"expert_placement={path} (--expert-placement) is a trace of {trace.num_layers} MoE layers; "
-                          f"this model has {n_moe}; record one with `moe-engine profile` on this model")
+                          f"this model has {n_moe}; record one with `moe-engine trace` on this model")
     counts = np.zeros((n_moe, spec.moe.num_experts), dtype=np.float64)
     for i in range(n_moe):
         counts[i] = np.bincount(trace.experts[:, i].reshape(-1).astype(np.int64), minlength=spec.moe.num_experts)
@@ -111,7 +111,7 @@ def make_placement(spec: ModelSpec, world_size: int, trace: str | Path | None) -
     path = Path(trace).expanduser()
     if not path.is_file():
         raise ConfigError(f"expert_placement={trace} (--expert-placement) is not a file; give a routing trace .npz "
-                          f"(`moe-engine profile MODEL --trace-out FILE.npz`) or leave it out for contiguous shares")
+                          f"(`moe-engine trace MODEL --prompts FILE --out TRACE.npz`) or leave it out for contiguous shares")
     return balanced(spec, world_size, load_from_trace(spec, path), f"balanced by the expert load in {path.name}")
 
 
