@@ -187,7 +187,8 @@ def run_collectives(args) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=MODEL)
-    ap.add_argument("--limit", type=int, default=int(1.6 * 2**30), help="memory limit per process, bytes")
+    ap.add_argument("--limit", type=int, default=int(1.2 * 2**30), help="memory limit per process, bytes (1.2 GiB: one "
+                    "process holds about a third of mixtral-1.4g's experts, each of 2 ranks most of its half)")
     ap.add_argument("--gpu-mem", default="auto", help="each process's --gpu-mem (auto: what the limit leaves)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per prompt")
