@@ -9,6 +9,7 @@ import torch
 import moe_engine
 from conftest import write_checkpoint
 from moe_engine.errors import ConfigError
+from moe_engine.runtime.core import NonFiniteError
 from moe_engine.runtime.drafting import Drafter, restricted, vocab_mismatch
 from moe_engine.runtime.sampling import SamplingParams
 from moe_engine.runtime.speculative import SpeculativeConfig
@@ -240,3 +241,19 @@ def test_bf16_speculation_differs_from_plain_greedy_only_at_near_ties(method):
         assert parted <= 1
     finally:
         eng.close()
+
+
+def test_a_failing_draft_model_drafts_nothing_and_the_request_goes_on(pair, monkeypatch):
+    eng, target, _ = pair
+    prompts = torch.tensor([[1, 2, 3, 4, 1, 2]])
+    want = eng.generate(prompts, max_new_tokens=8)
+    cfg = {"method": "draft_model", "model": str(target), "num_speculative_tokens": 3}
+    eng.generate(prompts, max_new_tokens=2, speculative_config=cfg)          # loads the draft engine once
+    draft = eng.core.draft_engines[str(target)]
+
+    def nan_step(seqs, **kw):
+        raise NonFiniteError("the draft's logits are NaN", [s.seq_id for s in seqs], 0)
+    monkeypatch.setattr(draft.core, "step", nan_step)
+    assert torch.equal(eng.generate(prompts, max_new_tokens=8, speculative_config=cfg), want)
+    spec = eng.stats()["speculation"]
+    assert spec["drafted"] == 0 and spec["draft_failures"] > 0

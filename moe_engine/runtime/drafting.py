@@ -40,6 +40,7 @@ import torch
 
 from ..model.moe import MoeBlock
 from ..errors import ConfigError, MoeEngineError
+from .core import NonFiniteError
 from .speculative import SpeculativeConfig, propose_ngram
 
 ACCEPT_PRIOR = 0.5        # acceptance assumed before a sequence has verified anything
@@ -63,6 +64,7 @@ class Drafter:
         self.truncated = 0                        # drafted tokens dropped because their experts cost more than they earn
         self.draft = draft_engine(core, config) if config.method == "draft_model" else None
         self._mirrors: dict[int, object] = {}     # draft_model: seq id -> the draft model's copy of the sequence
+        self.draft_failures: list[str] = []       # draft steps whose logits were NaN/inf (that step drafted nothing)
 
     # ---- drafts -----------------------------------------------------------------------------------
     def propose(self, seqs) -> list[list[int]]:
@@ -158,7 +160,7 @@ class Drafter:
         core = self.draft.core
         live, base = [], {}
         for s, k in zip(seqs, lengths):
-            if not k:
+            if not k or len(s.tokens) + k > core.max_context:   # past the draft model's context: no draft
                 continue
             m = self._mirror(s)
             fed = m.tokens[:m.kv.length]
@@ -168,13 +170,19 @@ class Drafter:
             live.append(m)
             base[s.seq_id] = (m, len(m.tokens), k)
         vocab = self.core.spec.vocab_size
-        for _ in range(max(lengths, default=0)):
-            live = [m for m in live if len(m.tokens) - base[m.seq_id][1] < base[m.seq_id][2]]
-            if not live:
-                break
-            logits = core.step(live)[:, :vocab]                 # [B, V]: ids the target has
-            for m, t in zip(live, logits.argmax(-1).tolist()):
-                m.tokens.append(t)
+        try:
+            for _ in range(max(lengths, default=0)):
+                live = [m for m in live if len(m.tokens) - base[m.seq_id][1] < base[m.seq_id][2]]
+                if not live:
+                    break
+                logits = core.step(live)[:, :vocab]             # [B, V]: ids the target has
+                for m, t in zip(live, logits.argmax(-1).tolist()):
+                    m.tokens.append(t)
+        except NonFiniteError as e:         # the draft's fault, not the request's: drop its copies, draft nothing
+            self.draft_failures.append(str(e))
+            for sid in base:
+                self._mirrors.pop(sid, None)
+            return [[] for _ in seqs]
         return [base[s.seq_id][0].tokens[base[s.seq_id][1]:] if s.seq_id in base else [] for s in seqs]
 
     def _mirror(self, seq):
@@ -275,6 +283,8 @@ class Drafter:
                "acceptance": self.kept / self.drafted if self.drafted else None, "verify_steps": self.steps}
         if self.evicts:
             out.update(forecast_prefetches=self.forecast_prefetches, cut_tokens=self.truncated)
+        if self.draft_failures:
+            out["draft_failures"] = len(self.draft_failures)
         return out
 
 
