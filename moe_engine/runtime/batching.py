@@ -61,8 +61,9 @@ class PathRecorder:
 
     MAX_TABLE = 32 << 20                                    # entries (float32) in the token table
 
-    def __init__(self, moe_layers: list[int], vocab_size: int, num_experts: int, top_k: int):
+    def __init__(self, moe_layers: list[int], vocab_size: int, num_experts: int, top_k: int, track_paths: bool = True):
         self.index = {m: i for i, m in enumerate(moe_layers)}
+        self.track_paths = track_paths                      # keep each sequence's latest experts (the fallback)
         self.top_k = top_k
         self.buckets = max(1, min(vocab_size, self.MAX_TABLE // max(1, len(moe_layers) * num_experts)))
         self.table = torch.zeros(self.buckets, len(moe_layers), num_experts)   # [V', L, E] routed counts
@@ -80,6 +81,8 @@ class PathRecorder:
         if len(self._tokens) == len(ex):
             rows = self._tokens[:, None].expand_as(ex)
             self.table[:, i].index_put_((rows.flatten(), ex.flatten()), torch.ones(ex.numel()), accumulate=True)
+        if not self.track_paths:
+            return
         last = {seq: row for row, seq in enumerate(self._rows)}          # a sequence's last token in this step
         ids = ex.tolist()
         for seq, row in last.items():

@@ -38,8 +38,9 @@ import time
 
 import torch
 
-from ..model.moe import MoeBlock
 from ..errors import ConfigError, MoeEngineError
+from ..model.moe import MoeBlock
+from .batching import PathRecorder
 from .core import NonFiniteError
 from .speculative import SpeculativeConfig, propose_ngram
 
@@ -298,9 +299,9 @@ def token_routes(core):
     generation core and fed by every step's routing from then on: the verify step's forecast for drafted ids."""
     rec = getattr(core, "token_routes", None)
     if rec is None:
-        from .batching import PathRecorder                      # batching imports this module
         spec = core.spec
-        rec = PathRecorder(spec.moe_layers, spec.vocab_size, spec.moe.num_experts, spec.moe.top_k)
+        rec = PathRecorder(spec.moe_layers, spec.vocab_size, spec.moe.num_experts, spec.moe.top_k,
+                           track_paths=False)       # registered for good: no per-sequence state to outlive requests
         core.decoder.observers.add(rec)
         core.token_routes = rec
     return rec
