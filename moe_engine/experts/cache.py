@@ -135,6 +135,12 @@ class OffloadedExperts:
         CacheController.prefetch_forecast)."""
         return self.controller.prefetch_forecast(experts, keep)
 
+    @property
+    def load_seconds(self) -> float | None:
+        """Link time one expert load costs, the loaders' parallelism shared out (measured; None before any load)."""
+        ctl = self.controller
+        return None if ctl.clock.load_s is None else ctl.clock.load_s / max(1, ctl.parallelism)
+
     def nbytes(self) -> int:
         return self.storage.nbytes()
 

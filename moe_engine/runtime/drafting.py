@@ -269,10 +269,9 @@ class Drafter:
         if plain_step and extra > 0:
             sample = max(0.0, seconds / plain_step - 1) / extra
             self.extra_cost = 0.8 * self.extra_cost + 0.2 * sample
-        load_s = self.cache.controller.clock.load_s if self.evicts and hasattr(self.cache, "controller") else None
+        load_s = getattr(self.cache, "load_seconds", None) if self.evicts else None   # an offloading cache's
         if plain_step and load_s:
-            parallel = max(1, getattr(self.cache.controller, "parallelism", 1))
-            self.load_ratio = load_s / parallel / plain_step
+            self.load_ratio = load_s / plain_step
 
     def forget(self, seq) -> None:
         self.accept.pop(seq.seq_id, None)
