@@ -22,7 +22,8 @@ runs the rest of the model (the engine's design, moe_engine/distributed). Modell
                 and, for scale, a dispatch + combine all-to-all pair: DeepEP's low-latency kernels (EP8 over 400 Gb/s
                 RDMA, 128 tokens x 7168 hidden, top-8): 77 us + 114 us (github.com/deepseek-ai/DeepEP,
                 docs/legacy.md); bandwidth terms are negligible at one token ([1, 2880] x 4 bytes = 11.5 KB).
-  tokens/s = 1 / (expert-side seconds per token + MoE layers x 2 x latency).
+  tokens/s = 1 / (expert-side seconds per token + MoE layers x 2 x latency); the last column puts DeepEP's
+  all-to-all pair in place of the two collectives (an RDMA-connected, multi-node setting).
 
 On this 2-core VM the measured gloo figures (bench/bench_expert_parallel.py --collectives: ~0.35-0.4 ms per layer
 over loopback TCP) are CPU-bound and say nothing about GPUs; they are not used here.
@@ -43,7 +44,8 @@ from results import add_record_flag, record, wants_record  # noqa: E402
 
 TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing" / "gptoss20b_test.npz"
 CARDS = {"8 GB": ("pcie4-x8-8gb", 7.5, "int4", 4.5), "24 GB": ("pcie4-x16", 22.5, "bf16", 16.0)}
-LINKS = {"PCIe": 43e-6, "NVLink": 6e-6}
+LINKS = {"PCIe": 43e-6, "NVLink": 6e-6}     # per small collective; two per MoE layer (broadcast, all_reduce)
+ALL_TO_ALL = 77e-6 + 114e-6                  # DeepEP low-latency dispatch + combine, EP8 over RDMA, per MoE layer
 GPUS = (1, 2, 4)
 
 
@@ -56,8 +58,8 @@ def main(argv=None) -> int:
     if args.sequences is not None:
         trace = trace.sequences(0, min(args.sequences, trace.num_sequences))
     lines = ["| GPU (experts) | GPUs | cached / layer (all ranks) | loads / token | expert side tok/s | "
-             "comm / token PCIe, NVLink | tok/s PCIe | tok/s NVLink | vs 1 GPU (PCIe, NVLink) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "comm / token PCIe, NVLink | tok/s PCIe | tok/s NVLink | vs 1 GPU (PCIe, NVLink) | "
+             "tok/s with DeepEP all-to-all |", "|---|---|---|---|---|---|---|---|---|---|"]
     for card, (hw_name, gib, prec, bits) in CARDS.items():
         shape = shape_preset("gpt-oss-20b").with_expert_bits(bits)
         per_card = min(shape.num_experts, shape.experts_per_layer(int(gib * 2**30)))
@@ -72,13 +74,14 @@ def main(argv=None) -> int:
             tokens = res["decode_tokens"] + res["prefill_tokens"]
             loads = res["loads"] / max(1, tokens)
             comm = {k: 0.0 if n == 1 else layers * 2 * lat for k, lat in LINKS.items()}
+            a2a = 1 / (sec + (0.0 if n == 1 else layers * ALL_TO_ALL))
             tps = {k: 1 / (sec + c) for k, c in comm.items()}
             for k in LINKS:
                 base.setdefault(k, tps[k])
             lines.append(f"| {card} ({prec}) | {n} | {cached} of {shape.num_experts} | {loads:.2f} | {1 / sec:.1f} | "
                          f"{comm['PCIe'] * 1e3:.2f} ms, {comm['NVLink'] * 1e3:.2f} ms | {tps['PCIe']:.1f} | "
                          f"{tps['NVLink']:.1f} | {tps['PCIe'] / base['PCIe']:.2f}x, "
-                         f"{tps['NVLink'] / base['NVLink']:.2f}x |")
+                         f"{tps['NVLink'] / base['NVLink']:.2f}x | {a2a:.1f} |")
             print(lines[-1], file=sys.stderr, flush=True)
     table = "\n".join(lines)
     print(table)
