@@ -313,3 +313,45 @@ def test_rank_that_cannot_start_is_named(checkpoint_dir, monkeypatch):
         moe_engine.load(path, **F32, expert_parallel=2)
     assert "\n" not in str(err.value)
     assert worker.wait(20) != 0
+
+
+class _Shard:
+    def __init__(self, error=None):
+        self.error, self.layers = error, []
+
+    def compute(self, layer, x, weights, ids, forecast):
+        self.layers.append(layer)
+        if self.error is not None:
+            raise self.error
+        return torch.zeros(x.shape)
+
+
+def _fake_rank0(monkeypatch, all_reduce):
+    """torch.distributed's collectives as a worker sees them: one LAYER command (layer 3), then STOP."""
+    from moe_engine.distributed import comm
+    x, w, ids = torch.randn(2, 8), torch.rand(2, 2), torch.tensor([[0, 1], [1, 0]])
+    sent = iter([torch.tensor([comm.LAYER, 3, 2, 2, 0, 0, -1, 0]), comm.pack(x, w, ids, {}),
+                 torch.tensor([comm.STOP] + [0] * (comm.HEADER - 1))])
+
+    def broadcast(t, src, group=None):
+        t.copy_(next(sent))
+    monkeypatch.setattr(comm.dist, "broadcast", broadcast)
+    monkeypatch.setattr(comm.dist, "all_reduce", all_reduce)
+    return lambda shard: comm.serve_commands(shard, None, None, torch.device("cpu"), 8, 4, dict)
+
+
+def test_worker_tells_its_own_error_from_a_lost_peer(monkeypatch):
+    """A failure of the worker's own work reaches run_worker as raised (posted for rank 0 under its rank); a failed
+    collective is PeerLost (rank 0, or another rank, is gone: nothing of this rank's to report)."""
+    from moe_engine.distributed.comm import PeerLost
+    serve = _fake_rank0(monkeypatch, lambda t, group=None: None)
+    with pytest.raises(RuntimeError, match="boom"):
+        serve(_Shard(RuntimeError("boom")))
+
+    def lost(t, group=None):
+        raise RuntimeError("Connection closed by peer")
+    serve, shard = _fake_rank0(monkeypatch, lost), _Shard()
+    with pytest.raises(PeerLost, match="Connection closed by peer"):
+        serve(shard)
+    assert shard.layers == [3]
+

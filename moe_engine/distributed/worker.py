@@ -21,7 +21,7 @@ from ..checkpoint import Checkpoint
 from ..runtime.config import resolve_dtype
 from ..runtime.resources import apply_threads
 from . import group
-from .comm import serve_commands
+from .comm import PeerLost, serve_commands
 from .ranks import check_supported, rank_device, rank_plan, settings, shard_summary
 from .placement import ShardCheckpoint, make_placement
 from .shard import Shard
@@ -75,7 +75,7 @@ def _serve(config, store, rank: int, world: int, local: int) -> int:
     try:
         serve_commands(shard, control, data, dev, spec.hidden_size, spec.moe.num_experts,
                        lambda: rank_figures(shard, shard.cache.stats()))
-    except RuntimeError:      # rank 0 is gone (its collectives fail): it reports; nothing left to do here
+    except PeerLost:          # rank 0 is gone, or another rank: rank 0 reports; nothing left to do here
         return 1
     finally:
         shard.cache.close()
