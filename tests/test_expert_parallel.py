@@ -355,3 +355,28 @@ def test_worker_tells_its_own_error_from_a_lost_peer(monkeypatch):
         serve(shard)
     assert shard.layers == [3]
 
+
+def test_no_command_after_close(monkeypatch):
+    """close() stops the workers; the idle ping (or any call) that takes the lock after it sends nothing and does
+    not report a lost rank (which would make the server exit as failed while it shuts down)."""
+    from moe_engine.distributed.launch import Cluster
+
+    class Link:
+        lock, last_command = threading.Lock(), time.monotonic()
+
+        def __init__(self):
+            self.sent = []
+
+        def ping(self):
+            self.sent.append("ping")
+
+        def stop(self):
+            self.sent.append("stop")
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    link, failures = Link(), []
+    cluster = Cluster(link, None, None)
+    cluster.listeners.append(failures.append)
+    cluster.close()
+    with pytest.raises(RankError, match="closed"):
+        cluster.call(link.ping)
+    assert link.sent == ["stop"] and failures == [] and cluster.failure is None

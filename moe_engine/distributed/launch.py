@@ -101,6 +101,8 @@ class Cluster:
     def call(self, fn, *args):
         """fn(*args) under the link's lock; a failure becomes one RankError naming the rank and the cause."""
         with self.link.lock:
+            if self._closed.is_set():             # the ping thread after close(): the workers have left
+                raise RankError("the expert-parallel engine is closed")
             self.check()
             try:
                 return fn(*args)
