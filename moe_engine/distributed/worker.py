@@ -63,8 +63,8 @@ def _serve(config, store, rank: int, world: int, local: int) -> int:
         threads = apply_threads(config.threads)
         view = ShardCheckpoint(ckpt, placement, rank)
         plan = rank_plan(config, view, dev, dt, 0, 0)
-        shard = Shard(ckpt, placement, rank, plan, dt, dev, config.offload, config.kernels, False)
-        group.post(store, f"built/{rank}", shard_summary(shard, plan, view, dt, config, threads))
+        shard = Shard(view, placement, plan, dt, dev, config.offload, config.kernels, False)
+        group.post(store, f"built/{rank}", shard_summary(shard, plan, dt, threads))
     except Exception as e:   # noqa: BLE001 - reported by rank 0 with this rank's number
         group.post(store, f"built/{rank}", {"error": group.one_line(e)})
         return 1
