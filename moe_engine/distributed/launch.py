@@ -101,8 +101,6 @@ class Cluster:
     def call(self, fn, *args):
         """fn(*args) under the link's lock; a failure becomes one RankError naming the rank and the cause."""
         with self.link.lock:
-            if self._closed.is_set():             # the ping thread after close(): the workers have left
-                raise RankError("the expert-parallel engine is closed")
             self.check()
             try:
                 return fn(*args)
@@ -322,9 +320,9 @@ def _build_share(config: EngineConfig, ckpt: Checkpoint, placement: ExpertPlacem
     view = ShardCheckpoint(ckpt, placement, 0)
     plan = rank_plan(config, view, dev, dt, non_expert_bytes(ckpt, dt), config.offload.max_kv_tokens)
     decoder = build_decoder(ckpt, dt, dev, config.progress, config.kernels, None)
-    shard = Shard(view, placement, plan, dt, dev, config.offload, config.kernels, config.progress)
+    shard = Shard(ckpt, placement, 0, plan, dt, dev, config.offload, config.kernels, config.progress)
     return {"decoder": decoder, "shard": shard, "plan": plan, "tokenizer": tokenizer, "device": dev, "dtype": dt,
-            "predictor": predictor, "summary": shard_summary(shard, plan, dt, threads)}
+            "predictor": predictor, "summary": shard_summary(shard, plan, view, dt, config, threads)}
 
 
 def _assemble(config, ckpt, placement, built, shards, store, watch, spawned, show_plan) -> Engine:
