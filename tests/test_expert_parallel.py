@@ -304,12 +304,106 @@ def test_cli_flag_errors_are_one_line(checkpoint_dir, capsys, value, match):
 
 
 def test_rank_that_cannot_start_is_named(checkpoint_dir, monkeypatch):
-    """A worker whose budget cannot hold its share stops the start with its own error, naming the rank."""
+    """A worker whose budget cannot hold its share stops the start with its own error, naming the rank; rank 0's
+    own share (built meanwhile) is closed."""
+    from moe_engine.distributed import launch
     path = checkpoint_dir("mixtral")
     env = _torchrun_env(monkeypatch, 2, free_port())
+    closed = []
+
+    class Shard(launch.Shard):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            close = self.cache.close
+            self.cache.close = lambda: (closed.append(self.rank), close())
+    monkeypatch.setattr(launch, "Shard", Shard)
     worker = _rank(env, 1, path, expert_parallel=2, gpu_mem="1M")
     with pytest.raises(RankError, match=r"rank 1 failed to build its share: ConfigError: gpu_mem=1.00 MiB is too "
                                         r"small") as err:
         moe_engine.load(path, **F32, expert_parallel=2)
     assert "\n" not in str(err.value)
     assert worker.wait(20) != 0
+    assert closed == [0]
+
+
+def test_failed_start_calls_off_waiting_ranks(checkpoint_dir, monkeypatch, tmp_path):
+    """Rank 1 fails after joining: rank 0 names it, and ranks 2 and 3 (waiting for rank 0's verdict) stop at once
+    rather than wait for a store that outlives the attempt (here: rank 0's process goes on)."""
+    path = checkpoint_dir("mixtral")
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    for f in broken.glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    env = _torchrun_env(monkeypatch, 4, free_port())
+    ranks = [_rank(env, 1, broken, expert_parallel=4)] + [_rank(env, r, path, expert_parallel=4) for r in (2, 3)]
+    with pytest.raises(RankError, match=r"could not start: rank 1 failed: ") as err:
+        moe_engine.load(path, **F32, expert_parallel=4)
+    assert "\n" not in str(err.value)
+    assert [p.wait(20) != 0 for p in ranks] == [True] * 3
+
+
+class _Shard:
+    def __init__(self, error=None):
+        self.error, self.layers = error, []
+
+    def compute(self, layer, x, weights, ids, forecast):
+        self.layers.append(layer)
+        if self.error is not None:
+            raise self.error
+        return torch.zeros(x.shape)
+
+
+def _fake_rank0(monkeypatch, all_reduce):
+    """torch.distributed's collectives as a worker sees them: one LAYER command (layer 3), then STOP."""
+    from moe_engine.distributed import comm
+    x, w, ids = torch.randn(2, 8), torch.rand(2, 2), torch.tensor([[0, 1], [1, 0]])
+    sent = iter([torch.tensor([comm.LAYER, 3, 2, 2, 0, 0, -1, 0]), comm.pack(x, w, ids, {}),
+                 torch.tensor([comm.STOP] + [0] * (comm.HEADER - 1))])
+
+    def broadcast(t, src, group=None):
+        t.copy_(next(sent))
+    monkeypatch.setattr(comm.dist, "broadcast", broadcast)
+    monkeypatch.setattr(comm.dist, "all_reduce", all_reduce)
+    return lambda shard: comm.serve_commands(shard, None, None, torch.device("cpu"), 8, 4, dict)
+
+
+def test_worker_tells_its_own_error_from_a_lost_peer(monkeypatch):
+    """A failure of the worker's own work reaches run_worker as raised (posted for rank 0 under its rank); a failed
+    collective is PeerLost (rank 0, or another rank, is gone: nothing of this rank's to report)."""
+    from moe_engine.distributed.comm import PeerLost
+    serve = _fake_rank0(monkeypatch, lambda t, group=None: None)
+    with pytest.raises(RuntimeError, match="boom"):
+        serve(_Shard(RuntimeError("boom")))
+
+    def lost(t, group=None):
+        raise RuntimeError("Connection closed by peer")
+    serve, shard = _fake_rank0(monkeypatch, lost), _Shard()
+    with pytest.raises(PeerLost, match="Connection closed by peer"):
+        serve(shard)
+    assert shard.layers == [3]
+
+
+def test_no_command_after_close(monkeypatch):
+    """close() stops the workers; the idle ping (or any call) that takes the lock after it sends nothing and does
+    not report a lost rank (which would make the server exit as failed while it shuts down)."""
+    from moe_engine.distributed.launch import Cluster
+
+    class Link:
+        lock, last_command = threading.Lock(), time.monotonic()
+
+        def __init__(self):
+            self.sent = []
+
+        def ping(self):
+            self.sent.append("ping")
+
+        def stop(self):
+            self.sent.append("stop")
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    link, failures = Link(), []
+    cluster = Cluster(link, None, None)
+    cluster.listeners.append(failures.append)
+    cluster.close()
+    with pytest.raises(RankError, match="closed"):
+        cluster.call(link.ping)
+    assert link.sent == ["stop"] and failures == [] and cluster.failure is None

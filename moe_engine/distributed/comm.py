@@ -127,22 +127,36 @@ class Link:
         self._header(STOP)
 
 
+class PeerLost(Exception):
+    """A worker's collective failed: rank 0 is gone, or another rank is (rank 0 names which and why)."""
+
+
+def _peers(collective, *args, **kw):
+    """collective(*args, **kw); the backend's error (of any type) becomes PeerLost, so that a worker tells a lost
+    peer (nothing to report) from a failure of its own work (reported to rank 0 under its rank)."""
+    try:
+        return collective(*args, **kw)
+    except Exception as e:   # noqa: BLE001 - gloo and NCCL raise RuntimeError and its subclasses
+        raise PeerLost(f"{type(e).__name__}: {e}") from e
+
+
 def serve_commands(shard, control, data, device: torch.device, hidden: int, num_experts: int, stats) -> None:
-    """A worker's loop: run rank 0's commands until STOP. stats() -> this rank's figures for STATS."""
+    """A worker's loop: run rank 0's commands until STOP. stats() -> this rank's figures for STATS.
+    PeerLost when a collective fails; an error of the rank's own work (its experts, its stats) as raised."""
     head = torch.zeros(HEADER, dtype=torch.int64)
     while True:
-        dist.broadcast(head, 0, group=control)
+        _peers(dist.broadcast, head, 0, group=control)
         cmd, layer, n, k, dt, f, decoding, has_notes = head.tolist()
         if cmd == STOP:
             return
         if cmd == STATS:
-            dist.gather_object(stats(), None, dst=0, group=control)
+            _peers(dist.gather_object, stats(), None, dst=0, group=control)
             continue
         if cmd != LAYER:
             continue
         if has_notes:
             box = [None]
-            dist.broadcast_object_list(box, 0, group=control)
+            _peers(dist.broadcast_object_list, box, 0, group=control)
             if "hint" in box[0]:
                 shard.hint(box[0]["hint"])
             if "prefetch" in box[0]:
@@ -151,7 +165,7 @@ def serve_commands(shard, control, data, device: torch.device, hidden: int, num_
             shard.begin(bool(decoding))
         dtype = DTYPES[dt]
         buf = torch.empty(payload_size(n, k, hidden, num_experts, f, dtype), dtype=torch.uint8, device=device)
-        dist.broadcast(buf, 0, group=data)
+        _peers(dist.broadcast, buf, 0, group=data)
         x, w, i, forecast = unpack(buf, n, k, hidden, num_experts, f, dtype)
         part = shard.compute(layer, x, w, i, forecast)
-        dist.all_reduce(part, group=data)
+        _peers(dist.all_reduce, part, group=data)

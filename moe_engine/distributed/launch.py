@@ -101,6 +101,8 @@ class Cluster:
     def call(self, fn, *args):
         """fn(*args) under the link's lock; a failure becomes one RankError naming the rank and the cause."""
         with self.link.lock:
+            if self._closed.is_set():             # the ping thread after close(): the workers have left
+                raise RankError("the expert-parallel engine is closed")
             self.check()
             try:
                 return fn(*args)
@@ -255,7 +257,7 @@ def _build_rank0(config: EngineConfig, show_plan: bool, spawn: bool) -> Engine:
     if config.seed is not None:
         torch.manual_seed(config.seed)
     ckpt = Checkpoint(config.model_dir)
-    spawned = None
+    spawned = store = built = None
     try:
         placement = make_placement(ckpt.spec, world, config.expert_placement)
         dt = resolve_dtype(config.dtype, None) or ckpt.dtype
@@ -271,23 +273,33 @@ def _build_rank0(config: EngineConfig, show_plan: bool, spawn: bool) -> Engine:
             if config_file is not None:
                 config_file.unlink(missing_ok=True)       # read by the workers before they join
         _agree(store, watch, fingerprint(ckpt.model_dir, settings(config, dt, placement)))
-        try:
-            built = _build_share(config, ckpt, placement, dt, predictor)
-        except BaseException as e:
-            post(store, "go", f"rank 0 failed to build: {group.one_line(e)}")
-            raise
+        built = _build_share(config, ckpt, placement, dt, predictor)
         shards = [pickle.loads(b) for b in watch.wait_all("built/", "building each rank's share")]
         for r, s in enumerate(shards, start=1):
             if "error" in s:
-                post(store, "go", f"rank {r} failed")
                 raise RankError(f"expert parallelism could not start: rank {r} failed to build its share: {s['error']}")
         post(store, "go", None)
         return _assemble(config, ckpt, placement, built, [built["summary"], *shards], store, watch, spawned, show_plan)
     except BaseException:
+        if store is not None:
+            _call_off(store)
+        if built is not None:
+            built["shard"].cache.close()
         ckpt.close()
         if spawned is not None:
             spawned.close(timeout=5.0)
         raise
+
+
+def _call_off(store) -> None:
+    """The start failed on rank 0's side: every worker still waiting for the verdict or the word to go stops (exit
+    code 1) instead of waiting for a store that may outlive this attempt (torchrun's agent, or a caller that goes on)."""
+    try:
+        for key in ("verdict", "go"):
+            if not store.check([key]):
+                post(store, key, "rank 0 stopped the start")
+    except Exception:   # noqa: BLE001 - the store is gone: the workers' waits fail on their own
+        pass
 
 
 def _worker_config(config: EngineConfig) -> Path:
@@ -305,7 +317,6 @@ def _agree(store, watch: Watch, mine: dict) -> None:
     for r, fp in enumerate(theirs, start=1):
         diff = differences(mine, fp)
         if diff:
-            post(store, "verdict", f"rank {r} differs")
             raise RankError(f"expert parallelism could not start: rank {r} does not match rank 0: {diff}; start "
                             f"every rank with the same checkpoint and flags")
     post(store, "verdict", None)
@@ -320,17 +331,26 @@ def _build_share(config: EngineConfig, ckpt: Checkpoint, placement: ExpertPlacem
     view = ShardCheckpoint(ckpt, placement, 0)
     plan = rank_plan(config, view, dev, dt, non_expert_bytes(ckpt, dt), config.offload.max_kv_tokens)
     decoder = build_decoder(ckpt, dt, dev, config.progress, config.kernels, None)
-    shard = Shard(ckpt, placement, 0, plan, dt, dev, config.offload, config.kernels, config.progress)
+    shard = Shard(view, placement, plan, dt, dev, config.offload, config.kernels, config.progress)
     return {"decoder": decoder, "shard": shard, "plan": plan, "tokenizer": tokenizer, "device": dev, "dtype": dt,
-            "predictor": predictor, "summary": shard_summary(shard, plan, view, dt, config, threads)}
+            "predictor": predictor, "summary": shard_summary(shard, plan, dt, threads)}
 
 
 def _assemble(config, ckpt, placement, built, shards, store, watch, spawned, show_plan) -> Engine:
-    dev, dt, shard, decoder = built["device"], built["dtype"], built["shard"], built["decoder"]
+    dev, spec = built["device"], ckpt.spec
     control, data = group.init_groups(store, 0, placement.world_size, dev)
-    spec = ckpt.spec
     link = Link(control, data, dev, spec.hidden_size, spec.moe.num_experts)
     cluster = Cluster(link, watch, spawned)
+    try:
+        return _bind(config, ckpt, placement, built, shards, cluster, show_plan)
+    except BaseException:
+        cluster.close()                           # the workers leave their loop; the process group goes
+        raise
+
+
+def _bind(config, ckpt, placement, built, shards, cluster: Cluster, show_plan) -> Engine:
+    dev, dt, shard, decoder, link, spec = (built["device"], built["dtype"], built["shard"], built["decoder"],
+                                           cluster.link, ckpt.spec)
     forecaster = None
     if built["predictor"] is not None and config.offload.prefetch and any(s["evicts"] for s in shards):
         forecaster = Forecaster(built["predictor"], default_predictor, routers(decoder), spec.moe.top_k,

@@ -133,9 +133,6 @@ class ShardCheckpoint:
         self.spec = local_spec(source.spec, placement.share)
         self._global = {layer: placement.experts_of(rank, layer) for layer in placement.owned}
 
-    def global_id(self, layer: int, expert: int) -> int:
-        return self._global[layer][expert]
-
     def __getattr__(self, name: str):
         value = getattr(self.source, name)
         if name in self.EXPERT_METHODS:

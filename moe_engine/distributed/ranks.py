@@ -70,11 +70,10 @@ def share_line(rank: int, placement: ExpertPlacement, shard: dict) -> str:
             f"{format_size(shard['share_bytes'])} of experts; {shard['budget']}")
 
 
-def shard_summary(shard: Shard, plan, view: ShardCheckpoint, dtype: torch.dtype, config: EngineConfig,
-                  threads) -> dict:
+def shard_summary(shard: Shard, plan, dtype: torch.dtype, threads) -> dict:
     """What rank 0 prints and keeps of a rank's share (sent by workers after their build)."""
-    spec = view.spec
-    share_bytes = len(spec.moe_layers) * spec.moe.num_experts * view.layout.nbytes(dtype)
+    spec = shard.view.spec
+    share_bytes = len(spec.moe_layers) * spec.moe.num_experts * shard.view.layout.nbytes(dtype)
     if plan is None:
         budget = "no budget: its experts resident"
     else:

@@ -43,12 +43,14 @@ class ShardFeed(PredictorFeed):
 
 
 class Shard:
-    """Rank `rank`'s experts: a cache over its ShardCheckpoint and one strategy per MoE layer."""
+    """Rank `view.rank`'s experts: a cache over its ShardCheckpoint and one strategy per MoE layer."""
 
-    def __init__(self, ckpt, placement: ExpertPlacement, rank: int, plan, dtype: torch.dtype, device: torch.device,
-                 offload, kernels, progress: bool):
-        self.rank, self.placement, self.device = rank, placement, device
-        self.view = ShardCheckpoint(ckpt, placement, rank)
+    def __init__(self, view: ShardCheckpoint, placement: ExpertPlacement, plan, dtype: torch.dtype,
+                 device: torch.device, offload, kernels, progress: bool):
+        rank = view.rank
+        self.rank, self.placement, self.device, self.view = rank, placement, device, view
+        # layer -> {model id: local id} of this rank's experts (hints and prefetches arrive in model ids)
+        self.index = {m: {e: i for i, e in enumerate(placement.experts_of(rank, m))} for m in placement.owned}
         self.tables = {m: (mine.to(device), local.to(device)) for m, (mine, local) in placement.tables(rank).items()}
         # columns of the model's [N, E] forecast scores that are this rank's experts, in local order
         self.columns = {m: torch.tensor(placement.experts_of(rank, m), device=device) for m in placement.owned}
@@ -78,12 +80,8 @@ class Shard:
         return prefetch(self._local(experts), None if keep is None else self._local(keep))
 
     def _local(self, experts: dict) -> dict[int, frozenset[int]]:
-        out = {}
-        for m, ids in experts.items():
-            if m in self.placement.owned:
-                own = self.placement.experts_of(self.rank, m)
-                out[m] = frozenset(own.index(e) for e in ids if e in own)
-        return out
+        return {m: frozenset(index[e] for e in ids if e in index)
+                for m, ids in experts.items() if (index := self.index.get(m)) is not None}
 
     def residents(self, layer: int) -> frozenset[int]:
         """The model's ids of this rank's resident experts of `layer`."""

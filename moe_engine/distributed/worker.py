@@ -21,7 +21,7 @@ from ..checkpoint import Checkpoint
 from ..runtime.config import resolve_dtype
 from ..runtime.resources import apply_threads
 from . import group
-from .comm import serve_commands
+from .comm import PeerLost, serve_commands
 from .ranks import check_supported, rank_device, rank_plan, settings, shard_summary
 from .placement import ShardCheckpoint, make_placement
 from .shard import Shard
@@ -63,8 +63,8 @@ def _serve(config, store, rank: int, world: int, local: int) -> int:
         threads = apply_threads(config.threads)
         view = ShardCheckpoint(ckpt, placement, rank)
         plan = rank_plan(config, view, dev, dt, 0, 0)
-        shard = Shard(ckpt, placement, rank, plan, dt, dev, config.offload, config.kernels, False)
-        group.post(store, f"built/{rank}", shard_summary(shard, plan, view, dt, config, threads))
+        shard = Shard(view, placement, plan, dt, dev, config.offload, config.kernels, False)
+        group.post(store, f"built/{rank}", shard_summary(shard, plan, dt, threads))
     except Exception as e:   # noqa: BLE001 - reported by rank 0 with this rank's number
         group.post(store, f"built/{rank}", {"error": group.one_line(e)})
         return 1
@@ -75,7 +75,7 @@ def _serve(config, store, rank: int, world: int, local: int) -> int:
     try:
         serve_commands(shard, control, data, dev, spec.hidden_size, spec.moe.num_experts,
                        lambda: rank_figures(shard, shard.cache.stats()))
-    except RuntimeError:      # rank 0 is gone (its collectives fail): it reports; nothing left to do here
+    except PeerLost:          # rank 0 is gone, or another rank: rank 0 reports; nothing left to do here
         return 1
     finally:
         shard.cache.close()
