@@ -71,6 +71,21 @@ def test_link_serves_demand_before_queued_prefetch():
     assert link.cancel(b) is False               # already ran
 
 
+def test_prompt_rows_only_where_the_trace_records_them():
+    """prompt_len marks prompt rows in a trace the engine recorded (token_ids: one row per token fed); a trace
+    without token_ids (the GPT-OSS routing data) counts its prompt there but holds decode rows only."""
+    rows = [[[0]], [[1]], [[0]], [[1]]]
+    shape = expert_bytes_shape(MIB, 1, 1, 2)
+    decode_only = _trace(rows, [0, 4], 2)
+    decode_only.extra["prompt_len"] = np.array([2], np.int32)
+    res = Simulator(decode_only, shape, _hw(), [1]).run().to_dict()
+    assert (res["decode_tokens"], res["prefill_tokens"]) == (4, 0)
+    recorded = Trace(decode_only.experts, decode_only.probs, decode_only.seq_offsets,
+                     np.array([5, 6, 7, 8], np.int32), {"prompt_len": np.array([2], np.int32)}, 2)
+    res = Simulator(recorded, shape, _hw(), [1]).run().to_dict()
+    assert (res["decode_tokens"], res["prefill_tokens"]) == (2, 2)
+
+
 def test_infinite_bandwidth_is_compute_bound(small_trace):
     shape = SHAPES["gpt-oss-20b"]
     hw = _hw(link=1e30, compute=200e9).replace(layer_overhead_s=1e-5, token_overhead_s=1e-4)

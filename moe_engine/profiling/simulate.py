@@ -15,9 +15,9 @@ counters); what is modelled is time (hardware.py) and one link with the aggregat
 loader threads. tests/test_controller.py replays one routing log through the live cache and through
 this simulator and gets the same decisions step by step.
 
-Every trace row is one decode step (batch 1). Rows of a sequence's prompt (`prompt_len` in the trace,
-when present) are replayed the same way to warm the cache but reported apart, as the engine's
-decode tokens/s excludes prefill. `reset`: every sequence starts with an empty cache, as replay.py.
+Every trace row is one decode step (batch 1). Rows of a sequence's prompt (`prompt_len` in a trace the
+engine recorded, which carries token_ids) are replayed the same way to warm the cache but reported apart,
+as the engine's decode tokens/s excludes prefill; a trace without token_ids holds decode rows only. `reset`: every sequence starts with an empty cache, as replay.py.
 """
 from __future__ import annotations
 
@@ -263,9 +263,12 @@ class Simulator:
                          {"decode_loads": int(loads[~prompt].sum())})
 
     def _prompt_mask(self) -> np.ndarray:
+        """Rows that fed prompt tokens. Only a trace that records one row per token fed (`moe-engine trace`: it
+        carries token_ids) has them: a trace without token_ids (the GPT-OSS routing data) counts its prompt in
+        prompt_len but holds decode rows only."""
         mask = np.zeros(self.trace.num_steps, dtype=bool)
         plen = self.trace.extra.get("prompt_len")
-        if plen is not None and len(plen) == self.trace.num_sequences:
+        if plen is not None and self.trace.token_ids is not None and len(plen) == self.trace.num_sequences:
             for a, n in zip(self.trace.seq_offsets[:-1], plen):
                 mask[int(a):int(a) + int(n)] = True
         return mask
