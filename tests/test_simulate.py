@@ -84,6 +84,12 @@ def test_prompt_rows_only_where_the_trace_records_them():
                      np.array([5, 6, 7, 8], np.int32), {"prompt_len": np.array([2], np.int32)}, 2)
     res = Simulator(recorded, shape, _hw(), [1]).run().to_dict()
     assert (res["decode_tokens"], res["prefill_tokens"]) == (2, 2)
+    two = Trace(np.concatenate([recorded.experts] * 2), np.concatenate([recorded.probs] * 2),
+                np.array([0, 4, 8]), np.tile(recorded.token_ids, 2), {"prompt_len": np.array([2, 3], np.int32)}, 2)
+    second = two.sequences(1)                      # a cut keeps each sequence's own prompt_len
+    assert second.extra["prompt_len"].tolist() == [3]
+    res = Simulator(second, shape, _hw(), [1]).run().to_dict()
+    assert (res["decode_tokens"], res["prefill_tokens"]) == (1, 3)
 
 
 def test_infinite_bandwidth_is_compute_bound(small_trace):

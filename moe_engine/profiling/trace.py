@@ -61,7 +61,16 @@ class Trace:
         off = self.seq_offsets[start:(self.num_sequences if stop is None else stop) + 1]
         rows = slice(int(off[0]), int(off[-1]))
         tok = None if self.token_ids is None else self.token_ids[rows]
-        return Trace(self.experts[rows], self.probs[rows], off - off[0], tok, num_experts=self.num_experts)
+        seqs = slice(start, start + len(off) - 1)
+        extra = {}
+        for key, value in self.extra.items():       # per-sequence and per-row arrays follow the cut; the rest stays
+            if key == "prompt_len":
+                extra[key] = value[seqs]
+            elif key == "router_inputs":
+                extra[key] = value[rows]
+            else:
+                extra[key] = value
+        return Trace(self.experts[rows], self.probs[rows], off - off[0], tok, extra, self.num_experts)
 
 
 def validate(arrays: dict[str, np.ndarray], source: str = "<arrays>") -> None:
