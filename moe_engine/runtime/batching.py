@@ -390,7 +390,7 @@ class Batcher:
         the drafts the plan made room for -> each one's emitted tokens, in order."""
         room = [self._room.get(s.seq_id, 0) for s in batch]
         drafting = self.drafter is not None and any(room)
-        drafts = [d[:n] for d, n in zip(self.drafter.propose(batch), room)] if drafting else []
+        drafts = self.drafter.propose(batch, room) if drafting else []
         if not any(drafts):
             return self._decode_plain(batch)
         t0 = self.clock()

@@ -68,12 +68,15 @@ class Drafter:
         self.draft_failures: list[str] = []       # draft steps whose logits were NaN/inf (that step drafted nothing)
 
     # ---- drafts -----------------------------------------------------------------------------------
-    def propose(self, seqs) -> list[list[int]]:
+    def propose(self, seqs, limits: list[int] | None = None) -> list[list[int]]:
         """One draft per sequence (possibly empty), at most core.room(seq) tokens. With an offloading cache the
         verify step's experts are forecast from the drafted tokens: drafts are cut where a token's forecast loads
         cost more than its expected acceptance earns (ngram, draft_model), the forecast experts start loading now
-        and are evicted last (cache.prefetch, cache.hint_upcoming)."""
+        and are evicted last (cache.prefetch, cache.hint_upcoming). limits: the most tokens each may draft (a
+        scheduler's token budget), else K."""
         lengths = [self.length(s) for s in seqs]
+        if limits is not None:
+            lengths = [min(k, n) for k, n in zip(lengths, limits)]
         routes: dict[int, list[list[frozenset[int]]]] = {}      # resident: what the exact router would pick
         if self.config.method == "ngram":
             c = self.config

@@ -115,12 +115,12 @@ class ServerState:
         self.model_name = self.model_name or engine.checkpoint.model_dir.name
         self.metrics.attach(engine, loop, self.model_name, self.limit)
         self.prompter = Prompter(engine, self.limit, self.chat_template)
+        if hasattr(engine, "on_failure"):         # an expert-parallel engine that lost a rank: 503, then exit
+            engine.on_failure(self.fail)          # (before the loop starts: a rank lost meanwhile is reported too)
         with self._lock:
             self.engine, self.loop = engine, loop.start()
             if self.status == "loading":
                 self.status = "ready"
-        if hasattr(engine, "on_failure"):         # an expert-parallel engine that lost a rank: 503, then exit
-            engine.on_failure(self.fail)
         b = loop.batcher
         log.info("serving %s: up to %d tokens per request, %d sequences (at most %d per client while others wait), "
                  "%d tokens per step, %s scheduler", self.model_name, self.limit, cfg.max_num_seqs, b.client_cap,
