@@ -31,12 +31,15 @@ PROMPTS = ["def fibonacci(n):", "import os\nimport", "class Cache:\n    def", "f
 
 
 class LiveServer:
-    """The app under uvicorn on a free port, in a background thread."""
+    """The app under uvicorn (with the server's own protocol and timeouts) on a free port, in a background thread
+    (the server tests' one fixture server: test_server_api, test_server_ops, test_speculative_serving import it)."""
 
     def __init__(self, app):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.state = app.state.server
         self.server = build_server(app, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
@@ -71,7 +74,6 @@ def engine():
 def live(engine):
     app = create_app(engine, api_key=KEY, max_num_seqs=12, max_batch=6, scheduler="expert")
     srv = LiveServer(app)
-    srv.state = app.state.server
     yield srv
     srv.stop()
 

@@ -23,40 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 import moe_engine
 from moe_engine.cli import _api_key
 from moe_engine.errors import ConfigError
-from moe_engine.server import build_server, create_app
+from moe_engine.server import create_app
 from moe_engine.server.metrics import VLLM_METRICS
+from test_server import LiveServer, wait_for
 
 KEY = "ops-key"
 MODEL = "tiny"
 PROMPTS = ["def fibonacci(n):", "import os\nimport", "class Cache:\n    def", "for i in range("]
-
-
-def wait_for(cond, timeout: float, every: float = 0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-class LiveServer:
-    """The app under uvicorn (with the server's own protocol and timeouts) on a free port, in a thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.state = app.state.server
-        self.server = build_server(app, log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, 20)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,6 @@ def spec_engine():
 def spec_live(spec_engine):
     app = create_app(spec_engine, api_key=KEY, max_num_seqs=6, max_batch=3, metrics_prefix="vllm")
     srv = LiveServer(app)
-    srv.state = app.state.server
     yield srv
     srv.stop()
 
