@@ -28,13 +28,12 @@ Expert awareness (only with an offloading cache, where experts can miss):
                evicting the experts the draft computes with) and are evicted last (cache.hint_upcoming)
 Outputs never depend on any of this: the verify step routes exactly.
 
-The verify step itself is core.speculate(); the drivers (generation.py, batching.py) call propose, speculate and
-update. Knows nothing of text or of the server.
+The verify step itself is core.speculate(); the drivers (generation.speculative_lockstep, batching.py) call
+propose, speculate and update. Knows nothing of text or of the server.
 """
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 
@@ -346,51 +345,6 @@ def vocab_mismatch(draft_tok, target_tok) -> str | None:
     return None
 
 
-def speculative_lockstep(core, drafter: Drafter, seqs, timings):
-    """generate()'s lockstep with drafts: every sequence prefilled in one step, then verify steps over all that
-    still run; yields, per step, each sequence's new tokens (a list, empty for one that finished earlier)."""
-    t0 = time.perf_counter()
-    for s in seqs:
-        core.start(s)
-    logits = core.step(seqs)
-    timings.prompt_tokens += sum(s.prompt_len for s in seqs)
-    live = [s for s in seqs if s.max_new > 0]
-    first = dict(zip((s.seq_id for s in live), core.sample(live, logits[[i for i, s in enumerate(seqs)
-                                                                         if s.max_new > 0]])))
-    for s in live:
-        core.accept(s, first[s.seq_id])
-    timings.ttft_s = timings.prefill_s = time.perf_counter() - t0
-    yield [[first[s.seq_id]] if s.seq_id in first else [] for s in seqs]
-    t_decode, plain = time.perf_counter(), None
-    while True:
-        live = [s for s in seqs if not s.done]
-        if not live:
-            break
-        drafts = drafter.propose(live)
-        t = time.perf_counter()
-        kept = core.speculate(live, drafts)
-        took = time.perf_counter() - t
-        if not any(drafts):
-            plain = took if plain is None else 0.8 * plain + 0.2 * took
-        else:
-            drafter.timed(sum(len(d) + 1 for d in drafts), len(live), took, plain)
-        drafter.steps += 1
-        new = {}
-        for s, d, toks in zip(live, drafts, kept):
-            drafter.update(s, len(d), len(toks) - 1 if d else 0)
-            new[s.seq_id] = []
-            for tok in toks:
-                if tok is not None:
-                    new[s.seq_id].append(tok)
-                if core.accept(s, tok):
-                    break
-        timings.steps += 1
-        timings.decode_tokens += sum(len(v) for v in new.values())
-        timings.step_s.append(took)
-        yield [new.get(s.seq_id, []) for s in seqs]
-    timings.decode_s += time.perf_counter() - t_decode
-
-
 class DraftRouting:
     """What a restricted pass routed, per MoE layer and token: `exact` the unrestricted router's top-k (the verify
     step's forecast), `used` the experts the draft computed with."""
@@ -422,4 +376,4 @@ def restricted(decoder, masks: dict[int, torch.Tensor]):
             b.restrict = b.unrestricted = None
 
 
-__all__ = ["Drafter", "restricted", "speculative_lockstep"]
+__all__ = ["Drafter", "restricted"]

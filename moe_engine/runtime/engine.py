@@ -17,8 +17,8 @@ import torch
 from ..config import check_choice, check_int
 from ..errors import ConfigError, MoeEngineError, PromptTooLongError
 from .core import GenerationCore, Sequence
-from .drafting import Drafter, speculative_lockstep
-from .generation import Timings, lockstep, scheduled
+from .drafting import Drafter
+from .generation import Timings, lockstep, scheduled, speculative_lockstep
 from .prompts import TextCodec, prompt_rows, tensor_output
 from .sampling import resolve_sampling
 from .speculative import SpeculativeConfig, choose

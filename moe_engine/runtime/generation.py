@@ -2,6 +2,8 @@
 
     lockstep(core, seqs)    every sequence prefilled in one step, then one decode step over all that are still
                             running, until none is; yields each step's tokens (stream() shows them as they come)
+    speculative_lockstep(core, drafter, seqs)   lockstep with drafts: after the prefill, verify steps over the
+                            sequences still running (drafting.Drafter proposes, core.speculate verifies)
     scheduled(core, ...)    the Batcher (batching.py) with the server's schedule: at most max_batch sequences
                             per decode step, admission within the KV reserve, prompts fed in chunks within the
                             token budget, rows whose experts overlap grouped
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .batching import Batcher
 from .core import GenerationCore, Sequence
+from .drafting import Drafter
 
 
 @dataclass
@@ -99,3 +102,48 @@ def _release_done(batcher: Batcher, tokens: list[tuple[Sequence, int]]) -> None:
     for seq, _ in tokens:
         if seq.done:
             batcher.release(seq)
+
+
+def speculative_lockstep(core, drafter: Drafter, seqs, timings):
+    """generate()'s lockstep with drafts: every sequence prefilled in one step, then verify steps over all that
+    still run; yields, per step, each sequence's new tokens (a list, empty for one that finished earlier)."""
+    t0 = time.perf_counter()
+    for s in seqs:
+        core.start(s)
+    logits = core.step(seqs)
+    timings.prompt_tokens += sum(s.prompt_len for s in seqs)
+    live = [s for s in seqs if s.max_new > 0]
+    first = dict(zip((s.seq_id for s in live), core.sample(live, logits[[i for i, s in enumerate(seqs)
+                                                                         if s.max_new > 0]])))
+    for s in live:
+        core.accept(s, first[s.seq_id])
+    timings.ttft_s = timings.prefill_s = time.perf_counter() - t0
+    yield [[first[s.seq_id]] if s.seq_id in first else [] for s in seqs]
+    t_decode, plain = time.perf_counter(), None
+    while True:
+        live = [s for s in seqs if not s.done]
+        if not live:
+            break
+        drafts = drafter.propose(live)
+        t = time.perf_counter()
+        kept = core.speculate(live, drafts)
+        took = time.perf_counter() - t
+        if not any(drafts):
+            plain = took if plain is None else 0.8 * plain + 0.2 * took
+        else:
+            drafter.timed(sum(len(d) + 1 for d in drafts), len(live), took, plain)
+        drafter.steps += 1
+        new = {}
+        for s, d, toks in zip(live, drafts, kept):
+            drafter.update(s, len(d), len(toks) - 1 if d else 0)
+            new[s.seq_id] = []
+            for tok in toks:
+                if tok is not None:
+                    new[s.seq_id].append(tok)
+                if core.accept(s, tok):
+                    break
+        timings.steps += 1
+        timings.decode_tokens += sum(len(v) for v in new.values())
+        timings.step_s.append(took)
+        yield [new.get(s.seq_id, []) for s in seqs]
+    timings.decode_s += time.perf_counter() - t_decode
