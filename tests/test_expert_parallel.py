@@ -407,3 +407,35 @@ def test_no_command_after_close(monkeypatch):
     with pytest.raises(RankError, match="closed"):
         cluster.call(link.ping)
     assert link.sent == ["stop"] and failures == [] and cluster.failure is None
+
+
+def test_an_idle_rank_still_takes_the_layers_forecast_and_counts_the_pass(checkpoint_dir):
+    """A rank that owns none of a layer's routed experts still runs the layer's cache pass: the forecast rank 0
+    sent starts its prefetches and the cache's step count follows the model's, as in one process."""
+    from moe_engine.distributed.ranks import rank_plan
+    from moe_engine.distributed.shard import Shard
+    from moe_engine.runtime.config import EngineConfig
+    path = checkpoint_dir("qwen3_moe")
+    ckpt = Checkpoint(path)
+    placement = contiguous(ckpt.spec, 2)
+    view = ShardCheckpoint(ckpt, placement, 1)
+    g0, g1 = _budget(path, 1)
+    config = EngineConfig.from_kwargs(path, device="cpu", dtype="float32", gpu_mem=g1, predictor=None)
+    plan = rank_plan(config, view, torch.device("cpu"), torch.float32, 0, 0)
+    shard = Shard(view, placement, plan, torch.float32, torch.device("cpu"), config.offload, config.kernels, False)
+    try:
+        assert shard.cache.evicts
+        e, k, d = ckpt.spec.moe.num_experts, ckpt.spec.moe.top_k, ckpt.spec.hidden_size
+        first, second = ckpt.spec.moe_layers[:2]
+        theirs = torch.arange(k)[None]                                 # experts of rank 0 only
+        ctl = shard.cache.controller
+        steps = ctl.step
+        scores = torch.zeros(1, e)
+        scores[0, placement.experts_of(1, second)[:k]] = 1.0           # rank 1's experts forecast for the next layer
+        for _ in range(2):                                             # two steps through the same layer
+            out = shard.compute(first, torch.randn(1, d), torch.ones(1, k), theirs, {second: scores})
+            assert torch.count_nonzero(out) == 0
+        assert ctl.step == steps + 1 and shard.cache.counters.prefetch_issued > 0
+    finally:
+        shard.cache.close()
+        ckpt.close()

@@ -94,10 +94,12 @@ class Shard:
         mine, local = self.tables[layer]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         tok, slot = mine[ids].nonzero(as_tuple=True)                          # [P] pairs this rank computes
-        if tok.numel() == 0:
-            return out
         if self.feed is not None:
             self.feed.give({m: s[:, self.columns[m]] for m, s in forecast.items()})
+        if tok.numel() == 0:
+            if self.cache.evicts:   # idle here, still a layer pass: the forecast's prefetches start, the step counts
+                self.cache.fetch(layer, [], [])
+            return out
         y = self.strategies[layer](layer, x[tok], weights[tok, slot][:, None], local[ids[tok, slot]][:, None])
         return out.index_add_(0, tok, y.float())                              # [P, D] weighted already
 
