@@ -50,6 +50,11 @@ class LiveServer:
         self.thread.join(20)
 
 
+def openai_client(url: str, key: str | None = KEY) -> openai.OpenAI:
+    """The OpenAI SDK pointed at a test server (no retries: a failure shows at once)."""
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
 def wait_for(cond, timeout: float, every: float = 0.02):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -80,7 +85,7 @@ def live(engine):
 
 @pytest.fixture(scope="module")
 def client(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(live.url)
 
 
 def post(live, path: str, key: str | None = KEY, **kw) -> httpx.Response:

@@ -6,14 +6,13 @@ best_of, truncate_prompt_tokens, include_stop_str_in_output, continuous usage, t
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 import torch
 
 import moe_engine
 from moe_engine.server import create_app
 from moe_engine.server.protocol import REFUSED
-from test_server import KEY, MODEL, LiveServer, post, sse_events
+from test_server import KEY, MODEL, LiveServer, openai_client, post, sse_events
 
 PROMPT = "def fibonacci(n):"
 
@@ -38,7 +37,7 @@ def live():
 
 @pytest.fixture(scope="module")
 def client(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(live.url)
 
 
 def log_softmax_of(ref, ids: list[int]) -> torch.Tensor:

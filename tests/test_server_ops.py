@@ -15,7 +15,6 @@ import time
 from argparse import Namespace
 
 import httpx
-import openai
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,7 +24,7 @@ from moe_engine.cli import _api_key
 from moe_engine.errors import ConfigError
 from moe_engine.server import create_app
 from moe_engine.server.metrics import VLLM_METRICS
-from test_server import LiveServer, wait_for
+from test_server import LiveServer, openai_client, wait_for
 
 KEY = "ops-key"
 MODEL = "tiny"
@@ -89,7 +88,7 @@ def test_metrics_open_with_the_flag(engine):
 
 
 def test_metrics_count_the_requests_sent(live):
-    client = openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    client = openai_client(live.url, KEY)
     before = scrape(live.url)
     names = {k.split("{")[0] for k in before}
     for name in VLLM_METRICS:          # every vLLM metric is there, with its own samples, before any request
@@ -397,6 +396,6 @@ def _raw_stream(url: str, body: dict, lines: list[str]) -> None:
 
 def _openai_stream(url: str, body: dict, chunks: list) -> None:
     """The openai client's view: it consumes [DONE] itself and raises if the connection is cut."""
-    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    client = openai_client(url, KEY)
     for chunk in client.completions.create(stream=True, **body):
         chunks.append(chunk)

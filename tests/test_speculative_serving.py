@@ -9,10 +9,9 @@ import json
 import threading
 
 import httpx
-import openai
 import pytest
 import torch
-from test_server import KEY, MODEL, LiveServer, scrape, sse_events
+from test_server import KEY, MODEL, LiveServer, openai_client, scrape, sse_events
 
 import moe_engine
 from moe_engine.cli import main
@@ -170,7 +169,7 @@ def spec_live(spec_engine):
 
 @pytest.fixture(scope="module")
 def spec_client(spec_live):
-    return openai.OpenAI(base_url=spec_live.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(spec_live.url)
 
 
 def test_server_greedy_text_with_drafts_is_the_text_without(spec_client, spec_live, spec_engine):
